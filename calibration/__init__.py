@@ -1,0 +1,1 @@
+"""Calibration sets, INT8 explicit Q/DQ quantization and TensorRT compatibility checks."""

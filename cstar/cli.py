@@ -1,0 +1,81 @@
+"""The `cstar` command: one subcommand per stage, each imported only when it runs.
+
+Every stage module exposes `add_arguments(parser)` and `main(args) -> int`. Adding a stage is one
+line in `COMMANDS`. `cstar --help` imports nothing heavy. This is the only module of `cstar` that
+sees the other packages (export, calibration, deploy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from cstar import __version__
+from cstar.errors import CstarError, GateFailure
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("cstar.train", "adversarially train a dense model (PGD-AT or TRADES)"),
+    "compress": ("cstar.compress", "compress a robust model: CSTAR, robust pruning or uniform low-rank"),
+    "export": ("export.exporter", "deploy form -> ONNX, simplified and parity-checked"),
+    "calibrate": ("calibration.calibrate", "INT8 explicit Q/DQ quantization with a calibration set"),
+    "build": ("deploy.build", "ready-to-run backend directory (ONNX Runtime or TensorRT engine)"),
+    "attackset": ("deploy.attackset", "craft the transfer attack set on the PyTorch reference (host side)"),
+    "verify": ("deploy.verify", "re-check accuracy and robustness on the runtime (device side, torch-free)"),
+    "bench": ("deploy.bench", "latency and throughput on the runtime (device side, torch-free)"),
+    "predict": ("deploy.predict", "classify images or .npy arrays on the runtime (device side, torch-free)"),
+    "pipeline": ("deploy.pipeline", "run every stage from one config and write report.md/html"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="cstar",
+        description="Small, structured, adversarially robust CNNs, carried to edge runtimes with proof.",
+        epilog=f"commands:\n{lines}\n\nrun 'cstar COMMAND --help' for a command's options",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cstar {__version__}")
+    parser.add_argument("command", nargs="?", help="one of: " + ", ".join(COMMANDS))
+    return parser
+
+
+def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """Import command `name`'s module and return (its parser, the module)."""
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"cstar {name}", description=help_text)
+    module.add_arguments(parser)  # type: ignore[attr-defined]
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cstar` console script and `python -m cstar`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not args or args[0].startswith("-"):
+        top.parse_args(args)
+        top.print_help()
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'\n  fix: use one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        parser, module = build_command_parser(name)
+        parsed = parser.parse_args(rest)
+        return int(module.main(parsed) or 0)  # type: ignore[attr-defined]
+    except GateFailure as exc:
+        print(f"FAILED: {exc.message}", file=sys.stderr)
+        return 1
+    except CstarError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  fix: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
