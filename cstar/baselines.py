@@ -1,0 +1,223 @@
+"""Baselines at the same budget as CSTAR: robust structured channel pruning and uniform post-hoc Tucker-2.
+
+Pruning removes whole channels and produces a real, smaller dense network (Conv2d/BatchNorm2d/Linear
+modules replaced by smaller ones), never masks, so `describe_structure` records the new shapes.
+Channels are grouped by what must agree: a block's inner channels (conv1 out = bn1 = conv2 in) and
+a stage's residual stream (every tensor added together, the stem output for the first stage, the
+next layers' inputs). Each group keeps the same fraction f of its channels (Li et al. 2017 style
+uniform filter pruning), ranked by filter L1 norm summed over the group's producing convs (each
+conv's norms divided by their mean so convs are weighed equally); f is the largest fraction meeting
+the params/FLOPs budget. Adversarial fine-tuning is done by the caller (cstar.compress) with the
+same recipe and epoch budget as CSTAR.
+
+Uniform low-rank: every factorizable layer gets the same rank fraction (no ADMM, no global
+allocation), Tucker-2 by HOSVD + HOOI, then the same adversarial fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cstar.checkpoint import set_submodule
+from cstar.errors import CstarError
+from cstar.models import VGG, BasicBlock, CifarResNet
+from cstar.ranks import model_cost
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be pruned together: producers' outputs (conv/bn) and consumers' inputs."""
+
+    name: str
+    producers: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """Prunable channel groups of a registry model (CIFAR-style ResNet with BasicBlocks, or VGG)."""
+    net = getattr(model, "net", None)
+    if isinstance(net, CifarResNet) and not net.preact:
+        return _resnet_groups(net, "net.")
+    if isinstance(net, VGG):
+        return _vgg_groups(net, "net.")
+    raise CstarError(
+        f"structured pruning supports small-resnet, resnet18 and vgg16, not {type(net).__name__}",
+        "use --method cstar or --method lowrank-uniform for this model",
+    )
+
+
+def _resnet_groups(net: CifarResNet, prefix: str) -> list[ChannelGroup]:
+    groups: list[ChannelGroup] = []
+    stream = ChannelGroup(f"{prefix}stem", [f"{prefix}conv1", f"{prefix}bn1"], [])
+    for stage in range(1, net.num_stages + 1):
+        for index, block in enumerate(getattr(net, f"layer{stage}")):
+            if not isinstance(block, BasicBlock):
+                raise CstarError("structured pruning supports BasicBlock ResNets only", "use --method cstar")
+            name = f"{prefix}layer{stage}.{index}"
+            stream.consumers.append(f"{name}.conv1")
+            groups.append(ChannelGroup(f"{name}.inner", [f"{name}.conv1", f"{name}.bn1"], [f"{name}.conv2"]))
+            if len(block.shortcut) > 0:
+                stream.consumers.append(f"{name}.shortcut.0")
+                groups.append(stream)
+                stream = ChannelGroup(
+                    f"{prefix}layer{stage}", [f"{name}.conv2", f"{name}.bn2", f"{name}.shortcut.0", f"{name}.shortcut.1"]
+                )
+            else:
+                stream.producers += [f"{name}.conv2", f"{name}.bn2"]
+    stream.consumers.append(f"{prefix}fc")
+    groups.append(stream)
+    return groups
+
+
+def _vgg_groups(net: VGG, prefix: str) -> list[ChannelGroup]:
+    groups: list[ChannelGroup] = []
+    current: ChannelGroup | None = None
+    for index, module in enumerate(net.features):
+        name = f"{prefix}features.{index}"
+        if isinstance(module, nn.Conv2d):
+            if current is not None:
+                current.consumers.append(name)
+                groups.append(current)
+            current = ChannelGroup(name, [name])
+        elif isinstance(module, nn.BatchNorm2d) and current is not None:
+            current.producers.append(name)
+    if current is not None:
+        current.consumers.append(f"{prefix}classifier")
+        groups.append(current)
+    return groups
+
+
+def channel_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Per-channel L1 filter norm summed over the group's producing convs (each normalized by its mean)."""
+    modules = dict(model.named_modules())
+    score: torch.Tensor | None = None
+    for name in group.producers:
+        module = modules[name]
+        if isinstance(module, nn.Conv2d):
+            norms = module.weight.detach().abs().flatten(1).sum(1).double()
+            norms = norms / norms.mean().clamp_min(1e-12)
+            score = norms if score is None else score + norms
+    if score is None:
+        raise ValueError(f"group {group.name} has no producing conv")
+    return score
+
+
+def group_size(model: nn.Module, group: ChannelGroup) -> int:
+    return int(model.get_submodule(group.producers[0]).weight.shape[0])
+
+
+def prune_channels(model: nn.Module, keep: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> nn.Module:
+    """A copy of `model` where each group keeps channel indices `keep[group.name]` (real smaller layers)."""
+    pruned = copy.deepcopy(model)
+    out_index: dict[str, torch.Tensor] = {}
+    in_index: dict[str, torch.Tensor] = {}
+    for group in groups:
+        index = keep[group.name]
+        for name in group.producers:
+            out_index[name] = index
+        for name in group.consumers:
+            in_index[name] = index
+    modules = dict(pruned.named_modules())
+    for name in sorted(set(out_index) | set(in_index)):
+        set_submodule(pruned, name, _slice_module(modules[name], out_index.get(name), in_index.get(name)))
+    return pruned
+
+
+def _slice_module(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Module:
+    """A smaller copy of a Conv2d/BatchNorm2d/Linear keeping the given output/input channels."""
+    with torch.no_grad():
+        if isinstance(module, nn.BatchNorm2d):
+            assert out_idx is not None
+            new = nn.BatchNorm2d(len(out_idx), module.eps, module.momentum, module.affine, module.track_running_stats)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                source = getattr(module, key)
+                if source is not None:
+                    getattr(new, key).copy_(source[out_idx])
+            if module.num_batches_tracked is not None:
+                new.num_batches_tracked.copy_(module.num_batches_tracked)
+            return new.to(module.weight.device)
+        weight = module.weight
+        if out_idx is not None:
+            weight = weight[out_idx]
+        if in_idx is not None:
+            weight = weight[:, in_idx]
+        bias = module.bias[out_idx] if module.bias is not None and out_idx is not None else module.bias
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                raise CstarError("structured pruning of grouped convolutions is not supported", "use --method cstar")
+            new = nn.Conv2d(weight.shape[1], weight.shape[0], module.kernel_size, module.stride,  # type: ignore[arg-type]
+                            module.padding, module.dilation, 1, bias is not None)  # type: ignore[arg-type]
+        else:
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)  # type: ignore[union-attr]
+        return new.to(weight.device)
+
+
+def keep_indices(model: nn.Module, groups: list[ChannelGroup], fraction: float) -> dict[str, torch.Tensor]:
+    """Top-`fraction` channels of every group by importance (at least one), in original order."""
+    keep = {}
+    for group in groups:
+        score = channel_importance(model, group)
+        count = max(1, min(score.numel(), math.ceil(fraction * score.numel())))
+        keep[group.name] = torch.sort(torch.topk(score, count).indices).values
+    return keep
+
+
+@dataclass
+class PruneResult:
+    """The pruned model, the fraction of channels kept, and {group: (kept, total)}."""
+
+    model: nn.Module
+    fraction: float
+    kept: dict[str, tuple[int, int]]
+
+
+def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float, by: str = "params") -> PruneResult:
+    """Largest uniform keep fraction whose pruned network meets dense_cost / ratio (binary search)."""
+    groups = channel_groups(model)
+    dense = model_cost(model, input_shape, by)
+    target = dense / ratio
+
+    def cost(fraction: float) -> tuple[int, nn.Module]:
+        pruned = prune_channels(model, keep_indices(model, groups, fraction), groups)
+        return model_cost(pruned, input_shape, by), pruned
+
+    smallest, _ = cost(0.0)
+    if smallest > target:
+        raise CstarError(
+            f"pruning cannot reach a {by} ratio of {ratio:g}: one channel per group gives at most {dense / smallest:.2f}x",
+            "pass a smaller --ratio or use --method cstar",
+        )
+    low, high = 0.0, 1.0
+    for _ in range(20):
+        mid = (low + high) / 2
+        if cost(mid)[0] <= target:
+            low = mid
+        else:
+            high = mid
+    _, pruned = cost(low)
+    keep = keep_indices(model, groups, low)
+    kept = {g.name: (int(keep[g.name].numel()), group_size(model, g)) for g in groups}
+    return PruneResult(pruned, low, kept)
+
+
+def pruned_rank_map(dense: nn.Module, pruned: nn.Module) -> dict[str, dict]:
+    """Manifest `ranks` entries for a pruned model: kind 'pruned' (kept out/in channels) or 'dense'."""
+    before = dict(dense.named_modules())
+    entries: dict[str, dict] = {}
+    for name, module in pruned.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        original = before[name]
+        shape = list(original.weight.shape)
+        kept = [int(module.weight.shape[0]), int(module.weight.shape[1])]
+        kind = "dense" if kept == shape[:2] else "pruned"
+        entries[name] = {"kind": kind, "ranks": kept, "shape": shape}
+    return entries

@@ -1,0 +1,375 @@
+"""`cstar compress`: a robust dense checkpoint -> a factorized (CSTAR, uniform low-rank) or pruned robust model.
+
+    cstar compress --from DENSE_DIR --ratio 8 [--by params|flops] [--method cstar|prune|lowrank-uniform] --out DIR
+
+Every method gets the same adversarial training recipe and epoch budget (ADMM epochs + fine-tune
+epochs for CSTAR; the baselines fine-tune for the sum), so their comparison is fair. The output is
+a compress-stage checkpoint (cstar.checkpoint.save_checkpoint) whose manifest records the source,
+the threat model, test metrics (PGD-20), the compression ratios counted on the saved model and the
+per-layer rank map. See docs/method.md for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cstar.errors import CstarError
+
+METHODS = ("cstar", "prune", "lowrank-uniform")
+BUDGETS = ("params", "flops")
+
+
+@dataclass
+class CompressConfig:
+    """Everything `run_compress` needs besides the directories (recorded in the manifest)."""
+
+    ratio: float = 8.0
+    by: str = "params"
+    method: str = "cstar"
+    admm_epochs: int = 5
+    finetune_epochs: int = 15
+    rho: float = 0.1
+    rho_growth: float = 3.0
+    rho_max: float = 10.0
+    sweeps: int = 2
+    realloc_epochs: int = 2
+    rank_step: int = 1
+    keep_first_last: bool = True
+    train_method: str | None = None  # None: the source's training method (pgd-at or trades), else pgd-at
+    train_steps: int | None = None  # None: the source's PGD steps while training, else 5
+    lr: float = 0.02
+    finetune_lr: float = 0.03
+    optimizer: str = "sgd"
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    val_fraction: float = 0.1
+    eval_steps: int = 20
+    eval_limit: int | None = None
+    eval_dense: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available, else CPU
+
+    def validate(self) -> None:
+        """Reject user mistakes with a hint."""
+        if self.method not in METHODS:
+            raise CstarError(f"unknown compression method '{self.method}'", f"use one of: {', '.join(METHODS)}")
+        if self.by not in BUDGETS:
+            raise CstarError(f"unknown budget '{self.by}'", "use --by params or --by flops")
+        if not self.ratio >= 1.0:
+            raise CstarError(f"compression ratio must be >= 1, got {self.ratio}", "pass e.g. --ratio 4 or --ratio 8")
+        if self.admm_epochs < 0 or self.finetune_epochs < 0:
+            raise CstarError("epoch counts must be >= 0", "pass --admm-epochs / --finetune-epochs >= 0")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.admm_epochs + self.finetune_epochs
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cstar compress` (defaults: CompressConfig)."""
+    defaults = CompressConfig()
+    parser.add_argument("--from", dest="from_dir", required=True, help="train-stage directory (dense robust model)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--ratio", type=float, required=True, help="compression ratio, e.g. 8 (dense / compressed)")
+    parser.add_argument("--by", choices=BUDGETS, default=defaults.by, help="budget counted in params or FLOPs (MACs)")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method)
+    parser.add_argument("--admm-epochs", type=int, default=defaults.admm_epochs, help="CSTAR ADMM epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs,
+                        help="adversarial fine-tuning epochs (baselines fine-tune admm+finetune epochs)")
+    parser.add_argument("--train-method", choices=("pgd-at", "trades"), default=None,
+                        help="adversarial training loss (default: the source model's)")
+    parser.add_argument("--train-steps", type=int, default=None, help="PGD steps while training (default: the source's)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD lr during ADMM (constant)")
+    parser.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr, help="peak lr of fine-tuning")
+    parser.add_argument("--rho", type=float, default=defaults.rho, help="initial ADMM penalty")
+    parser.add_argument("--factorize-all", action="store_true", help="also factorize the first conv and classifier")
+    parser.add_argument("--eval-steps", type=int, default=defaults.eval_steps, help="PGD steps for test metrics")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified test subset")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the stage from parsed arguments and print a one-line summary."""
+    config = CompressConfig(
+        ratio=args.ratio, by=args.by, method=args.method, admm_epochs=args.admm_epochs,
+        finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
+        lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, keep_first_last=not args.factorize_all,
+        eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
+    )
+    started = time.monotonic()
+    manifest = run_compress(args.from_dir, args.out, config=config, progress=not args.quiet)
+    metrics, ratios = manifest["metrics"], manifest["compression"]
+    print(
+        f"compressed ({config.method}) -> {args.out}: params x{ratios['params_ratio']:.2f}, "
+        f"flops x{ratios['flops_ratio']:.2f}, clean {metrics['clean_acc']:.3f}, "
+        f"robust {metrics['robust_acc']:.3f} (PGD-{metrics['attack'].get('steps')}), "
+        f"{time.monotonic() - started:.0f}s"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ library
+
+
+def run_compress(
+    from_dir: str | Path,
+    out_dir: str | Path,
+    ratio: float | None = None,
+    by: str | None = None,
+    method: str | None = None,
+    config: CompressConfig | dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compress the train-stage checkpoint in `from_dir` into `out_dir`; returns the written manifest.
+
+    `ratio`/`by`/`method` override the same fields of `config` (a CompressConfig or a dict of its keys).
+    """
+    import torch
+
+    from cstar.checkpoint import load_checkpoint, save_checkpoint
+    from cstar.config import config_from_dict, config_to_dict
+    from cstar.data import DatasetSpec, load_dataset_from_spec
+    from cstar.manifest import file_entry, read_manifest
+
+    cfg = _resolve_config(config, ratio, by, method, config_from_dict)
+    source = read_manifest(from_dir, ["train"])
+    cfg = _inherit_recipe(cfg, source)
+    cfg = dataclasses.replace(cfg, device=str(_resolve_device(cfg.device)))
+    dense, _ = load_checkpoint(from_dir, device=cfg.device)
+    spec = DatasetSpec.from_dict(source["dataset"])
+    eps, norm = float(source.get("eps", spec.default_eps)), str(source.get("norm", "linf"))
+    torch.manual_seed(cfg.seed)
+    bundle = load_dataset_from_spec(spec)
+    log = _logger(progress)
+    compressed, details = _compress(dense, spec, bundle.train, cfg, eps, norm, log)
+    compressed = compressed.to(cfg.device).eval()
+    ratios = compression_ratios(dense, compressed, spec.input_shape)
+    _check_ratio(ratios, cfg)
+    test_x, test_y = _test_tensors(bundle, cfg)
+    metrics = _evaluate(compressed, test_x, test_y, eps, norm, cfg)
+    dense_metrics = _evaluate(dense, test_x, test_y, eps, norm, cfg) if cfg.eval_dense else None
+    body: dict[str, Any] = {
+        "inputs": [file_entry(Path(from_dir) / "manifest.json"),
+                   file_entry(Path(from_dir) / source["weights"]["file"])],
+        "source": {"path": str(Path(from_dir).resolve()), "params": source.get("params"), "flops": source.get("flops")},
+        "eps": eps,
+        "norm": norm,
+        "method": cfg.method,
+        "config": config_to_dict(cfg),
+        "metrics": metrics,
+        "dense_metrics": dense_metrics,
+        "compression": {**ratios, "target": cfg.ratio, "by": cfg.by},
+        "ranks": details.pop("ranks"),
+        **details,
+    }
+    save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
+                    source["model"].get("options", {}), spec, body)
+    return read_manifest(out_dir, ["compress"])
+
+
+def _resolve_config(config: CompressConfig | dict[str, Any] | None, ratio: float | None, by: str | None,
+                    method: str | None, from_dict: Any) -> CompressConfig:
+    if config is None:
+        cfg = CompressConfig()
+    elif isinstance(config, dict):
+        cfg = from_dict(CompressConfig, config, "compress config")
+    else:
+        cfg = dataclasses.replace(config)
+    overrides = {k: v for k, v in (("ratio", ratio), ("by", by), ("method", method)) if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()
+    return cfg
+
+
+def _inherit_recipe(cfg: CompressConfig, source: dict[str, Any]) -> CompressConfig:
+    """Fill recipe fields left as None from the source's training config (same adversarial recipe)."""
+    source_config = source["config"] if isinstance(source.get("config"), dict) else {}
+    method = cfg.train_method or source_config.get("method")
+    steps = cfg.train_steps or source_config.get("train_steps")
+    return dataclasses.replace(
+        cfg,
+        train_method=method if method in ("pgd-at", "trades") else "pgd-at",
+        train_steps=int(steps) if isinstance(steps, int) and steps > 0 else 5,
+    )
+
+
+def _resolve_device(name: str) -> Any:
+    from cstar.train import resolve_device
+
+    return resolve_device(name)
+
+
+def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """params and FLOPs (MACs) ratios dense / compressed, counted on the real models."""
+    from cstar.flops import count_flops, count_params
+
+    return {
+        "params_ratio": count_params(dense) / count_params(compressed),
+        "flops_ratio": count_flops(dense, input_shape) / count_flops(compressed, input_shape),
+        "params": count_params(compressed),
+        "flops": count_flops(compressed, input_shape),
+        "dense_params": count_params(dense),
+        "dense_flops": count_flops(dense, input_shape),
+    }
+
+
+def _check_ratio(ratios: dict[str, float], cfg: CompressConfig) -> None:
+    achieved = ratios[f"{cfg.by}_ratio"]
+    if achieved + 1e-9 < cfg.ratio:
+        raise RuntimeError(f"internal error: achieved {cfg.by} ratio {achieved:.3f} < requested {cfg.ratio}")
+
+
+def _logger(progress: bool) -> Any:
+    def log(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    log.enabled = progress  # type: ignore[attr-defined]
+    return log
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: float, norm: str,
+              log: Any) -> tuple[Any, dict[str, Any]]:
+    """Dispatch to the method; returns (compressed model, manifest details incl. 'ranks')."""
+    import copy
+
+    from cstar.admm import AdmmConfig, Budget, allocate_for, factorize_model, rank_map, run_admm
+    from cstar.baselines import prune_to_budget, pruned_rank_map
+    from cstar.ranks import first_and_last
+
+    model = copy.deepcopy(dense).to(cfg.device)
+    keep = first_and_last(model) if cfg.keep_first_last else ()
+    budget = Budget(cfg.ratio, cfg.by, tuple(spec.input_shape), keep, cfg.rank_step)
+    trainer = _Trainer(train_set, cfg, eps, norm, progress=log.enabled)
+    details: dict[str, Any] = {}
+    if cfg.method == "cstar":
+        admm_cfg = AdmmConfig(cfg.admm_epochs, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.sweeps,
+                              cfg.realloc_epochs, cfg.rank_step)
+        result = run_admm(model, budget, admm_cfg, trainer.admm_epoch(cfg.admm_epochs), progress=log.enabled)
+        compressed = factorize_model(result.model, result.allocation.ranks, cfg.sweeps)
+        details["allocation"] = _allocation_summary(result.allocation)
+        details["history"] = {"admm": result.history}
+        epochs = cfg.finetune_epochs
+    elif cfg.method == "lowrank-uniform":
+        allocation = allocate_for(model, budget, uniform=True)
+        compressed = factorize_model(model, allocation.ranks, cfg.sweeps)
+        details["allocation"] = _allocation_summary(allocation)
+        details["history"] = {}
+        epochs = cfg.total_epochs
+    else:
+        pruned = prune_to_budget(model, tuple(spec.input_shape), cfg.ratio, cfg.by)
+        compressed = pruned.model
+        details["pruning"] = {"fraction": pruned.fraction, "kept": {k: list(v) for k, v in pruned.kept.items()}}
+        details["history"] = {}
+        epochs = cfg.total_epochs
+    log(f"{cfg.method}: factorized/pruned to {cfg.by} budget 1/{cfg.ratio:g}; fine-tuning {epochs} epochs")
+    if epochs > 0:
+        compressed, details["history"]["finetune"], details["finetune_best_epoch"] = trainer.finetune(compressed, epochs)
+    details["ranks"] = pruned_rank_map(dense, compressed) if cfg.method == "prune" else rank_map(compressed)
+    return compressed, details
+
+
+def _allocation_summary(allocation: Any) -> dict[str, Any]:
+    return {
+        "by": allocation.by,
+        "target_cost": allocation.target_cost,
+        "planned_cost": allocation.total_cost,
+        "energy": {name: round(value, 4) for name, value in allocation.energy.items()},
+    }
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+class _Trainer:
+    """The shared adversarial-training recipe (cstar.train) for ADMM and fine-tuning."""
+
+    def __init__(self, train_set: Any, cfg: CompressConfig, eps: float, norm: str, progress: bool) -> None:
+        self.cfg = cfg
+        self.eps = eps
+        self.norm = norm
+        self.progress = progress
+        from cstar.train import split_train_val
+
+        self.train_set, self.val_set = split_train_val(train_set, cfg.val_fraction, cfg.seed)
+
+    def train_config(self, epochs: int, lr: float) -> Any:
+        from cstar.train import TrainConfig
+
+        values = {
+            "epochs": epochs, "batch_size": self.cfg.batch_size, "lr": lr, "optimizer": self.cfg.optimizer,
+            "weight_decay": self.cfg.weight_decay, "method": self.cfg.train_method, "eps": self.eps,
+            "norm": self.norm, "train_steps": self.cfg.train_steps, "eval_steps": self.cfg.eval_steps,
+            "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "device": self.cfg.device,
+        }
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in values.items() if k in known})
+
+    def admm_epoch(self, epochs: int) -> Any:
+        """A W-step callable for run_admm: one adversarial epoch with the ADMM penalty as extra loss."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        from cstar.train import make_optimizer, train_epoch
+
+        tcfg = self.train_config(max(epochs, 1), self.cfg.lr)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=generator)
+        holder: dict[str, Any] = {}
+
+        def one_epoch(model: Any, extra_loss: Any, epoch: int) -> dict[str, float]:
+            if "optimizer" not in holder:  # constant lr: the rho schedule, not the lr, drives convergence
+                holder["optimizer"] = make_optimizer(model, tcfg)
+            stats = train_epoch(model, loader, holder["optimizer"], tcfg, scheduler=None, extra_loss=extra_loss,
+                                desc=f"admm {epoch + 1}/{epochs}", progress=self.progress)
+            return _numeric(stats)
+
+        return one_epoch
+
+    def finetune(self, model: Any, epochs: int) -> tuple[Any, list[dict[str, Any]], int]:
+        """Adversarial fine-tuning with cstar.train.fit (keeps the best robust-validation weights)."""
+        from cstar.train import fit
+
+        tcfg = self.train_config(epochs, self.cfg.finetune_lr)
+        result = fit(model, self.train_set, self.val_set, tcfg, progress=self.progress)
+        return result.model, [_numeric(h) for h in result.history], int(result.best_epoch)
+
+
+def _numeric(stats: Any) -> dict[str, Any]:
+    if not isinstance(stats, dict):
+        return {}
+    return {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (dict, list)) else v)
+            for k, v in stats.items()}
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+def _test_tensors(bundle: Any, cfg: CompressConfig) -> tuple[Any, Any]:
+    from cstar.data import stratified_indices, to_tensors
+
+    if cfg.eval_limit is None:
+        return to_tensors(bundle.test)
+    return to_tensors(bundle.test, stratified_indices(bundle.labels("test"), cfg.eval_limit, cfg.seed))
+
+
+def _evaluate(model: Any, images: Any, labels: Any, eps: float, norm: str, cfg: CompressConfig) -> dict[str, Any]:
+    from cstar.train import evaluate
+
+    result = evaluate(model.to(cfg.device).eval(), images, labels, eps, steps=cfg.eval_steps, norm=norm)
+    return {"clean_acc": float(result["clean_acc"]), "robust_acc": float(result["robust_acc"]),
+            "attack": result["attack"], "n": int(result.get("n", len(labels)))}

@@ -1,0 +1,327 @@
+"""`cstar pipeline`: every stage from one config, skipping stages whose outputs are already valid.
+
+Each stage is run through the same command-line entry point a user would call (`cstar <stage> ...`),
+so the pipeline proves the CLI works end to end. A stage is skipped when its directory holds a
+manifest whose artifact and recorded inputs still match their sha256 and whose command line is the
+one this config asks for. RUN_DIR/report.md and report.html summarize every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from cstar.config import config_from_dict, config_to_dict
+from cstar.errors import CstarError, GateFailure
+from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
+
+STATE_DIR = ".pipeline"
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class DataSection:
+    name: str = "digits"
+    image_size: int | None = None
+
+
+@dataclass
+class TrainSection:
+    model: str | None = None
+    epochs: int | None = None
+    eps: float | None = None
+    method: str = "pgd-at"
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompressSection:
+    method: str = "cstar"
+    ratio: float = 8.0
+    by: str = "params"
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportSection:
+    opset: int = 18
+    simplifier: str = "onnxslim"
+    export_dense: bool = True
+
+
+@dataclass
+class CalibrateSection:
+    enabled: bool = True
+    samples: int = 256
+    method: str = "minmax"
+    include_adversarial: float = 0.0
+
+
+@dataclass
+class VerifySection:
+    backends: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    samples: int = 300
+    square_queries: int = 300
+    max_robust_drop: float = 2.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchSection:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    iters: int = 50
+    threads: int | None = None
+
+
+@dataclass
+class PipelineConfig:
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    compress: CompressSection = field(default_factory=CompressSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    calibrate: CalibrateSection = field(default_factory=CalibrateSection)
+    verify: VerifySection = field(default_factory=VerifySection)
+    bench: BenchSection = field(default_factory=BenchSection)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataSection,
+    "train": TrainSection,
+    "compress": CompressSection,
+    "export": ExportSection,
+    "calibrate": CalibrateSection,
+    "verify": VerifySection,
+    "bench": BenchSection,
+}
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Read a TOML (or YAML) pipeline config; unknown sections or keys are errors."""
+    if path is None:
+        return PipelineConfig()
+    source = Path(path)
+    if not source.is_file():
+        raise CstarError(f"pipeline config {source} does not exist", "pass an existing .toml or .yaml file")
+    try:
+        if source.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(source.read_text()) or {}
+        else:
+            raw = tomllib.loads(source.read_text())
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear message
+        raise CstarError(f"cannot parse {source}: {exc}", "fix the TOML/YAML syntax") from exc
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise CstarError(f"unknown section(s) {unknown} in {source}", f"valid sections: {', '.join(_SECTIONS)}")
+    sections = {name: config_from_dict(cls, raw.get(name, {}), f"[{name}] of {source}") for name, cls in _SECTIONS.items()}
+    return PipelineConfig(**sections)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+@dataclass
+class Stage:
+    """One invocation of a cstar command writing `out_dir`."""
+
+    key: str
+    command: str
+    argv: list[str]
+    out_dir: Path | None
+    title: str
+    seconds: float = 0.0
+    status: str = "pending"  # ran | skipped | failed
+    message: str = ""
+
+
+def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
+    """The ordered list of stages this config asks for."""
+    data = config.data.name
+    size = ["--image-size", str(config.data.image_size)] if config.data.image_size else []
+    d = {name: run_dir / name for name in (
+        "train", "compress", "export-dense", "export", "calibrate", "attackset")}
+    train_argv = ["--data", data, *size, "--method", config.train.method, "--out", str(d["train"])]
+    if config.train.model:
+        train_argv += ["--model", config.train.model]
+    if config.train.epochs:
+        train_argv += ["--epochs", str(config.train.epochs)]
+    if config.train.eps is not None:
+        train_argv += ["--eps", str(config.train.eps)]
+    stages = [
+        Stage("train", "train", train_argv + config.train.extra_args, d["train"], "dense robust model"),
+        Stage("compress", "compress", [
+            "--from", str(d["train"]), "--ratio", str(config.compress.ratio), "--by", config.compress.by,
+            "--method", config.compress.method, "--out", str(d["compress"]), *config.compress.extra_args,
+        ], d["compress"], f"{config.compress.method} {config.compress.ratio:g}x ({config.compress.by})"),
+    ]
+    export_common = ["--opset", str(config.export.opset), "--simplifier", config.export.simplifier]
+    if config.export.export_dense:
+        stages.append(Stage("export-dense", "export", ["--from", str(d["train"]), "--out", str(d["export-dense"]),
+                                                        *export_common], d["export-dense"], "dense FP32 ONNX"))
+    stages.append(Stage("export", "export", ["--from", str(d["compress"]), "--out", str(d["export"]), *export_common],
+                        d["export"], "compressed FP32 ONNX"))
+    artifacts = {"fp32": d["export"]}
+    if config.calibrate.enabled:
+        stages.append(Stage("calibrate", "calibrate", [
+            "--from", str(d["export"]), "--data", data, "--samples", str(config.calibrate.samples),
+            "--method", config.calibrate.method, "--include-adversarial", str(config.calibrate.include_adversarial),
+            "--out", str(d["calibrate"]),
+        ], d["calibrate"], "compressed INT8 Q/DQ ONNX"))
+        artifacts["int8"] = d["calibrate"]
+    builds: list[tuple[str, str, Path]] = []
+    for backend in config.verify.backends:
+        for precision, source in artifacts.items():
+            out = run_dir / f"build-{precision}-{backend}"
+            stages.append(Stage(f"build-{precision}-{backend}", "build",
+                                ["--from", str(source), "--backend", backend, "--out", str(out)],
+                                out, f"{precision} on {backend}"))
+            builds.append((precision, backend, out))
+    if config.export.export_dense:
+        out = run_dir / f"build-dense-{config.verify.backends[0]}"
+        stages.append(Stage(f"build-dense-{config.verify.backends[0]}", "build",
+                            ["--from", str(d["export-dense"]), "--backend", config.verify.backends[0], "--out", str(out)],
+                            out, f"dense fp32 on {config.verify.backends[0]}"))
+    stages.append(Stage("attackset", "attackset", [
+        "--reference", str(d["compress"]), "--data", data, "--samples", str(config.verify.samples),
+        "--out", str(d["attackset"]),
+    ], d["attackset"], "transfer attack set (PyTorch reference)"))
+    for precision, backend, build_dir in builds:
+        out = run_dir / f"verify-{precision}-{backend}"
+        stages.append(Stage(f"verify-{precision}-{backend}", "verify", [
+            "--artifact", str(build_dir), "--backend", backend, "--set", str(d["attackset"]),
+            "--square-queries", str(config.verify.square_queries),
+            "--max-robust-drop", str(config.verify.max_robust_drop), "--out", str(out), *config.verify.extra_args,
+        ], out, f"verify {precision} on {backend}"))
+    bench_targets = list(builds)
+    if config.export.export_dense:
+        bench_targets.append(("dense", config.verify.backends[0], run_dir / f"build-dense-{config.verify.backends[0]}"))
+    for precision, backend, build_dir in bench_targets:
+        out = run_dir / f"bench-{precision}-{backend}"
+        argv = ["--artifact", str(build_dir), "--backend", backend, "--batch-sizes",
+                ",".join(str(b) for b in config.bench.batch_sizes), "--iters", str(config.bench.iters), "--out", str(out)]
+        if config.bench.threads:
+            argv += ["--threads", str(config.bench.threads)]
+        stages.append(Stage(f"bench-{precision}-{backend}", "bench", argv, out, f"latency {precision} on {backend}"))
+    return stages
+
+
+def _state_path(run_dir: Path, stage: Stage) -> Path:
+    return run_dir / STATE_DIR / f"{stage.key}.json"
+
+
+def _is_fresh(run_dir: Path, stage: Stage) -> bool:
+    """True when the stage already ran with this command line and its outputs and inputs still verify."""
+    state_file = _state_path(run_dir, stage)
+    if stage.out_dir is None or not state_file.is_file():
+        return False
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    if state.get("argv") != stage.argv:
+        return False
+    for path, digest in state.get("files", {}).items():
+        if not Path(path).is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def _record(run_dir: Path, stage: Stage, upstream: list[Path]) -> None:
+    """Remember the command line and the sha256 of every file the stage read and wrote."""
+    files: dict[str, str] = {}
+    for directory in [*upstream, stage.out_dir]:
+        if directory is None or not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                files[str(path)] = sha256_file(path)
+    atomic_write_json(_state_path(run_dir, stage), {"argv": stage.argv, "files": files, "seconds": stage.seconds})
+
+
+def _upstream_dirs(stage: Stage) -> list[Path]:
+    dirs = []
+    for flag in ("--from", "--artifact", "--set", "--reference"):
+        if flag in stage.argv:
+            dirs.append(Path(stage.argv[stage.argv.index(flag) + 1]))
+    return dirs
+
+
+def _invoke(stage: Stage) -> None:
+    """Run one stage through its CLI entry point."""
+    from cstar.cli import build_command_parser
+
+    parser, module = build_command_parser(stage.command)
+    args = parser.parse_args(stage.argv)
+    code = int(module.main(args) or 0)  # type: ignore[attr-defined]
+    if code != 0:
+        raise CstarError(f"stage '{stage.key}' exited with status {code}", f"run: cstar {stage.command} "
+                         + " ".join(shlex.quote(a) for a in stage.argv))
+
+
+def run_pipeline(config: PipelineConfig, run_dir: Path, force: bool = False) -> list[Stage]:
+    """Run (or skip) every stage in order; returns the stages with their status and timings."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = _stage_plan(config, run_dir)
+    atomic_write_json(run_dir / STATE_DIR / "config.json", config_to_dict(config))
+    for index, stage in enumerate(stages, start=1):
+        prefix = f"[{index}/{len(stages)}] {stage.key}"
+        if not force and _is_fresh(run_dir, stage):
+            stage.status = "skipped"
+            print(f"{prefix}: up to date, skipped", flush=True)
+            continue
+        print(f"{prefix}: cstar {stage.command} {' '.join(shlex.quote(a) for a in stage.argv)}", flush=True)
+        started = time.perf_counter()
+        try:
+            _invoke(stage)
+            stage.status = "ran"
+        except GateFailure as exc:
+            stage.status = "failed"
+            stage.message = exc.message
+        finally:
+            stage.seconds = time.perf_counter() - started
+        if stage.status == "ran":
+            _record(run_dir, stage, _upstream_dirs(stage))
+        print(f"{prefix}: {stage.status} in {stage.seconds:.1f}s {stage.message}".rstrip(), flush=True)
+    return stages
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="TOML or YAML config (default: digits demo)")
+    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--force", action="store_true", help="re-run every stage even if its outputs are valid")
+
+
+def main(args: argparse.Namespace) -> int:
+    from deploy.pipeline_report import summary_table, write_pipeline_report
+
+    config = load_config(args.config)
+    started = time.perf_counter()
+    stages = run_pipeline(config, args.out, force=args.force)
+    summary = write_pipeline_report(args.out, config, stages)
+    print()
+    print(summary_table(summary))
+    failed = [s.key for s in stages if s.status == "failed"]
+    total = time.perf_counter() - started
+    print(f"\npipeline: {len(stages)} stages ({sum(s.status == 'skipped' for s in stages)} skipped) in {total:.0f}s; "
+          f"report: {args.out / 'report.md'} and report.html" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def stage_manifest(stage: Stage) -> dict[str, Any] | None:
+    """The manifest a stage wrote, if any."""
+    if stage.out_dir is None or not (stage.out_dir / MANIFEST_NAME).is_file():
+        return None
+    return json.loads((stage.out_dir / MANIFEST_NAME).read_text())
