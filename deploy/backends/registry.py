@@ -1,0 +1,88 @@
+"""Backend registry: name -> runner class, imported only when used (torch-free)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from cstar.errors import CstarError, MissingDependencyError
+from deploy.backends.base import Runner
+
+# name -> (module, class, required package (pip name), extra that installs it)
+BACKENDS: dict[str, tuple[str, str, str, str | None]] = {
+    "ort-cpu": ("deploy.backends.ort", "OrtCpuRunner", "onnxruntime", None),
+    "ort-cuda": ("deploy.backends.ort", "OrtCudaRunner", "onnxruntime-gpu", "gpu"),
+    "ort-trt": ("deploy.backends.ort", "OrtTensorrtRunner", "onnxruntime-gpu", "gpu"),
+    "tensorrt": ("deploy.backends.tensorrt", "TensorrtRunner", "tensorrt", "tensorrt"),
+}
+
+# ONNX Runtime execution provider each ort-* backend needs
+ORT_PROVIDERS: dict[str, str] = {
+    "ort-cpu": "CPUExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-trt": "TensorrtExecutionProvider",
+}
+
+
+def backend_names() -> list[str]:
+    """Every backend name, in preference order for edge deployment."""
+    return list(BACKENDS)
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise CstarError(f"unknown backend '{name}'", f"use one of: {', '.join(backend_names())}")
+
+
+def backend_available(name: str) -> tuple[bool, str]:
+    """(available, reason): whether the runtime `name` needs is installed here."""
+    _check_name(name)
+    if name in ORT_PROVIDERS:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return False, "onnxruntime is not installed"
+        import onnxruntime
+
+        provider = ORT_PROVIDERS[name]
+        available = onnxruntime.get_available_providers()
+        if provider not in available:
+            return False, (
+                f"onnxruntime {onnxruntime.__version__} has no {provider} (available: {', '.join(available)}); "
+                "install onnxruntime-gpu"
+            )
+        return True, f"onnxruntime {onnxruntime.__version__} with {provider}"
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt Python package is not installed"
+    from deploy.backends.tensorrt import device_buffer_library
+
+    library = device_buffer_library()
+    if library is None:
+        return False, "tensorrt is installed but neither cuda-python nor torch (for device buffers) is"
+    return True, f"tensorrt with {library} device buffers"
+
+
+def require_backend(name: str) -> None:
+    """Raise MissingDependencyError (with the pip extra) when backend `name` cannot run here."""
+    ok, reason = backend_available(name)
+    if ok:
+        return
+    _, _, package, extra = BACKENDS[name]
+    if name == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
+        raise MissingDependencyError("cuda-python", None, f"the '{name}' backend ({reason})")
+    raise MissingDependencyError(package, extra, f"the '{name}' backend ({reason})")
+
+
+def runner_class(name: str) -> type[Runner]:
+    """The Runner subclass of backend `name` (imports its module)."""
+    _check_name(name)
+    module_name, class_name, _, _ = BACKENDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)  # type: ignore[no-any-return, unused-ignore]
+
+
+def create_runner(name: str, model_path: str | Path, **options: Any) -> Runner:
+    """An inactive runner for `model_path` on backend `name` (use it as a context manager)."""
+    _check_name(name)
+    require_backend(name)
+    return runner_class(name)(model_path, **options)

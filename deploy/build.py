@@ -1,0 +1,331 @@
+"""`cstar build`: an export or calibrate directory -> a ready-to-run backend directory.
+
+ONNX Runtime backends get a copy of the ONNX model plus `build.json` (provider, provider and session
+options, batch range, versions); TensorRT gets `model.engine` built for this GPU. Either way the
+build opens the result once and runs a smoke inference, so a broken artifact fails here and not on
+the device. `manifest.json` (stage `build`) is written last; on any error no file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cstar.errors import CstarError
+from cstar.manifest import (
+    MANIFEST_NAME,
+    atomic_target,
+    atomic_write_json,
+    file_entry,
+    library_versions,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from deploy.backends.registry import ORT_PROVIDERS, backend_names, create_runner, require_backend
+
+BUILD_INFO_NAME = "build.json"
+ENGINE_NAME = "model.engine"
+TRT_CACHE_DIR = "trt_cache"
+PRECISIONS = ("fp32", "fp16", "int8")
+COPY_THROUGH = (
+    "dataset", "model", "eps", "norm", "metrics", "params", "flops", "compression", "ranks", "parity",
+    "input", "classes", "onnx", "calibration",
+)
+VERSION_PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cuda-bindings")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `cstar build`."""
+    parser.add_argument("--from", dest="from_dir", required=True, help="export or calibrate directory")
+    parser.add_argument("--backend", default="ort-cpu", choices=backend_names(), help="runtime (default ort-cpu)")
+    parser.add_argument("--out", required=True, help="output directory (the build artifact)")
+    parser.add_argument("--min-batch", type=int, default=1, help="smallest batch the artifact accepts (default 1)")
+    parser.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default 8)")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest batch the artifact accepts (default 64)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="default: the source's (int8 for calibrate, fp32 for export); fp16 for tensorrt/ort-trt")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
+    parser.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
+    parser.add_argument("--workspace", dest="workspace_mb", type=int, default=1024, help="TensorRT workspace MiB")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of `cstar build`."""
+    manifest = run_build(
+        args.from_dir, args.backend, args.out,
+        batch_sizes=(args.min_batch, args.max_batch), precision=args.precision, threads=args.threads,
+        workspace_mb=args.workspace_mb, opt_batch=args.opt_batch, timing_cache=args.timing_cache,
+    )
+    build = manifest["build"]
+    batch = build["batch"]
+    print(
+        f"built {manifest['artifact']['file']} for {manifest['backend']} ({manifest['precision']}, "
+        f"batch {batch['min']}..{batch['max']}) in {args.out}"
+    )
+    return 0
+
+
+def _resolve_precision(backend: str, source_stage: str, source_precision: str, requested: str | None) -> str:
+    precision = requested or source_precision
+    if precision not in PRECISIONS:
+        raise CstarError(f"precision {precision!r} is not valid", f"use one of: {', '.join(PRECISIONS)}")
+    if precision == source_precision:
+        return precision
+    if precision == "int8":
+        raise CstarError(
+            f"--precision int8 needs an INT8 (Q/DQ) model, but the {source_stage} directory holds {source_precision}",
+            "run `cstar calibrate` and build from its directory",
+        )
+    if precision == "fp16" and source_precision == "fp32" and backend in ("tensorrt", "ort-trt"):
+        return precision
+    if precision == "fp16":
+        raise CstarError(
+            f"--precision fp16 is only available for tensorrt and ort-trt (asked for {backend})",
+            "use --backend tensorrt or --backend ort-trt, or leave --precision out",
+        )
+    raise CstarError(
+        f"--precision {precision} does not match the {source_stage} model ({source_precision})",
+        f"build from an export directory for fp32, or leave --precision out (uses {source_precision})",
+    )
+
+
+def _batch_range(batch_sizes: tuple[int, ...], opt_batch: int | None) -> tuple[int, int, int]:
+    if len(batch_sizes) == 3:
+        low, opt, high = (int(b) for b in batch_sizes)
+    elif len(batch_sizes) == 2:
+        low, high = (int(b) for b in batch_sizes)
+        opt = int(opt_batch) if opt_batch is not None else max(low, min(8, high))
+    else:
+        raise CstarError(f"batch_sizes {batch_sizes} must be (min, max) or (min, opt, max)", "pass two or three sizes")
+    if not 1 <= low <= opt <= high:
+        raise CstarError(
+            f"batch range min {low} <= opt {opt} <= max {high} does not hold",
+            "pass 1 <= --min-batch <= --opt-batch <= --max-batch",
+        )
+    return low, opt, high
+
+
+def _prepare_out(out: Path, source: Path) -> bool:
+    """Check the output directory; returns True when this build creates it."""
+    if out.resolve() == source.resolve():
+        raise CstarError("--out is the same directory as --from", "pass a new output directory")
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        raise CstarError(f"--out {out} exists and is not a directory", "pass a directory path")
+    if (out / MANIFEST_NAME).is_file():
+        stage = read_manifest(out).get("stage")
+        if stage != "build":
+            raise CstarError(f"--out {out} holds a '{stage}' artifact", "pass a new output directory")
+    elif any(out.iterdir()) and not (out / BUILD_INFO_NAME).exists():
+        raise CstarError(f"--out {out} is not empty and is not a build directory", "pass a new or empty directory")
+    return False
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = atomic_target(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _smoke(runner_name: str, model_path: Path, options: dict[str, Any], chw: tuple[int, int, int],
+           high: int, n_classes: int) -> dict[str, Any]:
+    """Open the built artifact once and run zeros at the smallest and largest batch."""
+    runner = create_runner(runner_name, model_path, **options)
+    with runner:
+        lo, hi = runner.batch_range()
+        sizes = sorted({lo, hi if hi is not None else high})
+        widths = set()
+        for size in sizes:
+            out = runner.infer(np.zeros((size, *chw), dtype=np.float32))
+            if out.shape[0] != size or not np.isfinite(out).all():
+                raise CstarError(
+                    f"smoke inference on {model_path.name} returned shape {out.shape} / non-finite logits",
+                    "check the source artifact (re-run export/calibrate)",
+                )
+            widths.add(out.shape[1])
+        spec = runner.input_spec
+        description = runner.describe()
+    if n_classes and widths != {n_classes}:
+        raise CstarError(
+            f"{model_path.name} outputs {sorted(widths)} logits, but the manifest lists {n_classes} classes",
+            "re-export the model from the right checkpoint",
+        )
+    return {
+        "batch_sizes": sizes,
+        "num_classes": widths.pop(),
+        "input": {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype},
+        "effective_batch": [lo, hi],
+        "runner": description,
+    }
+
+
+def run_build(
+    from_dir: str | Path,
+    backend: str,
+    out_dir: str | Path,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    precision: str | None = None,
+    threads: int | None = None,
+    workspace_mb: int = 1024,
+    opt_batch: int | None = None,
+    timing_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """Build `backend`'s artifact from an export/calibrate directory into `out_dir`; returns the manifest."""
+    from deploy.artifact import load_artifact
+
+    if backend not in backend_names():
+        raise CstarError(f"unknown backend '{backend}'", f"use one of: {', '.join(backend_names())}")
+    source_dir, out = Path(from_dir), Path(out_dir)
+    source = load_artifact(source_dir)
+    if source.stage == "build":
+        raise CstarError(
+            f"{source_dir} is already a build directory (for {source.backend})",
+            "pass the export or calibrate directory it was built from",
+        )
+    chosen = _resolve_precision(backend, source.stage, source.precision, precision)
+    low, opt, high = _batch_range(tuple(batch_sizes), opt_batch)
+    require_backend(backend)  # MissingDependencyError before any file is written
+    if backend == "tensorrt":
+        from deploy.backends.tensorrt import _import_trt
+
+        _import_trt()
+    created_dir = _prepare_out(out, source_dir)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # unfinished until the new manifest lands
+    written: list[Path] = []
+    try:
+        if backend == "tensorrt":
+            build_info, runner_options, model_name = _build_tensorrt(
+                source.model_path, out, chosen, low, opt, high, timing_cache, workspace_mb, written
+            )
+        else:
+            build_info, runner_options, model_name = _build_ort(
+                source.model_path, out, backend, chosen, low, opt, high, threads, workspace_mb, timing_cache,
+                written,
+            )
+        smoke = _smoke(backend, out / model_name, _resolved(runner_options, out, build_info),
+                       source.input_shape, high, len(source.classes))
+        lo, hi = smoke["effective_batch"]
+        build_info["batch"] = {"min": lo, "opt": min(max(opt, lo), hi if hi is not None else opt),
+                               "max": hi if hi is not None else high}
+        build_info["input"] = smoke["input"]
+        build_info["versions"] = library_versions(VERSION_PACKAGES)
+        atomic_write_json(out / BUILD_INFO_NAME, build_info)
+        written.append(out / BUILD_INFO_NAME)
+
+        body: dict[str, Any] = {
+            "inputs": [file_entry(source.model_path), file_entry(source_dir / MANIFEST_NAME)],
+            "artifact": {"file": model_name, "sha256": sha256_file(out / model_name)},
+            "backend": backend,
+            "precision": chosen,
+            "build": build_info,
+            "build_file": {"file": BUILD_INFO_NAME, "sha256": sha256_file(out / BUILD_INFO_NAME)},
+            "smoke": {k: smoke[k] for k in ("batch_sizes", "num_classes")},
+            "source": {"path": str(source_dir.resolve()), "stage": source.stage, "precision": source.precision,
+                       "sha256": source.sha256},
+        }
+        for key in COPY_THROUGH:
+            if key in source.manifest:
+                body[key] = source.manifest[key]
+        body["versions"] = {**source.manifest.get("versions", {}), **library_versions(VERSION_PACKAGES)}
+        path = write_manifest(out, "build", body)
+    except BaseException:
+        _cleanup(out, written, created_dir)
+        raise
+    return read_manifest(path.parent)
+
+
+def _resolved(runner_options: dict[str, Any], out: Path, build_info: dict[str, Any]) -> dict[str, Any]:
+    from deploy.artifact import runner_options_from_build
+
+    return runner_options_from_build({**build_info, "runner_options": runner_options}, out)
+
+
+def _cleanup(out: Path, written: list[Path], created_dir: bool) -> None:
+    for path in written:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if created_dir:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _build_ort(
+    model: Path, out: Path, backend: str, precision: str, low: int, opt: int, high: int,
+    threads: int | None, workspace_mb: int, timing_cache: str | Path | None, written: list[Path],
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Copy the ONNX model; returns (build_info, runner options, model file name)."""
+    name = model.name
+    dst = out / name
+    written.append(dst)
+    _copy_atomic(model, dst)
+    session_options = {"intra_op_threads": threads, "inter_op_threads": None, "graph_optimization_level": "all"}
+    options: dict[str, Any] = {"graph_optimization_level": "all", "min_batch": low, "opt_batch": opt, "max_batch": high}
+    if threads is not None:
+        options["intra_op_threads"] = int(threads)
+    provider_options: dict[str, Any] = {}
+    if backend == "ort-trt":
+        cache = out / TRT_CACHE_DIR
+        if not cache.exists():
+            written.append(cache)
+        options["trt_engine_cache_path"] = TRT_CACHE_DIR  # relative: resolved against the build directory
+        provider_options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": TRT_CACHE_DIR})
+        if timing_cache is not None:
+            options["trt_timing_cache_path"] = str(Path(timing_cache).resolve())
+            provider_options.update({"trt_timing_cache_enable": True,
+                                     "trt_timing_cache_path": options["trt_timing_cache_path"]})
+        if precision == "fp16":
+            options["trt_fp16_enable"] = True
+            provider_options["trt_fp16_enable"] = True
+        options["workspace_mb"] = int(workspace_mb)
+        provider_options["trt_max_workspace_size"] = int(workspace_mb) << 20
+    build_info: dict[str, Any] = {
+        "backend": backend,
+        "provider": ORT_PROVIDERS[backend],
+        "provider_options": provider_options,
+        "session_options": session_options,
+        "precision": precision,
+        "model_file": name,
+        "batch": {"min": low, "opt": opt, "max": high},
+        "runner_options": options,
+    }
+    return build_info, options, name
+
+
+def _build_tensorrt(
+    model: Path, out: Path, precision: str, low: int, opt: int, high: int,
+    timing_cache: str | Path | None, workspace_mb: int, written: list[Path],
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Build model.engine; returns (build_info, runner options, engine file name)."""
+    from deploy.backends.tensorrt import build_engine
+
+    engine = out / ENGINE_NAME
+    written.append(engine)
+    info = build_engine(model, engine, low, opt, high, precision,
+                        timing_cache_path=timing_cache, workspace_mb=workspace_mb)
+    build_info: dict[str, Any] = {
+        "backend": "tensorrt",
+        "provider": "tensorrt",
+        "provider_options": {},
+        "session_options": {},
+        "model_file": ENGINE_NAME,
+        "source_model": model.name,
+        **info,
+        "runner_options": {},
+    }
+    return build_info, {}, ENGINE_NAME

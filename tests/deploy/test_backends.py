@@ -1,0 +1,343 @@
+"""Runtime backends: registry, ONNX Runtime CPU runner, input validation, predict chunking (torch-free)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cstar.errors import CstarError, MissingDependencyError
+from cstar.manifest import sha256_file, write_manifest
+from deploy.backends import InputSpec, backend_available, backend_names, create_runner
+from deploy.backends.ort import OrtCudaRunner
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+requires_tensorrt = pytest.mark.skipif(
+    not HAS_TENSORRT, reason="needs the tensorrt Python package (not installable here)"
+)
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------- tiny model
+
+
+def tiny_weights(seed: int = 0, classes: int = 3) -> dict[str, np.ndarray]:
+    """Weights of Conv(1->4, 3x3, pad 1) + Relu + GlobalAveragePool + Flatten + Gemm(4->classes)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "conv_w": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+        "conv_b": rng.normal(size=(4,)).astype(np.float32),
+        "fc_w": rng.normal(size=(classes, 4)).astype(np.float32),
+        "fc_b": rng.normal(size=(classes,)).astype(np.float32),
+    }
+
+
+def make_tiny_onnx(path: Path, batch: int | str = "N", seed: int = 0, classes: int = 3) -> Path:
+    """Write the tiny model with input 'input' [batch, 1, 8, 8] (batch 'N' = dynamic)."""
+    w = tiny_weights(seed, classes)
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cstar-tests")
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_reference(x: np.ndarray, seed: int = 0, classes: int = 3) -> np.ndarray:
+    """numpy forward pass of the tiny model (float64)."""
+    w = tiny_weights(seed, classes)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # N,1,8,8,3,3
+    conv = np.einsum("nchwij,ocij->nohw", windows, w["conv_w"].astype(np.float64))
+    conv += w["conv_b"][None, :, None, None]
+    pooled = np.maximum(conv, 0).mean(axis=(2, 3))
+    return pooled @ w["fc_w"].T.astype(np.float64) + w["fc_b"]
+
+
+def make_export_dir(directory: Path, stage: str = "export", batch: int | str = "N", seed: int = 0,
+                    classes: int = 3, manifest_classes: list[str] | None = None) -> Path:
+    """An export (or calibrate) directory: the tiny ONNX plus a hand-written manifest."""
+    name = "model.int8.onnx" if stage == "calibrate" else "model.onnx"
+    model = make_tiny_onnx(directory / name, batch=batch, seed=seed, classes=classes)
+    names = manifest_classes if manifest_classes is not None else [f"class{i}" for i in range(classes)]
+    body = {
+        "onnx": {"file": name, "sha256": sha256_file(model), "opset": 17, "input_name": "input",
+                 "output_name": "logits", "dynamic_batch": batch == "N", "simplifier": "none"},
+        "precision": "int8" if stage == "calibrate" else "fp32",
+        "input": {"name": "input", "shape": [1, 8, 8], "dtype": "float32", "range": [0, 1]},
+        "classes": names,
+        "dataset": {"name": "tiny", "input_shape": [1, 8, 8], "classes": names},
+        "model": {"name": "tiny"},
+        "eps": 0.1,
+        "norm": "linf",
+        "metrics": {"clean_acc": 0.5, "robust_acc": 0.25},
+        "params": 55,
+        "flops": 2600,
+    }
+    if stage == "calibrate":
+        body["calibration"] = {"samples": 8, "method": "minmax"}
+    write_manifest(directory, stage, body)
+    return directory
+
+
+@pytest.fixture()
+def tiny_model(tmp_path: Path) -> Path:
+    return make_tiny_onnx(tmp_path / "model.onnx")
+
+
+@pytest.fixture()
+def images() -> np.ndarray:
+    return np.random.default_rng(1).random((10, 1, 8, 8), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+def test_backend_names() -> None:
+    assert backend_names() == ["ort-cpu", "ort-cuda", "ort-trt", "tensorrt"]
+
+
+def test_unknown_backend_lists_valid_names(tiny_model: Path) -> None:
+    with pytest.raises(CstarError) as info:
+        create_runner("onnx-gpu", tiny_model)
+    assert "onnx-gpu" in info.value.message
+    for name in backend_names():
+        assert name in (info.value.hint or "")
+    with pytest.raises(CstarError):
+        backend_available("nope")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_tensorrt_missing_names_the_extra(tiny_model: Path) -> None:
+    ok, reason = backend_available("tensorrt")
+    assert not ok and "tensorrt" in reason
+    with pytest.raises(MissingDependencyError) as info:
+        create_runner("tensorrt", tiny_model)
+    assert info.value.package == "tensorrt"
+    assert "cstar[tensorrt]" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize(("name", "provider"), [("ort-cuda", "CUDAExecutionProvider"),
+                                                ("ort-trt", "TensorrtExecutionProvider")])
+def test_gpu_providers_missing_name_the_gpu_extra(tiny_model: Path, name: str, provider: str) -> None:
+    if provider in ort.get_available_providers():
+        pytest.skip(f"{provider} is available here")
+    ok, reason = backend_available(name)
+    assert not ok and provider in reason
+    with pytest.raises(MissingDependencyError) as info:
+        create_runner(name, tiny_model)
+    assert info.value.package == "onnxruntime-gpu"
+    assert "cstar[gpu]" in (info.value.hint or "")
+
+
+def test_ort_cpu_available() -> None:
+    ok, reason = backend_available("ort-cpu")
+    assert ok, reason
+
+
+def test_silent_cpu_fallback_is_refused(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT quietly running a CUDA session on the CPU must not pass for ort-cuda."""
+    real_session = ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def fake_session(path: str, sess_options: object = None, providers: object = None) -> object:
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    with pytest.raises(CstarError, match="fell back"):
+        OrtCudaRunner(tiny_model).activate()
+
+
+# ------------------------------------------------------------------------------------- ort-cpu
+
+
+def test_ort_cpu_matches_numpy_reference(tiny_model: Path, images: np.ndarray) -> None:
+    with create_runner("ort-cpu", tiny_model) as runner:
+        assert runner.input_spec == InputSpec("input", (None, 1, 8, 8), "float32")
+        out = runner.infer(images)
+    assert out.dtype == np.float32 and out.shape == (10, 3)
+    np.testing.assert_allclose(out, tiny_reference(images), atol=1e-5, rtol=1e-5)
+
+
+def test_runner_before_activate_is_refused(tiny_model: Path, images: np.ndarray) -> None:
+    runner = create_runner("ort-cpu", tiny_model)
+    with pytest.raises(CstarError, match="not active"):
+        runner.infer(images)
+    with pytest.raises(CstarError, match="not active"):
+        _ = runner.input_spec
+    with pytest.raises(CstarError, match="not active"):
+        runner.predict(images)
+
+
+def test_unknown_option_is_refused(tiny_model: Path) -> None:
+    with pytest.raises(CstarError, match="intra_op_thread"):
+        create_runner("ort-cpu", tiny_model, intra_op_thread=2)
+    with pytest.raises(CstarError, match="graph_optimization_level"):
+        create_runner("ort-cpu", tiny_model, graph_optimization_level="max")
+
+
+def test_missing_or_broken_model_file(tmp_path: Path) -> None:
+    with pytest.raises(CstarError, match="does not exist"):
+        create_runner("ort-cpu", tmp_path / "absent.onnx").activate()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    with pytest.raises(CstarError, match="could not load"):
+        create_runner("ort-cpu", broken).activate()
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "match"),
+    [
+        (lambda x: x[0], "rank 4"),
+        (lambda x: x[:, :, :, :, None], "rank 4"),
+        (lambda x: np.repeat(x, 3, axis=1), "axis 1"),
+        (lambda x: x[:, :, :7, :], "axis 2"),
+        (lambda x: np.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1))), "axis 3"),
+        (lambda x: x.astype(np.float64), "float64"),
+        (lambda x: (x * 255).astype(np.uint8), "uint8"),
+        (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x).astype(np.float32), "NaN"),
+        (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.inf, x).astype(np.float32), "inf"),
+        (lambda x: x.tolist(), "numpy array"),
+        (lambda x: x[:0], "batch of 0"),
+    ],
+)
+def test_bad_inputs_raise_cstar_error(tiny_model: Path, images: np.ndarray, make_bad: object, match: str) -> None:
+    bad = make_bad(images)  # type: ignore[operator]
+    with create_runner("ort-cpu", tiny_model) as runner, pytest.raises(CstarError, match=match) as info:
+        runner.infer(bad)
+    assert type(info.value) is CstarError  # never an onnxruntime exception
+
+
+def test_float64_hint_names_astype(tiny_model: Path, images: np.ndarray) -> None:
+    with create_runner("ort-cpu", tiny_model) as runner, pytest.raises(CstarError) as info:
+        runner.infer(images.astype(np.float64))
+    assert "astype(np.float32)" in (info.value.hint or "")
+
+
+def test_out_of_range_values_warn_not_fail(tiny_model: Path, images: np.ndarray) -> None:
+    with create_runner("ort-cpu", tiny_model) as runner, pytest.warns(UserWarning, match=r"\[0, 1\]"):
+        out = runner.infer(images * 255)
+    assert out.shape == (10, 3)
+
+
+def test_predict_chunks_and_equals_infer(tiny_model: Path, images: np.ndarray) -> None:
+    with create_runner("ort-cpu", tiny_model) as full:
+        expected = full.infer(images)
+    with create_runner("ort-cpu", tiny_model, max_batch=4) as runner:
+        assert runner.max_batch == 4
+        calls: list[int] = []
+        real = runner.infer_impl
+
+        def counting(batch: np.ndarray) -> np.ndarray:
+            calls.append(batch.shape[0])
+            return real(batch)
+
+        runner.infer_impl = counting  # type: ignore[method-assign]
+        got = runner.predict(images)
+        assert calls == [4, 4, 2]
+        with pytest.raises(CstarError, match="outside the range"):
+            runner.infer(images)
+        assert runner.predict(images[:0]).shape == (0, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_static_batch_model_is_padded_and_split(tmp_path: Path, images: np.ndarray) -> None:
+    model = make_tiny_onnx(tmp_path / "static.onnx", batch=4)
+    with create_runner("ort-cpu", model) as runner:
+        assert runner.input_spec.shape == (4, 1, 8, 8)
+        assert runner.batch_range() == (4, 4)
+        got = runner.predict(images)  # 10 -> 4 + 4 + (2 padded to 4)
+        with pytest.raises(CstarError, match="exactly 4"):
+            runner.infer(images[:3])
+    np.testing.assert_allclose(got, tiny_reference(images), atol=1e-5, rtol=1e-5)
+
+
+def test_describe(tiny_model: Path) -> None:
+    with create_runner("ort-cpu", tiny_model, intra_op_threads=1) as runner:
+        info = runner.describe()
+    assert info["backend"] == "ort-cpu"
+    assert info["provider"] == "CPUExecutionProvider"
+    assert info["providers"][0] == "CPUExecutionProvider"
+    assert info["versions"]["onnxruntime"] == ort.__version__
+    assert info["session_options"]["intra_op_threads"] == 1
+    assert info["input"]["shape"] == [None, 1, 8, 8]
+
+
+def test_device_side_modules_are_torch_free() -> None:
+    code = (
+        "import sys, deploy, deploy.backends, deploy.backends.ort, deploy.backends.tensorrt, deploy.artifact, "
+        "deploy.build, cstar.manifest, cstar.errors\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ------------------------------------------------------------------------------------ tensorrt
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_tensorrt_module_imports_without_tensorrt(tiny_model: Path, tmp_path: Path) -> None:
+    from deploy.backends.tensorrt import TensorrtRunner, build_engine
+
+    with pytest.raises(MissingDependencyError, match="tensorrt"):
+        build_engine(tiny_model, tmp_path / "model.engine")
+    with pytest.raises(MissingDependencyError):
+        TensorrtRunner(tiny_model).activate()
+    assert not (tmp_path / "model.engine").exists()
+
+
+@requires_tensorrt
+@pytest.mark.tensorrt
+def test_tensorrt_engine_matches_reference(tiny_model: Path, tmp_path: Path, images: np.ndarray) -> None:
+    from deploy.backends.tensorrt import build_engine
+
+    ok, reason = backend_available("tensorrt")
+    if not ok:
+        pytest.skip(reason)
+    info = build_engine(tiny_model, tmp_path / "model.engine", 1, 4, 8, "fp32",
+                        timing_cache_path=tmp_path / "timing.cache")
+    assert info["precision"] == "fp32" and info["batch"] == {"min": 1, "opt": 4, "max": 8}
+    assert (tmp_path / "timing.cache").is_file()
+    with create_runner("tensorrt", tmp_path / "model.engine", build_info=info) as runner:
+        assert runner.batch_range() == (1, 8)
+        got = runner.predict(images)
+        with pytest.raises(CstarError):
+            runner.infer(images)  # 10 > max batch 8
+    np.testing.assert_allclose(got, tiny_reference(images), atol=1e-3, rtol=1e-3)
+
+
+@requires_tensorrt
+@pytest.mark.tensorrt
+def test_tensorrt_refuses_engine_from_other_version(tiny_model: Path, tmp_path: Path) -> None:
+    from deploy.backends.tensorrt import build_engine
+
+    ok, reason = backend_available("tensorrt")
+    if not ok:
+        pytest.skip(reason)
+    info = build_engine(tiny_model, tmp_path / "model.engine", 1, 1, 2, "fp32")
+    info["tensorrt_version"] = "0.0.0"
+    with pytest.raises(CstarError, match="TensorRT 0.0.0"):
+        create_runner("tensorrt", tmp_path / "model.engine", build_info=info).activate()
