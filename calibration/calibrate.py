@@ -1,0 +1,315 @@
+"""`cstar calibrate`: export dir -> INT8 explicit Q/DQ model, parity and robustness checked against FP32.
+
+Reads an export directory (model.onnx verified by sha256), builds a class-stratified calibration set
+from the TRAIN split (optionally part PGD on the PyTorch reference), quantizes with ONNX Runtime
+(symmetric int8 QDQ, per-channel weights), runs the TensorRT preflight, then measures INT8 against
+the FP32 ONNX model on a stratified subset of the TEST split: agreement, logit difference, clean
+accuracy and robust accuracy under PGD crafted on the PyTorch reference (transfer). Writes
+DIR/model.int8.onnx, then DIR/manifest.json last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cstar.errors import CstarError, GateFailure
+from cstar.manifest import (
+    MANIFEST_NAME,
+    atomic_target,
+    file_entry,
+    read_manifest,
+    sha256_file,
+    verify_file,
+    write_manifest,
+)
+
+INT8_NAME = "model.int8.onnx"
+METHODS = ("minmax", "entropy", "percentile")
+REFERENCE_STAGES = ("train", "compress")
+EVAL_PGD_STEPS = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cstar calibrate`."""
+    parser.add_argument("--from", dest="from_dir", required=True, help="export directory (model.onnx + manifest)")
+    parser.add_argument("--data", required=True, help="dataset the model was exported for (name or name:path)")
+    parser.add_argument("--samples", type=int, required=True, help="calibration images from the TRAIN split")
+    parser.add_argument("--method", choices=METHODS, default="minmax", help="activation range calibration")
+    parser.add_argument("--include-adversarial", dest="include_adversarial", type=float, default=0.0,
+                        metavar="FRACTION", help="fraction of calibration images replaced by PGD examples (0..1)")
+    parser.add_argument("--reference", default=None, metavar="CKPT_DIR",
+                        help="train/compress directory of the PyTorch reference (default: found via the export "
+                             "manifest's inputs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sample selection and PGD random starts")
+    parser.add_argument("--parity-samples", dest="parity_samples", type=int, default=512,
+                        help="stratified TEST images for INT8-vs-FP32 parity and accuracy")
+    parser.add_argument("--strict-trt", dest="strict_trt", action="store_true",
+                        help="fail (instead of warn) when the TensorRT preflight finds a problem")
+    parser.add_argument("--out", required=True, help="output directory (model.int8.onnx + manifest.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry point."""
+    manifest = run_calibrate(
+        args.from_dir, args.out, data=args.data, samples=args.samples, method=args.method,
+        include_adversarial=args.include_adversarial, reference=args.reference, seed=args.seed,
+        parity_samples=args.parity_samples, strict_trt=args.strict_trt,
+    )
+    metrics, parity = manifest["metrics"], manifest["parity"]
+    robust = metrics.get("robust_acc")
+    robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}, transfer PGD)"
+                   if robust is not None else "")
+    print(f"wrote {Path(args.out) / INT8_NAME}: clean {metrics['clean_acc']:.4f} "
+          f"(fp32 {metrics['fp32_clean_acc']:.4f}){robust_text}; agreement {parity['agreement']:.4f}, "
+          f"max |dlogit| {parity['max_abs_diff']:.4g} on {parity['n']} test images")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _check_data(data: str, spec: Any) -> Any:
+    """The DatasetSpec to load: the export's, with the --data path when one is given; names must match."""
+    from dataclasses import replace
+
+    from cstar.data import parse_dataset_arg
+
+    name, path = parse_dataset_arg(data)
+    if name != spec.name:
+        raise CstarError(
+            f"--data {data} names dataset '{name}', but the model was exported for '{spec.name}'",
+            f"pass --data {spec.data_arg}",
+        )
+    return spec if path is None else replace(spec, path=path)
+
+
+def find_reference(export_manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """The train/compress directory among the export manifest's inputs, or (None, why not)."""
+    why = "the export manifest lists no train/compress manifest among its inputs"
+    for entry in export_manifest.get("inputs", []):
+        path = Path(str(entry.get("path", "")))
+        if path.name != MANIFEST_NAME:
+            continue
+        directory = path.parent
+        try:
+            manifest = read_manifest(directory)
+        except CstarError as exc:
+            why = f"the reference recorded in the export manifest is unusable: {exc.message}"
+            continue
+        if manifest.get("stage") not in REFERENCE_STAGES:
+            continue
+        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            why = f"{path} changed since export (sha256 differs); pass --reference explicitly if intended"
+            continue
+        return directory, None
+    return None, why
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    outputs = [session.run(None, {name: np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32)})[0]
+               for s in range(0, images.shape[0], batch_size)]
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    return {"max_abs_diff": float(np.max(np.abs(a - b))) if a.size else 0.0,
+            "agreement": float(np.mean(a.argmax(1) == b.argmax(1))), "n": int(a.shape[0])}
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def _eval_set(spec: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified TEST subset: (images, labels, indices)."""
+    from cstar.data import load_dataset_from_spec, stratified_indices, to_tensors
+
+    if n <= 0:
+        raise CstarError(f"--parity-samples must be positive, got {n}", "pass --parity-samples 512")
+    bundle = load_dataset_from_spec(spec)
+    indices = stratified_indices(bundle.labels("test"), n, seed)
+    images, labels = to_tensors(bundle.test, indices)
+    return images.numpy().astype(np.float32), labels.numpy().astype(np.int64), indices
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------------------------- stage
+
+
+def run_calibrate(
+    from_dir: str | Path,
+    out_dir: str | Path,
+    data: str,
+    samples: int,
+    method: str = "minmax",
+    include_adversarial: float = 0.0,
+    reference: str | Path | None = None,
+    seed: int = 0,
+    parity_samples: int = 512,
+    strict_trt: bool = False,
+    per_channel: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Quantize an export directory to INT8 (QDQ) into `out_dir`; return the manifest written."""
+    from calibration.calib_set import build_calibration_set, craft_pgd, load_reference
+    from calibration.quantize import quantize_int8
+    from calibration.trt_check import preflight
+    from cstar.data import DatasetSpec
+
+    from_dir, out = Path(from_dir), Path(out_dir)
+    if method not in METHODS:
+        raise CstarError(f"unknown calibration method '{method}'", f"use one of: {', '.join(METHODS)}")
+    if samples <= 0:
+        raise CstarError(f"--samples must be positive, got {samples}", "pass --samples 512 (or the train size)")
+    export = read_manifest(from_dir, ("export",))
+    for key in ("onnx", "dataset"):
+        if key not in export:
+            raise CstarError(f"{from_dir}/{MANIFEST_NAME} lacks '{key}'", "re-run cstar export")
+    if out.resolve() == from_dir.resolve():
+        raise CstarError("--out is the export directory itself", "pass a new directory for the INT8 artifact")
+    onnx_block = export["onnx"]
+    fp32_path = verify_file(from_dir, onnx_block["file"], onnx_block["sha256"])
+    spec = _check_data(data, DatasetSpec.from_dict(export["dataset"]))
+    eps = float(export.get("eps", spec.default_eps))
+    norm = str(export.get("norm", "linf"))
+    warnings: list[str] = []
+
+    reference_dir: Path | None
+    if reference is not None:
+        reference_dir = Path(reference)
+        read_manifest(reference_dir, REFERENCE_STAGES)
+    else:
+        reference_dir, why = find_reference(export)
+        if reference_dir is None:
+            if include_adversarial > 0:
+                raise CstarError(f"--include-adversarial needs the PyTorch reference, but {why}",
+                                 "pass --reference DIR (the train/compress directory exported)")
+            warnings.append(f"no PyTorch reference ({why}): robust accuracy not measured; pass --reference DIR")
+
+    calib = build_calibration_set(spec, samples, include_adversarial, reference_dir, seed, eps=eps, norm=norm)
+    eval_images, eval_labels, eval_indices = _eval_set(spec, parity_samples, seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / MANIFEST_NAME
+    if stale.exists():  # this directory is being rewritten: it is unfinished until the new manifest lands
+        stale.unlink()
+    tmp = atomic_target(out / INT8_NAME)
+    final = out / INT8_NAME
+    placed = False
+    try:
+        quant = quantize_int8(fp32_path, tmp, calib.images, method=method, per_channel=per_channel)
+        report = preflight(tmp)
+        if not report.ok:
+            text = "; ".join(report.problems)
+            if strict_trt:
+                raise GateFailure(f"TensorRT preflight failed for the INT8 model: {text}",
+                                  "fix the problems listed, or drop --strict-trt to keep an ORT-only artifact")
+            warnings.append(f"TensorRT preflight failed (artifact still runs on ONNX Runtime): {text}")
+            print(f"warning: TensorRT preflight failed: {text}", file=sys.stderr)
+        if verbose:
+            for line in report.warnings:
+                print(f"warning: trt preflight: {line}", file=sys.stderr)
+
+        fp32_session, int8_session = _session(fp32_path), _session(tmp)
+        fp32_logits, int8_logits = _run(fp32_session, eval_images), _run(int8_session, eval_images)
+        parity = _parity(int8_logits, fp32_logits)
+        metrics: dict[str, Any] = {
+            "clean_acc": _accuracy(int8_logits, eval_labels),
+            "robust_acc": None,
+            "fp32_clean_acc": _accuracy(fp32_logits, eval_labels),
+            "fp32_robust_acc": None,
+            "n": int(eval_labels.shape[0]),
+        }
+        parity_torch: dict[str, Any] | None = None
+        if reference_dir is not None:
+            import torch
+
+            from cstar.attacks import AttackConfig
+
+            model, _ = load_reference(reference_dir, spec)
+            with torch.no_grad():
+                torch_logits = model(torch.from_numpy(eval_images)).float().numpy()
+            parity_torch = _parity(int8_logits, torch_logits)
+            adv = craft_pgd(model, eval_images, eval_labels, eps, norm, EVAL_PGD_STEPS, seed)
+            metrics["robust_acc"] = _accuracy(_run(int8_session, adv), eval_labels)
+            metrics["fp32_robust_acc"] = _accuracy(_run(fp32_session, adv), eval_labels)
+            metrics["reference_robust_acc"] = _accuracy(model(torch.from_numpy(adv)).detach().numpy(), eval_labels)
+            metrics["attack"] = {**AttackConfig("pgd", eps, EVAL_PGD_STEPS, None, norm, True).to_dict(),
+                                 "transfer": True, "crafted_on": "pytorch-reference", "seed": seed}
+        del fp32_session, int8_session
+
+        os.replace(tmp, final)
+        placed = True
+        body: dict[str, Any] = {
+            "inputs": [file_entry(fp32_path), file_entry(from_dir / MANIFEST_NAME)]
+            + ([file_entry(reference_dir / MANIFEST_NAME)] if reference_dir is not None else []),
+            "dataset": export["dataset"],
+            "model": export.get("model"),
+            "eps": eps,
+            "norm": norm,
+            "metrics": metrics,
+        }
+        for key in ("params", "flops", "compression", "ranks", "classes", "input"):
+            if key in export:
+                body[key] = export[key]
+        body["parity"] = {**parity, "against": "fp32-onnx"}
+        if parity_torch is not None:
+            body["parity_torch"] = {**parity_torch, "against": "pytorch-reference"}
+        body["onnx"] = {
+            "file": INT8_NAME,
+            "sha256": sha256_file(final),
+            "opset": quant["opset"],
+            "input_name": quant["input_name"],
+            "output_name": quant["output_name"],
+            "dynamic_batch": quant["dynamic_batch"],
+            "quant_format": "QDQ",
+        }
+        body["precision"] = "int8"
+        body["calibration"] = {
+            "samples": int(len(calib)),
+            "method": method,
+            "split": calib.split,
+            "indices": [int(i) for i in calib.indices],
+            "adversarial_fraction": float(include_adversarial),
+            "n_adversarial": int(calib.n_adversarial),
+            "adversarial_attack": calib.attack,
+            "seed": seed,
+            "per_channel": per_channel,
+            "symmetric": True,
+            "activation_type": quant["activation_type"],
+            "weight_type": quant["weight_type"],
+            "quantize_bias": quant["quantize_bias"],
+            "eval_indices": [int(i) for i in eval_indices],
+        }
+        body["trt_preflight"] = {"ok": report.ok, "problems": report.problems, "warnings": report.warnings}
+        body["warnings"] = warnings
+        write_manifest(out, "calibrate", body)
+    except BaseException:
+        _remove_quietly(tmp)
+        if placed:
+            _remove_quietly(final)
+        if out.is_dir() and not any(out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return read_manifest(out, ("calibrate",))

@@ -1,0 +1,377 @@
+"""`cstar verify`: re-check accuracy and adversarial robustness ON the deployed runtime (torch-free).
+
+The transfer set (crafted on the PyTorch reference by `cstar attackset`) is replayed on the runtime,
+and the score-based Square attack (`cstar.square`, numpy) attacks the runtime itself, so a model
+whose robustness was lost (or only hidden, e.g. gradient masking after INT8 quantization) in
+deployment is caught. The worst case over every attack is gated against the reference.
+
+Device side: numpy, stdlib, cstar.manifest/errors/square and deploy.artifact/backends only; torch
+is imported (through deploy.attackset) only in the host convenience branch `--reference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cstar.errors import CstarError, GateFailure
+from cstar.manifest import read_manifest, verify_file
+from cstar.square import square_attack
+from deploy.report import REPORT_SCHEMA_VERSION, device_versions, hardware_info, write_report
+
+SQUARE_SAMPLES_CAP = 200
+SET_KEYS = ("x_clean", "labels", "ref_logits_clean")
+GRADIENT_MASKING_WARNING = ("black-box attack stronger than white-box transfer: possible gradient masking "
+                            "(e.g. after quantization)")
+
+
+@dataclass
+class AttackSet:
+    """A loaded, verified transfer set."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    sha256: str
+    x: np.ndarray
+    labels: np.ndarray
+    ref_clean: np.ndarray
+    adv: dict[str, np.ndarray]
+    ref_adv: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Thresholds:
+    """Gate thresholds: agreement fraction, clean and robust drops in percentage points."""
+
+    min_agreement: float = 0.98
+    max_clean_drop: float = 1.0
+    max_robust_drop: float = 2.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"min_agreement": self.min_agreement, "max_clean_drop": self.max_clean_drop,
+                "max_robust_drop": self.max_robust_drop}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cstar verify`."""
+    parser.add_argument("--artifact", required=True, help="export, calibrate or build directory")
+    parser.add_argument("--backend", default=None, help="runtime backend (default: the artifact's build backend or ort-cpu)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--set", dest="set_dir", help="attack set directory written by `cstar attackset`")
+    source.add_argument("--reference", help="host convenience: craft the set now from this train/compress directory "
+                                            "(needs torch and --data)")
+    parser.add_argument("--data", help="dataset for --reference")
+    parser.add_argument("--samples", type=int, default=500, help="set size for --reference (default 500; 0 = all)")
+    parser.add_argument("--square-queries", type=int, default=100, help="Square attack query budget (0 = skip)")
+    parser.add_argument("--square-samples", type=int, default=None,
+                        help=f"examples attacked with Square (default: the whole set, capped at {SQUARE_SAMPLES_CAP})")
+    parser.add_argument("--square-p-init", type=float, default=0.05, help="Square attack initial square fraction")
+    parser.add_argument("--seed", type=int, default=0, help="Square attack seed")
+    parser.add_argument("--max-robust-drop", type=float, default=2.0,
+                        help="max points reference PGD robust acc - runtime worst-case robust acc (default 2.0)")
+    parser.add_argument("--max-clean-drop", type=float, default=1.0, help="max clean accuracy drop in points (default 1.0)")
+    parser.add_argument("--min-agreement", type=float, default=0.98,
+                        help="min top-1 agreement with the reference on clean inputs (default 0.98)")
+    parser.add_argument("--threads", type=int, default=None, help="runtime intra-op threads (ONNX Runtime backends)")
+    parser.add_argument("--out", required=True, help="report directory (report.json, report.md, report.png)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: verify, print a summary; GateFailure (exit 1) when a check fails."""
+    set_dir = args.set_dir
+    if args.reference is not None:
+        if not args.data:
+            raise CstarError("--reference needs --data", "pass --data NAME (the reference's dataset)")
+        from deploy.attackset import run_attackset  # host only: torch
+
+        set_dir = str(Path(args.out) / "attackset")
+        run_attackset(args.reference, args.data, set_dir, samples=args.samples, seed=args.seed)
+    thresholds = Thresholds(args.min_agreement, args.max_clean_drop, args.max_robust_drop)
+    report = run_verify(args.artifact, set_dir, args.out, backend=args.backend, thresholds=thresholds,
+                        square_queries=args.square_queries, square_samples=args.square_samples,
+                        square_p_init=args.square_p_init, seed=args.seed, threads=args.threads, raise_on_fail=False)
+    print(summary_line(report))
+    if not report["passed"]:
+        raise GateFailure(f"verify on {report['backend']} failed: {', '.join(report['failed_checks'])} "
+                          f"(see {Path(args.out) / 'report.md'})",
+                          "inspect the report; recalibrate/recompress or relax the thresholds deliberately")
+    return 0
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: pass/fail and the headline runtime metrics."""
+    run = report["metrics"]["runtime"]
+    square = (run.get("square") or {}).get("robust_acc")
+    transfer = " ".join(f"{k}={v:.4f}" for k, v in run["transfer"].items())
+    sq = "-" if square is None else f"{square:.4f}"
+    return (f"verify {report['backend']}: {'PASSED' if report['passed'] else 'FAILED'} clean={run['clean_acc']:.4f} "
+            f"agreement={run['agreement']:.4f} {transfer} square={sq} worst={run['worst_case_robust_acc']:.4f}")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def load_attackset(directory: str | Path) -> AttackSet:
+    """Read an attackset directory, verifying attackset.npz against its manifest's sha256."""
+    manifest = read_manifest(directory, ("attackset",))
+    info = manifest.get("set") or {}
+    if "file" not in info or "sha256" not in info:
+        raise CstarError(f"{directory}/manifest.json has no set.file/set.sha256", "re-run cstar attackset")
+    path = verify_file(directory, info["file"], info["sha256"])
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise CstarError(f"{path} is not a readable attack set ({exc})", "re-run cstar attackset") from exc
+    missing = [key for key in SET_KEYS if key not in arrays]
+    if missing:
+        raise CstarError(f"{path} lacks arrays {missing}", "re-run cstar attackset with this version of cstar")
+    attacks = sorted(key[len("adv_"):] for key in arrays if key.startswith("adv_"))
+    return AttackSet(
+        directory=Path(directory), manifest=manifest, sha256=info["sha256"],
+        x=arrays["x_clean"].astype(np.float32, copy=False), labels=arrays["labels"].astype(np.int64, copy=False),
+        ref_clean=arrays["ref_logits_clean"],
+        adv={a: arrays[f"adv_{a}"].astype(np.float32, copy=False) for a in attacks},
+        ref_adv={a: arrays[f"ref_logits_{a}"] for a in attacks if f"ref_logits_{a}" in arrays},
+    )
+
+
+def _dataset_name(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("name")
+    return None if value is None else str(value)
+
+
+def check_compatible(artifact: Any, attack_set: AttackSet) -> list[str]:
+    """Raise on dataset/shape/class mismatches between artifact and set; return warnings (eps)."""
+    set_manifest = attack_set.manifest
+    a_name, s_name = _dataset_name(artifact.manifest.get("dataset")), _dataset_name(set_manifest.get("dataset"))
+    if a_name and s_name and a_name != s_name:
+        raise CstarError(f"the attack set is for dataset '{s_name}', the artifact for '{a_name}'",
+                         "craft the set from the reference of this artifact (cstar attackset --reference ...)")
+    shape = tuple(int(d) for d in artifact.input_shape)
+    if tuple(attack_set.x.shape[1:]) != shape:
+        raise CstarError(f"the attack set's inputs are {tuple(attack_set.x.shape[1:])}, the artifact takes {shape}",
+                         "craft the set at the artifact's input size")
+    classes = list(artifact.classes or [])
+    set_classes = list(set_manifest.get("classes") or [])
+    if classes and set_classes and classes != set_classes:
+        raise CstarError("the attack set and the artifact have different class lists",
+                         "craft the set from the reference of this artifact")
+    warnings = []
+    set_eps, art_eps = set_manifest.get("eps"), artifact.eps
+    if set_eps is not None and art_eps is not None and abs(float(set_eps) - float(art_eps)) > 1e-9:
+        warnings.append(f"the attack set uses eps={set_eps} but the artifact was trained for eps={art_eps}; "
+                        "robustness is verified at the set's eps")
+    return warnings
+
+
+def runner_options(backend: str, threads: int | None) -> dict[str, Any]:
+    """Runner options for `--threads` (only backends that take a thread count)."""
+    if threads is None:
+        return {}
+    if threads < 1:
+        raise CstarError(f"--threads must be >= 1, got {threads}", "pass a positive thread count")
+    from deploy.backends import runner_class
+
+    if "intra_op_threads" in runner_class(backend).OPTIONS:
+        return {"intra_op_threads": threads}
+    return {}
+
+
+def resolve_backend(artifact: Any, backend: str | None) -> str:
+    """The backend to run: explicit, else the artifact's build backend, else ort-cpu."""
+    if backend:
+        return backend
+    return str(artifact.backend or "ort-cpu")
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def _correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.asarray(logits).argmax(axis=1) == labels
+
+
+def _mean(mask: np.ndarray) -> float:
+    return float(mask.mean()) if mask.size else 0.0
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted class-stratified indices of `n` examples (all of them when n >= len)."""
+    if n >= labels.shape[0]:
+        return np.arange(labels.shape[0])
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = [pool[i] for i in range(max(len(p) for p in pools)) for pool in pools if i < len(pool)]
+    return np.sort(np.asarray(order[:n], dtype=np.int64))
+
+
+def _reference_metrics(attack_set: AttackSet) -> dict[str, Any]:
+    y = attack_set.labels
+    clean = _correct(attack_set.ref_clean, y)
+    transfer = {a: _correct(logits, y) for a, logits in attack_set.ref_adv.items()}
+    worst = clean.copy()
+    for mask in transfer.values():
+        worst &= mask
+    return {"clean_acc": _mean(clean), "agreement": 1.0, "max_abs_diff": 0.0,
+            "transfer": {a: _mean(m) for a, m in transfer.items()}, "square": None,
+            "worst_case_robust_acc": _mean(worst), "n": attack_set.n}
+
+
+def _square_block(runner: Any, attack_set: AttackSet, eps: float, norm: str, queries: int, samples: int | None,
+                  p_init: float, seed: int) -> tuple[dict[str, Any] | None, np.ndarray | None, np.ndarray | None]:
+    """Square on the runtime: (metrics block, subset indices, per-example robust mask) or Nones when skipped."""
+    if queries <= 0 or norm != "linf":
+        return None, None, None
+    cap = min(attack_set.n, SQUARE_SAMPLES_CAP) if samples is None else min(samples, attack_set.n)
+    if cap <= 0:
+        return None, None, None
+    subset = stratified_subset(attack_set.labels, cap, seed)
+    result = square_attack(runner.predict, attack_set.x[subset], attack_set.labels[subset], eps,
+                           n_queries=queries, p_init=p_init, seed=seed)
+    robust = ~result.success
+    block = {"queries": int(queries), "robust_acc": _mean(robust), "n": int(subset.size),
+             "mean_queries": result.mean_queries, "p_init": p_init, "seed": seed}
+    return block, subset, robust
+
+
+def _runtime_metrics(runner: Any, attack_set: AttackSet, eps: float, norm: str, square_args: dict[str, Any]
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runtime metrics and the per-example masks needed for the gate and warnings."""
+    y = attack_set.labels
+    logits = runner.predict(attack_set.x)
+    clean = _correct(logits, y)
+    transfer = {a: _correct(runner.predict(adv), y) for a, adv in attack_set.adv.items()}
+    square, subset, square_robust = _square_block(runner, attack_set, eps, norm, **square_args)
+    if subset is None:
+        subset = np.arange(attack_set.n)
+    worst = clean[subset].copy()
+    for mask in transfer.values():
+        worst &= mask[subset]
+    if square_robust is not None:
+        worst &= square_robust
+    metrics = {
+        "clean_acc": _mean(clean),
+        "agreement": _mean(logits.argmax(axis=1) == attack_set.ref_clean.argmax(axis=1)),
+        "max_abs_diff": float(np.abs(logits - attack_set.ref_clean).max()) if attack_set.n else 0.0,
+        "transfer": {a: _mean(m) for a, m in transfer.items()},
+        "square": square,
+        "worst_case_robust_acc": _mean(worst),
+        "worst_case_n": int(subset.size),
+        "n": attack_set.n,
+    }
+    return metrics, {"subset": subset, "transfer": transfer}
+
+
+def _warnings(runtime: dict[str, Any], masks: dict[str, Any]) -> list[str]:
+    square = runtime.get("square")
+    if not square or not masks["transfer"]:
+        return []
+    subset = masks["subset"]
+    weakest = min(_mean(mask[subset]) for mask in masks["transfer"].values())
+    if (weakest - square["robust_acc"]) * 100 > 1.0:
+        return [f"{GRADIENT_MASKING_WARNING}: square {100 * square['robust_acc']:.1f}% < transfer "
+                f"{100 * weakest:.1f}% on the same {subset.size} examples"]
+    return []
+
+
+def gate_checks(reference: dict[str, Any], runtime: dict[str, Any], attack_set: AttackSet, subset: np.ndarray,
+                thresholds: Thresholds) -> list[dict[str, Any]]:
+    """The three gate checks with value, threshold and result."""
+    clean_drop = 100 * (reference["clean_acc"] - runtime["clean_acc"])
+    ref_pgd = attack_set.ref_adv.get("pgd")
+    ref_robust = (_mean(_correct(ref_pgd[subset], attack_set.labels[subset])) if ref_pgd is not None
+                  else reference["worst_case_robust_acc"])
+    robust_drop = 100 * (ref_robust - runtime["worst_case_robust_acc"])
+    return [
+        {"name": "agreement", "value": runtime["agreement"], "op": ">=", "threshold": thresholds.min_agreement,
+         "passed": runtime["agreement"] >= thresholds.min_agreement},
+        {"name": "clean_drop", "value": round(clean_drop, 4), "op": "<=", "threshold": thresholds.max_clean_drop,
+         "passed": clean_drop <= thresholds.max_clean_drop + 1e-9},
+        {"name": "robust_drop", "value": round(robust_drop, 4), "op": "<=", "threshold": thresholds.max_robust_drop,
+         "passed": robust_drop <= thresholds.max_robust_drop + 1e-9, "reference_pgd_robust_acc": ref_robust,
+         "n": int(subset.size)},
+    ]
+
+
+# ------------------------------------------------------------------------------------------ run
+
+def run_verify(
+    artifact_dir: str | Path,
+    set_dir: str | Path,
+    out: str | Path,
+    backend: str | None = None,
+    thresholds: Thresholds | None = None,
+    square_queries: int = 100,
+    square_samples: int | None = None,
+    square_p_init: float = 0.05,
+    seed: int = 0,
+    threads: int | None = None,
+    raise_on_fail: bool = True,
+) -> dict[str, Any]:
+    """Verify an artifact on a runtime against a transfer set; write report.{json,md,png}.
+
+    Raises GateFailure (after writing the report) when a check fails and `raise_on_fail`.
+    """
+    from deploy.artifact import load_artifact, open_runner
+
+    started = time.perf_counter()
+    thresholds = thresholds or Thresholds()
+    if square_queries < 0 or (square_samples is not None and square_samples < 0):
+        raise CstarError("--square-queries and --square-samples must be >= 0", "pass 0 to skip the Square attack")
+    attack_set = load_attackset(set_dir)
+    artifact = load_artifact(artifact_dir)
+    warnings = check_compatible(artifact, attack_set)
+    backend = resolve_backend(artifact, backend)
+    eps = float(attack_set.manifest.get("eps", artifact.eps or 0.0))
+    norm = str(attack_set.manifest.get("norm", artifact.norm or "linf"))
+    if norm != "linf" and square_queries > 0:
+        warnings.append(f"the Square attack here is Linf only; skipped for norm '{norm}'")
+    square_args = {"queries": square_queries, "samples": square_samples, "p_init": square_p_init, "seed": seed}
+    with open_runner(artifact, backend, **runner_options(backend, threads)) as runner:
+        runtime, masks = _runtime_metrics(runner, attack_set, eps, norm, square_args)
+        runner_info = runner.describe()
+    reference = _reference_metrics(attack_set)
+    warnings += _warnings(runtime, masks)
+    checks = gate_checks(reference, runtime, attack_set, masks["subset"], thresholds)
+    failed = [c["name"] for c in checks if not c["passed"]]
+    report = _assemble(artifact, backend, attack_set, eps, norm, thresholds, checks, failed,
+                       {"reference": reference, "runtime": runtime}, warnings, runner_info, started)
+    write_report(out, report)
+    if failed and raise_on_fail:
+        raise GateFailure(f"verify on {backend} failed: {', '.join(failed)}", f"see {Path(out) / 'report.md'}")
+    return report
+
+
+def _assemble(artifact: Any, backend: str, attack_set: AttackSet, eps: float, norm: str, thresholds: Thresholds,
+              checks: list[dict[str, Any]], failed: list[str], metrics: dict[str, Any], warnings: list[str],
+              runner_info: dict[str, Any], started: float) -> dict[str, Any]:
+    model_path = Path(artifact.model_path)
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "backend": backend,
+        "artifact": {"path": str(Path(artifact.directory).resolve()), "sha256": artifact.sha256,
+                     "model": model_path.name, "stage": artifact.stage, "precision": artifact.precision},
+        "hardware": hardware_info(),
+        "versions": device_versions(),
+        "thresholds": thresholds.to_dict(),
+        "passed": not failed,
+        "failed_checks": failed,
+        "checks": checks,
+        "metrics": metrics,
+        "warnings": warnings,
+        "set": {"path": str(attack_set.directory.resolve()), "sha256": attack_set.sha256, "n": attack_set.n,
+                "attacks": attack_set.manifest.get("set", {}).get("attacks", {})},
+        "eps": eps,
+        "norm": norm,
+        "runtime_info": runner_info,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

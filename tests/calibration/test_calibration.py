@@ -1,0 +1,228 @@
+"""Calibration stage: INT8 QDQ parity on ORT CPU, symmetric zero points, TensorRT preflight, calibration sets."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration.calib_set import build_calibration_set, select_calibration_indices
+from calibration.calibrate import INT8_NAME, run_calibrate
+from calibration.quantize import quantize_int8
+from calibration.trt_check import preflight
+from cstar.data import DataBundle, to_tensors
+from cstar.errors import CstarError
+from cstar.manifest import read_manifest, sha256_file
+
+N_TEST = 360  # the whole digits test split
+
+
+@pytest.fixture(scope="module")
+def calibrated(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """minmax INT8 of the fixture model, calibrated on 256 train images, checked on all 360 test images."""
+    out = tmp_path_factory.mktemp("calibrated") / "int8"
+    manifest = run_calibrate(export_dir, out, data="digits", samples=256, parity_samples=N_TEST, verbose=False)
+    return out, manifest
+
+
+def _qdq_zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {i.name: i for i in model.graph.initializer}
+    points = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert len(node.input) == 3, f"{node.name} has no zero point"
+            init = inits[node.input[2]]
+            assert init.data_type == TensorProto.INT8, f"{node.name}: zero point type {init.data_type}"
+            points.append(numpy_helper.to_array(init))
+    return points
+
+
+def _calib_images(digits: DataBundle, n: int = 128) -> np.ndarray:
+    return to_tensors(digits.train, limit=n)[0].numpy()
+
+
+def test_int8_matches_fp32_on_ort_cpu(calibrated: tuple[Path, dict[str, Any]], digits: DataBundle) -> None:
+    out, manifest = calibrated
+    assert manifest["stage"] == "calibrate" and manifest["precision"] == "int8"
+    parity, metrics = manifest["parity"], manifest["metrics"]
+    assert parity["n"] == N_TEST
+    assert parity["agreement"] >= 0.98
+    assert abs(metrics["clean_acc"] - metrics["fp32_clean_acc"]) <= 0.01
+    assert metrics["fp32_clean_acc"] >= 0.8  # the fixture model is a real classifier
+    # the recorded numbers are reproducible from the artifact itself
+    images, labels = to_tensors(digits.test)
+    session = ort.InferenceSession(str(out / INT8_NAME), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": images.numpy()})[0]
+    assert float((logits.argmax(1) == labels.numpy()).mean()) == pytest.approx(metrics["clean_acc"], abs=1e-9)
+    # dynamic batch survives quantization
+    assert manifest["onnx"]["dynamic_batch"] is True
+    for batch in (1, 7):
+        assert session.run(None, {"input": images[:batch].numpy()})[0].shape == (batch, 10)
+    assert manifest["onnx"]["sha256"] == sha256_file(out / INT8_NAME)
+    assert manifest["onnx"]["quant_format"] == "QDQ" and manifest["onnx"]["file"] == INT8_NAME
+
+
+def test_manifest_records_calibration_and_robustness(calibrated: tuple[Path, dict[str, Any]], export_dir: Path) -> None:
+    _, manifest = calibrated
+    calib = manifest["calibration"]
+    assert calib["samples"] == 256 and len(calib["indices"]) == 256
+    assert calib["method"] == "minmax" and calib["n_adversarial"] == 0 and calib["adversarial_fraction"] == 0.0
+    metrics = manifest["metrics"]
+    assert 0.0 <= metrics["robust_acc"] <= metrics["clean_acc"]
+    assert 0.0 <= metrics["fp32_robust_acc"] <= metrics["fp32_clean_acc"]
+    assert metrics["attack"]["name"] == "pgd" and metrics["attack"]["eps"] == pytest.approx(0.2)
+    assert abs(metrics["robust_acc"] - metrics["fp32_robust_acc"]) <= 0.05
+    assert manifest["trt_preflight"]["ok"] is True and manifest["trt_preflight"]["problems"] == []
+    inputs = {Path(i["path"]).name for i in manifest["inputs"]}
+    assert {"model.onnx", "manifest.json"} <= inputs
+    export = read_manifest(export_dir)
+    assert manifest["dataset"] == export["dataset"] and manifest["input"] == export["input"]
+
+
+def test_int8_zero_points_all_zero(calibrated: tuple[Path, dict[str, Any]]) -> None:
+    model = onnx.load(str(calibrated[0] / INT8_NAME))
+    points = _qdq_zero_points(model)
+    assert len(points) >= 10
+    assert all(int(np.abs(p).max()) == 0 for p in points)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Conv" in ops and not ops & {"QLinearConv", "ConvInteger", "DynamicQuantizeLinear"}
+
+
+def test_preflight_passes_on_int8(calibrated: tuple[Path, dict[str, Any]]) -> None:
+    report = preflight(calibrated[0] / INT8_NAME)
+    assert report.ok, report.problems
+    assert report.problems == []
+    assert report.stats["qdq_nodes"] >= 10 and report.stats["per_channel_nodes"] >= 1
+
+
+def test_preflight_fails_on_asymmetric(export_dir: Path, digits: DataBundle, tmp_path: Path) -> None:
+    out = tmp_path / "asym.onnx"
+    quantize_int8(export_dir / "model.onnx", out, _calib_images(digits), symmetric=False)
+    points = np.concatenate([p.ravel() for p in _qdq_zero_points(onnx.load(str(out)))])
+    assert np.count_nonzero(points) > 0
+    report = preflight(out)
+    assert not report.ok
+    assert any("zero point" in p and "fix:" in p for p in report.problems)
+
+
+def test_preflight_fails_on_uint8_activations(export_dir: Path, digits: DataBundle, tmp_path: Path) -> None:
+    out = tmp_path / "u8.onnx"
+    quantize_int8(export_dir / "model.onnx", out, _calib_images(digits, 64), symmetric=False, activation_type="uint8")
+    report = preflight(out)
+    assert not report.ok
+    assert any("uint8" in p for p in report.problems)
+
+
+def _tiny(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_preflight_flags_dynamic_quantization() -> None:
+    weight = numpy_helper.from_array(np.ones((4, 3), dtype=np.int8), "w")
+    w_zp = numpy_helper.from_array(np.zeros((), dtype=np.int8), "w_zp")
+    scale = numpy_helper.from_array(np.full((), 0.1, dtype=np.float32), "s")
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
+        helper.make_node("MatMulInteger", ["xq", "w", "xz", "w_zp"], ["acc"], name="mmi"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Mul", ["accf", "xs"], ["t"], name="mul1"),
+        helper.make_node("Mul", ["t", "s"], ["y"], name="mul2"),
+    ]
+    model = _tiny(nodes, [weight, w_zp, scale], 17)
+    onnx.checker.check_model(model)
+    report = preflight(model)
+    assert not report.ok
+    assert any("DynamicQuantizeLinear" in p and "'dql'" in p and "QDQ" in p for p in report.problems)
+    assert any("MatMulInteger" in p and "'mmi'" in p for p in report.problems)
+
+
+def test_preflight_flags_old_opset_and_unsupported() -> None:
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["d"], name="dq"),
+             helper.make_node("MatMul", ["d", "w"], ["m"], name="mm"),
+             helper.make_node("Cast", ["m"], ["md"], to=TensorProto.DOUBLE, name="to_double"),
+             helper.make_node("Cast", ["md"], ["y"], to=TensorProto.FLOAT, name="back")]
+    inits = [numpy_helper.from_array(np.full((), 0.1, dtype=np.float32), "s"),
+             numpy_helper.from_array(np.zeros((), dtype=np.int8), "zp"),
+             numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "w")]
+    report = preflight(_tiny(nodes, inits, 11))
+    assert not report.ok
+    assert any("opset 11" in p and "13" in p for p in report.problems)
+    assert any("double" in p and "'to_double'" in p for p in report.problems)
+    custom = _tiny([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["m"]),
+                    helper.make_node("StringNormalizer", ["m"], ["y"], name="weird")], inits[2:], 17)
+    report = preflight(custom)
+    assert any("StringNormalizer" in p and "not supported" in p for p in report.problems)
+
+
+def test_calibration_indices_deterministic_stratified_train(digits: DataBundle) -> None:
+    labels = digits.labels("train")
+    first = select_calibration_indices(labels, 95, seed=0)
+    assert np.array_equal(first, select_calibration_indices(labels, 95, seed=0))
+    assert not np.array_equal(first, select_calibration_indices(labels, 95, seed=1))
+    assert len(np.unique(first)) == 95
+    counts = np.bincount(labels[first], minlength=10)
+    assert counts.max() - counts.min() <= 1
+    calib = build_calibration_set(digits.spec, 95, seed=0)
+    assert np.array_equal(calib.indices, first)
+    train_images = to_tensors(digits.train, first)[0].numpy()
+    assert np.array_equal(calib.images, train_images)  # pixels are the train split's, not the test split's
+    assert calib.images.dtype == np.float32 and calib.images.shape == (95, 1, 16, 16)
+    assert calib.n_adversarial == 0 and calib.images.min() >= 0.0 and calib.images.max() <= 1.0
+    with pytest.raises(CstarError):
+        select_calibration_indices(labels, labels.shape[0] + 1)
+
+
+def test_adversarial_calibration_set(digits: DataBundle, robust_digits_dir: Path) -> None:
+    calib = build_calibration_set(digits.spec, 40, adversarial_fraction=0.25, reference_dir=robust_digits_dir)
+    assert calib.n_adversarial == 10
+    clean = to_tensors(digits.train, calib.indices)[0].numpy()
+    changed = np.abs(calib.images - clean).reshape(40, -1).max(1)
+    assert int((changed > 0).sum()) == 10 and np.array_equal(changed > 0, calib.adversarial_mask)
+    assert float(changed.max()) <= 0.2 + 1e-6
+    with pytest.raises(CstarError):
+        build_calibration_set(digits.spec, 40, adversarial_fraction=0.5, reference_dir=None)
+
+
+def test_data_mismatch_raises(export_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CstarError) as info:
+        run_calibrate(export_dir, tmp_path / "out", data="fashion-mnist", samples=32, verbose=False)
+    assert "digits" in info.value.message and info.value.hint
+    assert not (tmp_path / "out").exists()
+
+
+def test_tampered_model_raises(export_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(CstarError, match="sha256"):
+        run_calibrate(copy, tmp_path / "out", data="digits", samples=32, verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_half_adversarial(export_dir: Path, tmp_path: Path) -> None:
+    from cstar.cli import main
+
+    out = tmp_path / "adv"
+    code = main(["calibrate", "--from", str(export_dir), "--data", "digits", "--samples", "64",
+                 "--include-adversarial", "0.5", "--method", "percentile", "--parity-samples", "120", "--out", str(out)])
+    assert code == 0
+    manifest = read_manifest(out, ("calibrate",))
+    calib = manifest["calibration"]
+    assert calib["n_adversarial"] == 32 and calib["samples"] == 64 and calib["adversarial_fraction"] == 0.5
+    assert calib["method"] == "percentile" and manifest["parity"]["n"] == 120
+    assert manifest["trt_preflight"]["ok"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", INT8_NAME]

@@ -1,0 +1,200 @@
+"""attackset -> verify (gate, report schema), Square on ONNX Runtime, predict and bench on real exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cstar.cli import main as cli_main
+from cstar.errors import CstarError
+from cstar.manifest import read_manifest
+from deploy.attackset import run_attackset
+from deploy.bench import run_bench
+from deploy.report import REPORT_SCHEMA, markdown_table, validate_report
+from deploy.verify import (
+    GRADIENT_MASKING_WARNING,
+    AttackSet,
+    Thresholds,
+    _warnings,
+    gate_checks,
+    load_attackset,
+    run_verify,
+    stratified_subset,
+)
+
+SET_KEYS = {"x_clean", "labels", "indices", "adv_pgd", "adv_fgsm", "ref_logits_clean", "ref_logits_pgd",
+            "ref_logits_fgsm"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("verify")
+
+
+@pytest.fixture(scope="module")
+def robust_export(robust_digits_dir: Path, work: Path) -> Path:
+    from export.exporter import run_export
+
+    run_export(robust_digits_dir, work / "export", parity_samples=64, progress=False)
+    return work / "export"
+
+
+@pytest.fixture(scope="module")
+def robust_build(robust_export: Path, work: Path) -> Path:
+    from deploy.build import run_build
+
+    run_build(robust_export, "ort-cpu", work / "build", batch_sizes=(1, 4, 64), threads=1)
+    return work / "build"
+
+
+@pytest.fixture(scope="module")
+def attack_set(robust_digits_dir: Path, work: Path) -> Path:
+    run_attackset(robust_digits_dir, "digits", work / "set", samples=100)
+    return work / "set"
+
+
+def test_attackset_contents(attack_set: Path, robust_digits_dir: Path) -> None:
+    manifest = read_manifest(attack_set, ("attackset",))
+    assert manifest["eps"] == 0.2 and manifest["norm"] == "linf" and manifest["set"]["n"] == 100
+    assert manifest["set"]["attacks"]["pgd"]["steps"] == 20 and manifest["set"]["attacks"]["fgsm"]["steps"] == 1
+    assert len(manifest["inputs"]) == 2 and manifest["dataset"]["name"] == "digits"
+    with np.load(attack_set / "attackset.npz") as data:
+        assert set(data.files) == SET_KEYS
+        x, adv, y = data["x_clean"], data["adv_pgd"], data["labels"]
+        assert x.shape == (100, 1, 16, 16) and x.dtype == np.float32 and y.dtype == np.int64
+        assert np.abs(adv - x).max() <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        assert np.bincount(y).min() >= 9  # stratified
+    metrics = manifest["metrics"]
+    assert metrics["clean_acc"] >= 0.8 and metrics["robust_acc"] < metrics["clean_acc"]
+    assert metrics["fgsm_robust_acc"] >= metrics["robust_acc"] - 0.05
+    with pytest.raises(CstarError, match="does not match"):
+        run_attackset(robust_digits_dir, "fashion-mnist", attack_set.parent / "bad-set", samples=10)
+
+
+def test_verify_passes_on_fp32_export(robust_export: Path, attack_set: Path, work: Path) -> None:
+    out = work / "report-fp32"
+    report = run_verify(robust_export, attack_set, out, backend="ort-cpu", square_queries=50)
+    assert report["passed"] and report["failed_checks"] == []
+    run = report["metrics"]["runtime"]
+    ref = report["metrics"]["reference"]
+    assert run["agreement"] >= 0.98 and run["max_abs_diff"] < 1e-3
+    assert abs(run["clean_acc"] - ref["clean_acc"]) <= 0.01
+    assert abs(run["transfer"]["pgd"] - ref["transfer"]["pgd"]) <= 0.02
+    assert run["square"]["queries"] == 50 and run["square"]["n"] == 100
+    assert run["worst_case_robust_acc"] <= min(run["transfer"].values()) + 1e-9
+    assert ref["square"] is None
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    validate_report(saved)
+    assert set(REPORT_SCHEMA["required"]) <= set(saved)
+    assert (out / "report.png").stat().st_size > 1000
+    text = (out / "report.md").read_text()
+    assert "| check | value | threshold | result |" in text and "worst-case robust" in text
+
+
+def test_gate_failure_exit_code_and_report(robust_build: Path, attack_set: Path, work: Path) -> None:
+    out = work / "report-fail"
+    code = cli_main(["verify", "--artifact", str(robust_build), "--set", str(attack_set), "--square-queries", "0",
+                     "--min-agreement", "1.01", "--out", str(out)])
+    assert code == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["failed_checks"] == ["agreement"]
+    assert report["backend"] == "ort-cpu" and report["metrics"]["runtime"]["square"] is None
+    validate_report(report)
+    assert "FAIL" in (out / "report.md").read_text()
+
+
+def test_verify_rejects_bad_inputs(robust_export: Path, attack_set: Path, work: Path) -> None:
+    tampered = work / "set-tampered"
+    shutil.copytree(attack_set, tampered)
+    with open(tampered / "attackset.npz", "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(CstarError, match="sha256"):
+        load_attackset(tampered)
+    with pytest.raises(CstarError, match="attackset"):
+        run_verify(robust_export, robust_export, work / "nope", thresholds=Thresholds())
+    with pytest.raises(CstarError, match="schema"):
+        validate_report({"schema_version": 1, "backend": "ort-cpu"})
+    assert markdown_table(["a", "b"], [[0.5, None]]) == "| a | b |\n| --- | --- |\n| 0.5000 | - |\n"
+
+
+def test_square_on_ort_lowers_standard_model(standard_digits_dir: Path, work: Path) -> None:
+    from cstar.data import load_dataset, stratified_indices, to_tensors
+    from cstar.square import square_attack
+    from deploy.artifact import load_artifact, open_runner
+    from export.exporter import run_export
+
+    run_export(standard_digits_dir, work / "std-export", parity_samples=32, progress=False)
+    bundle = load_dataset("digits")
+    images, labels = to_tensors(bundle.test, stratified_indices(bundle.labels("test"), 100, seed=1))
+    x, y = images.numpy(), labels.numpy()
+    with open_runner(load_artifact(work / "std-export"), "ort-cpu") as runner:
+        clean = float((runner.predict(x).argmax(axis=1) == y).mean())
+        result = square_attack(runner.predict, x, y, eps=0.2, n_queries=300, seed=0)
+        robust = float((runner.predict(result.x_adv).argmax(axis=1) == y).mean())
+    assert robust == pytest.approx(result.robust_acc)
+    assert clean >= 0.8 and clean - robust >= 0.20, (clean, robust)
+
+
+def test_predict_png_matches_pytorch(robust_digits_dir: Path, robust_export: Path, work: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from PIL import Image
+
+    from cstar.checkpoint import load_checkpoint
+    from cstar.data import load_dataset, to_tensors
+    from deploy.predict import run_predict
+
+    model, manifest = load_checkpoint(robust_digits_dir)
+    images, _ = to_tensors(load_dataset("digits").test, [3, 17])
+    paths = []
+    pixels = np.round(images.numpy()[:, 0] * 255).astype(np.uint8)
+    for i, array in enumerate(pixels):
+        paths.append(str(work / f"digit{i}.png"))
+        Image.fromarray(array, mode="L").save(paths[-1])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels[:, None].astype(np.float32) / 255)).argmax(1).tolist()
+    results = run_predict(robust_export, paths, top_k=3)
+    classes = manifest["dataset"]["classes"]
+    assert [r["top"][0]["class"] for r in results] == [classes[i] for i in expected]
+    assert all(len(r["top"]) == 3 for r in results)
+    assert cli_main(["predict", "--artifact", str(robust_export), "--json", *paths]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["class"] == classes[expected[0]]
+    with pytest.raises(CstarError, match="bogus.png"):
+        (work / "bogus.png").write_bytes(b"not an image")
+        run_predict(robust_export, [str(work / "bogus.png")])
+
+
+def test_bench_writes_results(robust_build: Path, robust_export: Path, work: Path) -> None:
+    out = work / "bench"
+    result = run_bench(robust_build, out, batch_sizes=[1, 4], iters=5, warmup=1, compare=robust_export)
+    saved = json.loads((out / "bench.json").read_text())
+    assert [r["batch_size"] for r in saved["results"]] == [1, 4]
+    assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in saved["results"])
+    assert saved["backend"] == "ort-cpu" and saved["flops"] == result["flops"] > 0
+    assert set(saved["compare"]["speedup_p50"]) == {"1", "4"} and saved["compare"]["flops_ratio"] == 1.0
+    assert saved["environment"]["cpu_count"] >= 1
+    assert "| batch | p50 ms |" in (out / "bench.md").read_text()
+
+
+def test_gate_math_and_gradient_masking_warning() -> None:
+    y = np.array([0, 1, 0, 1])
+    logits = np.eye(2)[y] * 5
+    attack_set = AttackSet(Path("."), {}, "0" * 64, np.zeros((4, 1, 2, 2), np.float32), y, logits,
+                           {"pgd": np.zeros((4, 1, 2, 2), np.float32)}, {"pgd": logits})
+    runtime = {"clean_acc": 0.75, "agreement": 0.75, "worst_case_robust_acc": 0.5, "square": {"robust_acc": 0.5}}
+    masks = {"subset": np.arange(4), "transfer": {"pgd": np.ones(4, dtype=bool)}}
+    assert _warnings(runtime, masks)[0].startswith(GRADIENT_MASKING_WARNING)
+    assert _warnings({**runtime, "square": {"robust_acc": 0.995}}, masks) == []
+    checks = {c["name"]: c for c in gate_checks({"clean_acc": 1.0}, runtime, attack_set, np.arange(4), Thresholds())}
+    assert checks["agreement"]["passed"] is False
+    assert checks["clean_drop"]["value"] == 25.0 and not checks["clean_drop"]["passed"]
+    assert checks["robust_drop"]["value"] == 50.0 and not checks["robust_drop"]["passed"]
+    relaxed = Thresholds(min_agreement=0.7, max_clean_drop=30, max_robust_drop=60)
+    assert all(c["passed"] for c in gate_checks({"clean_acc": 1.0}, runtime, attack_set, np.arange(4), relaxed))
+    subset = stratified_subset(np.repeat(np.arange(4), 10), 8)
+    assert np.bincount(np.repeat(np.arange(4), 10)[subset]).tolist() == [2, 2, 2, 2]
