@@ -85,12 +85,13 @@ def build_layer(description: dict[str, Any], name: str = "?") -> nn.Module:
             description["in"], description["out"], tuple(description["kernel"]), tuple(description["ranks"]),
             tuple(description["stride"]),
             description["padding"] if isinstance(description["padding"], str) else tuple(description["padding"]),
-            tuple(description["dilation"]), description["bias"],
+            tuple(description["dilation"]), description["bias"], init=False,
         )
     if kind == "linear":
         return nn.Linear(description["in"], description["out"], description["bias"])
     if kind == "svd":
-        return LowRankLinear(description["in"], description["out"], description["rank"], description["bias"])
+        return LowRankLinear(description["in"], description["out"], description["rank"], description["bias"],
+                             init=False)
     if kind == "bn":
         return nn.BatchNorm2d(description["features"])
     raise CstarError(

@@ -27,6 +27,7 @@ class LowRankConv2d(nn.Module):
         dilation: tuple[int, int] = (1, 1),
         bias: bool = False,
         padding_mode: str = "zeros",
+        init: bool = True,
     ) -> None:
         super().__init__()
         r_out, r_in = ranks
@@ -45,9 +46,10 @@ class LowRankConv2d(nn.Module):
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size))
         self.u_out = nn.Parameter(torch.empty(out_channels, r_out))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.orthogonal_(self.u_in)
-        nn.init.orthogonal_(self.u_out)
-        nn.init.kaiming_normal_(self.core)
+        if init:  # skipped when weights are loaded right after (checkpoints): the QR is costly on big layers
+            nn.init.orthogonal_(self.u_in)
+            nn.init.orthogonal_(self.u_out)
+            nn.init.kaiming_normal_(self.core)
 
     @classmethod
     def from_factors(
@@ -114,7 +116,7 @@ class LowRankConv2d(nn.Module):
 class LowRankLinear(nn.Module):
     """Rank-r factorized Linear: y = U (V x) + b, executed as two matrix products."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, init: bool = True) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank {rank} out of range for a {out_features}x{in_features} linear layer")
@@ -124,8 +126,9 @@ class LowRankLinear(nn.Module):
         self.v = nn.Parameter(torch.empty(rank, in_features))
         self.u = nn.Parameter(torch.empty(out_features, rank))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        nn.init.orthogonal_(self.v)
-        nn.init.orthogonal_(self.u)
+        if init:
+            nn.init.orthogonal_(self.v)
+            nn.init.orthogonal_(self.u)
 
     @classmethod
     def from_factors(cls, linear: nn.Linear, u: torch.Tensor, v: torch.Tensor) -> LowRankLinear:

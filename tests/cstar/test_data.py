@@ -26,7 +26,7 @@ def test_digits_default_is_16x16_stratified_and_deterministic(digits: DataBundle
     x1, y1 = to_tensors(digits.test)
     x2, y2 = to_tensors(again.test)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert 0.0 <= float(x1.min()) and float(x1.max()) <= 1.0
+    assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0
 
 
 def test_digits_resize_option() -> None:
