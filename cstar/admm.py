@@ -11,6 +11,10 @@ During the first `realloc_epochs` epochs the ranks are re-allocated from the spe
 At the end every constrained layer is replaced by `LowRankConv2d` / `LowRankLinear` built from the
 Tucker-2 factors of its final weight; adversarial fine-tuning of the factorized model follows (the
 caller, cstar.compress).
+
+Under torchrun every rank runs the same ADMM: the W-step is DDP training (identical weights), the
+allocation and Z/U are computed from those weights and then broadcast from rank 0, so rank maps,
+Z, U and the rho schedule are identical on every rank by construction, not by luck of determinism.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cstar import distributed as dist
 from cstar.checkpoint import set_submodule
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.ranks import Allocation, Ranks, allocate, candidate_layers, layer_budgets, uniform_allocation
@@ -56,7 +61,10 @@ class Budget:
 
 def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tensor] | None = None,
                  uniform: bool = False) -> Allocation:
-    """Global (or uniform) rank allocation for `model`, spectra taken from `weights` where given."""
+    """Global (or uniform) rank allocation for `model`, spectra taken from `weights` where given.
+
+    Distributed: rank 0's allocation is broadcast, so every rank factorizes to the same ranks.
+    """
     from cstar.ranks import model_cost
 
     layers = candidate_layers(model, budget.keep_dense)
@@ -69,8 +77,10 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
                 item.spectra = weight_spectra(weights[item.name])
     dense_total = model_cost(model, budget.input_shape, budget.by)
     if uniform:
-        return uniform_allocation(budgets, dense_total, budget.ratio, budget.by)
-    return allocate(budgets, dense_total, budget.ratio, budget.by, budget.rank_step, budget.objective)
+        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by)
+    else:
+        allocation = allocate(budgets, dense_total, budget.ratio, budget.by, budget.rank_step, budget.objective)
+    return dist.broadcast_object(allocation)
 
 
 def factorize_model(model: nn.Module, ranks: dict[str, Ranks | None], sweeps: int = 2) -> nn.Module:
@@ -124,7 +134,13 @@ class AdmmState:
         for name, module in state.layers.items():
             state.u[name] = torch.zeros_like(module.weight.detach())
         state.z_step()
+        state.broadcast()
         return state
+
+    def broadcast(self) -> None:
+        """Make Z and U rank 0's on every rank (no-op outside torchrun)."""
+        names = sorted(self.layers)
+        dist.broadcast_tensors([self.z[n] for n in names] + [self.u[n] for n in names])
 
     def penalty(self) -> torch.Tensor:
         """sum_l rho/2 ||W_l - Z_l + U_l||^2 (differentiable in W)."""
@@ -180,7 +196,7 @@ def run_admm(
     allocation = allocate_for(model, budget)
     state = AdmmState.start(model, allocation, config.rho, config.sweeps)
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(config.epochs), desc="admm", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(config.epochs), desc="admm", unit="epoch", disable=not progress or not dist.is_main(), leave=False)
     for epoch in bar:
         stats = train_one_epoch(model, state.penalty, epoch)
         if epoch < config.realloc_epochs:
@@ -190,6 +206,7 @@ def run_admm(
                                 if n not in state.ranks})
         state.z_step()
         state.u_step()
+        state.broadcast()
         record = {"epoch": epoch, "rho": state.rho, "residual": state.residual(),
                   "ranks_total": sum(sum(r) for r in state.ranks.values()), **stats}
         history.append(record)

@@ -7,6 +7,11 @@ epochs for CSTAR; the baselines fine-tune for the sum), so their comparison is f
 a compress-stage checkpoint (cstar.checkpoint.save_checkpoint) whose manifest records the source,
 the threat model, test metrics (PGD-20), the compression ratios counted on the saved model and the
 per-layer rank map. See docs/method.md for the method.
+
+Scale-out: under `torchrun --nproc_per_node N -m cstar compress ...` the ADMM W-steps and the
+fine-tuning are DDP training over DistributedSampler shards (per-rank batch `batch_size`), the rank
+allocation and Z/U are broadcast from rank 0, test metrics are sharded and summed, and rank 0
+alone writes the output directory. `--amp`, `--channels-last` and `--workers` act as in `cstar train`.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class CompressConfig:
     eval_dense: bool = True
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available, else CPU
+    amp: bool = False  # CUDA mixed precision (bf16 where supported, else fp16 + GradScaler), PGD included
+    channels_last: bool = False  # channels_last memory format on CUDA
+    workers: int = 0  # data-loader worker processes
 
     def validate(self) -> None:
         """Reject user mistakes with a hint."""
@@ -65,6 +73,8 @@ class CompressConfig:
             raise CstarError(f"compression ratio must be >= 1, got {self.ratio}", "pass e.g. --ratio 4 or --ratio 8")
         if self.admm_epochs < 0 or self.finetune_epochs < 0:
             raise CstarError("epoch counts must be >= 0", "pass --admm-epochs / --finetune-epochs >= 0")
+        if self.workers < 0:
+            raise CstarError(f"workers must be >= 0, got {self.workers}", "pass --workers 0 or more")
 
     @property
     def total_epochs(self) -> int:
@@ -96,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified test subset")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
+    parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="data-loader worker processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -106,10 +119,19 @@ def main(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
         lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, keep_first_last=not args.factorize_all,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
+        amp=args.amp, channels_last=args.channels_last, workers=args.workers,
     )
+    from cstar import distributed as dist
+
     started = time.monotonic()
-    manifest = run_compress(args.from_dir, args.out, config=config, progress=not args.quiet)
+    try:
+        manifest = run_compress(args.from_dir, args.out, config=config, progress=not args.quiet)
+        main_rank = dist.is_main()
+    finally:
+        dist.cleanup()
     metrics, ratios = manifest["metrics"], manifest["compression"]
+    if not main_rank:
+        return 0
     print(
         f"compressed ({config.method}) -> {args.out}: params x{ratios['params_ratio']:.2f}, "
         f"flops x{ratios['flops_ratio']:.2f}, clean {metrics['clean_acc']:.3f}, "
@@ -134,9 +156,11 @@ def run_compress(
     """Compress the train-stage checkpoint in `from_dir` into `out_dir`; returns the written manifest.
 
     `ratio`/`by`/`method` override the same fields of `config` (a CompressConfig or a dict of its keys).
+    Under torchrun (WORLD_SIZE > 1) it joins the process group; rank 0 alone writes `out_dir`.
     """
     import torch
 
+    from cstar import distributed as dist
     from cstar.checkpoint import load_checkpoint, save_checkpoint
     from cstar.config import config_from_dict, config_to_dict
     from cstar.data import DatasetSpec, load_dataset_from_spec
@@ -145,6 +169,7 @@ def run_compress(
     cfg = _resolve_config(config, ratio, by, method, config_from_dict)
     source = read_manifest(from_dir, ["train"])
     cfg = _inherit_recipe(cfg, source)
+    dist.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, device=str(_resolve_device(cfg.device)))
     dense, _ = load_checkpoint(from_dir, device=cfg.device)
     spec = DatasetSpec.from_dict(source["dataset"])
@@ -173,8 +198,10 @@ def run_compress(
         "ranks": details.pop("ranks"),
         **details,
     }
-    save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
-                    source["model"].get("options", {}), spec, body)
+    if dist.is_main():
+        save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
+                        source["model"].get("options", {}), spec, body)
+    dist.barrier()
     return read_manifest(out_dir, ["compress"])
 
 
@@ -231,8 +258,10 @@ def _check_ratio(ratios: dict[str, float], cfg: CompressConfig) -> None:
 
 
 def _logger(progress: bool) -> Any:
+    from cstar import distributed as dist
+
     def log(message: str) -> None:
-        if progress:
+        if progress and dist.is_main():
             print(message, file=sys.stderr, flush=True)
 
     log.enabled = progress  # type: ignore[attr-defined]
@@ -247,6 +276,7 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
     """Dispatch to the method; returns (compressed model, manifest details incl. 'ranks')."""
     import copy
 
+    from cstar import distributed as dist
     from cstar.admm import AdmmConfig, Budget, allocate_for, factorize_model, rank_map, run_admm
     from cstar.baselines import prune_to_budget, pruned_rank_map
     from cstar.ranks import first_and_last
@@ -276,6 +306,7 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
         details["pruning"] = {"fraction": pruned.fraction, "kept": {k: list(v) for k, v in pruned.kept.items()}}
         details["history"] = {}
         epochs = cfg.total_epochs
+    dist.sync_module(compressed)  # rank 0's factors everywhere (GPU SVDs need not agree bit for bit)
     log(f"{cfg.method}: factorized/pruned to {cfg.by} budget 1/{cfg.ratio:g}; fine-tuning {epochs} epochs")
     if epochs > 0:
         compressed, details["history"]["finetune"], details["finetune_best_epoch"] = trainer.finetune(compressed, epochs)
@@ -315,27 +346,45 @@ class _Trainer:
             "weight_decay": self.cfg.weight_decay, "method": self.cfg.train_method, "eps": self.eps,
             "norm": self.norm, "train_steps": self.cfg.train_steps, "eval_steps": self.cfg.eval_steps,
             "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "device": self.cfg.device,
+            "amp": self.cfg.amp, "channels_last": self.cfg.channels_last, "workers": self.cfg.workers,
         }
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
     def admm_epoch(self, epochs: int) -> Any:
-        """A W-step callable for run_admm: one adversarial epoch with the ADMM penalty as extra loss."""
-        import torch
-        from torch.utils.data import DataLoader
+        """A W-step callable for run_admm: one adversarial epoch with the ADMM penalty as extra loss.
 
-        from cstar.train import make_optimizer, train_epoch
+        Same loader (DistributedSampler shard, order a function of (seed, epoch)), DDP wrapper, AMP
+        and channels_last handling as `cstar.train.fit`; prints images/s per epoch.
+        """
+        import torch
+
+        from cstar import distributed as dist
+        from cstar.train import make_optimizer, make_scaler, resolve_device, train_epoch
 
         tcfg = self.train_config(max(epochs, 1), self.cfg.lr)
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=generator)
+        device = resolve_device(tcfg.device)
+        loader = dist.make_loader(self.train_set, self.cfg.batch_size, shuffle=True, workers=tcfg.workers,
+                                  seed=self.cfg.seed, pin_memory=device.type == "cuda")
         holder: dict[str, Any] = {}
 
         def one_epoch(model: Any, extra_loss: Any, epoch: int) -> dict[str, float]:
-            if "optimizer" not in holder:  # constant lr: the rho schedule, not the lr, drives convergence
-                holder["optimizer"] = make_optimizer(model, tcfg)
-            stats = train_epoch(model, loader, holder["optimizer"], tcfg, scheduler=None, extra_loss=extra_loss,
-                                desc=f"admm {epoch + 1}/{epochs}", progress=self.progress)
+            if holder.get("model") is not model:  # constant lr: the rho schedule, not the lr, drives convergence
+                model.to(device)
+                if tcfg.channels_last and device.type == "cuda":
+                    model.to(memory_format=torch.channels_last)
+                holder.update(model=model, wrapped=dist.wrap_model(model, device),
+                              optimizer=make_optimizer(model, tcfg), scaler=make_scaler(device, tcfg.amp))
+            dist.set_epoch(loader, epoch)
+            stats = train_epoch(holder["wrapped"], loader, holder["optimizer"], tcfg, scheduler=None,
+                                extra_loss=extra_loss, desc=f"admm {epoch + 1}/{epochs}", progress=self.progress,
+                                scaler=holder["scaler"])
+            dist.sync_module(model)  # BatchNorm running statistics: rank 0's everywhere
+            stats["loss"] = dist.mean_across_ranks(stats["loss"])
+            stats["images_per_s"] *= dist.world_size()
+            if self.progress and dist.is_main():
+                print(f"admm {epoch + 1}/{epochs}: loss {stats['loss']:.3f} ({stats['seconds']:.1f}s, "
+                      f"{stats['images_per_s']:.0f} img/s)", file=sys.stderr, flush=True)
             return _numeric(stats)
 
         return one_epoch
@@ -368,8 +417,13 @@ def _test_tensors(bundle: Any, cfg: CompressConfig) -> tuple[Any, Any]:
 
 
 def _evaluate(model: Any, images: Any, labels: Any, eps: float, norm: str, cfg: CompressConfig) -> dict[str, Any]:
-    from cstar.train import evaluate
+    """PGD test metrics; sharded over the ranks under torchrun (same numbers on every rank)."""
+    import torch
 
-    result = evaluate(model.to(cfg.device).eval(), images, labels, eps, steps=cfg.eval_steps, norm=norm)
+    from cstar.train import evaluate, isolated_rng
+
+    with isolated_rng(torch.device(cfg.device), cfg.seed):
+        result = evaluate(model.to(cfg.device).eval(), images, labels, eps, steps=cfg.eval_steps, norm=norm,
+                          shard=True)
     return {"clean_acc": float(result["clean_acc"]), "robust_acc": float(result["robust_acc"]),
             "attack": result["attack"], "n": int(result.get("n", len(labels)))}

@@ -449,9 +449,16 @@ def _load_cifar10(path: str | None, image_size: int | None, augment: bool) -> Da
 
 
 class ImageFolderDataset(Dataset):
-    """Lazily decoded `split/<class>/<image>` tree with ImageNet-style resize/crop transforms."""
+    """Lazily decoded `split/<class>/<image>` tree with ImageNet-style transforms.
+
+    Training with `augment`: RandomResizedCrop(size, scale 0.08-1) + horizontal flip. Otherwise
+    (test split, held-out validation, augment off): resize the short side to size * 256/224, then
+    center-crop size x size. Output: float32 CHW in [0, 1] (normalization is the model's).
+    """
 
     def __init__(self, split_dir: Path, classes: Sequence[str], size: int, train: bool, augment: bool) -> None:
+        from torchvision.transforms import v2 as T
+
         self.samples = [
             (path, label)
             for label, name in enumerate(classes)
@@ -464,23 +471,22 @@ class ImageFolderDataset(Dataset):
         self.size = size
         self.train = train
         self.augment = augment
+        to_float = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+        self.train_transform = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), *to_float])
+        self.test_transform = T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True), T.CenterCrop(size),
+                                         *to_float])
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
-        from torchvision.transforms import v2 as T
 
         path, label = self.samples[index]
         with Image.open(path) as image:
             rgb = image.convert("RGB")
-        if self.train and self.augment:
-            transform = T.Compose([T.RandomResizedCrop(self.size, antialias=True), T.RandomHorizontalFlip()])
-        else:
-            transform = T.Compose([T.Resize(int(round(self.size * 256 / 224)), antialias=True), T.CenterCrop(self.size)])
-        tensor = T.functional.pil_to_tensor(transform(rgb)).float() / 255.0
-        return tensor, torch.tensor(label, dtype=torch.long)
+        transform = self.train_transform if self.train and self.augment else self.test_transform
+        return transform(rgb).as_subclass(torch.Tensor), torch.tensor(label, dtype=torch.long)
 
 
 @register_dataset("imagefolder", needs_path=True)

@@ -4,15 +4,25 @@
 `cstar compress` reuses it for the ADMM W-step (`extra_loss` adds the penalty, `on_epoch_end`
 runs the Z/U updates) and for adversarial fine-tuning. It runs on CPU, on one GPU (AMP,
 channels_last) and under `torchrun` (DistributedDataParallel; see cstar/distributed.py).
+
+Crash safety: with a `state_dir`, the full training state is written atomically after every epoch
+and every `checkpoint_every` optimizer steps (rank 0 only). The sample order of an epoch is a pure
+function of (seed, epoch), so a run killed mid-epoch resumes at the next batch and ends where an
+uninterrupted run ends (bit-exact on CPU with a fixed thread count and `workers 0`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
+import json
 import math
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +39,12 @@ from cstar.errors import CstarError
 from cstar.manifest import atomic_target
 
 METHODS = ("pgd-at", "trades")
-DEFAULT_EPOCHS = {"digits": 30, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
+DEFAULT_EPOCHS = {"digits": 40, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
 STATE_NAME = "train_state.pt"
+STATE_FORMAT = 2
+# TrainConfig fields a resumed run must share with the interrupted one (others, e.g. device, may change)
+RESUME_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "method",
+               "trades_beta", "eps", "norm", "train_steps", "train_step_size", "warmup_epochs", "seed")
 
 
 @dataclass
@@ -78,6 +92,11 @@ class TrainConfig:
             raise CstarError(f"val_fraction must be in [0, 1), got {self.val_fraction}", "pass e.g. 0.1")
         if self.batch_size < 1 or self.lr <= 0:
             raise CstarError("batch size and learning rate must be positive", "check --batch-size and --lr")
+        if self.checkpoint_every < 0:
+            raise CstarError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}",
+                             "pass --checkpoint-every N (optimizer steps; 0 = only at epoch ends)")
+        if self.workers < 0:
+            raise CstarError(f"workers must be >= 0, got {self.workers}", "pass --workers 0 or more")
 
 
 @dataclass
@@ -113,20 +132,32 @@ def seed_everything(seed: int) -> None:
 
 
 def split_train_val(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Deterministic held-out split of the training set (for best-robust checkpoint selection)."""
+    """Deterministic held-out split of the training set (for best-robust checkpoint selection).
+
+    The held-out part reads an augmentation-free view of the data (ImageFolder: resize + center crop).
+    """
     n = len(dataset)  # type: ignore[arg-type]
     n_val = int(round(n * fraction))
     if n_val == 0:
         return dataset, None
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
+    return Subset(dataset, order[n_val:]), Subset(_without_augmentation(dataset), order[:n_val])
+
+
+def _without_augmentation(dataset: Dataset) -> Dataset:
+    if not getattr(dataset, "augment", False):
+        return dataset
+    view = copy.copy(dataset)
+    view.augment = False  # type: ignore[attr-defined]
+    return view
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.momentum > 0)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
@@ -145,9 +176,30 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the GPU supports it (no loss scaling needed), else float16 (with GradScaler)."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _autocast(device: torch.device, enabled: bool) -> Any:
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled and device.type == "cuda")
+    """CUDA autocast for the training step, PGD included (a no-op on CPU or when disabled)."""
+    return torch.autocast(device_type=device.type, dtype=amp_dtype(device), enabled=enabled and device.type == "cuda")
+
+
+def make_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for float16 autocast (bf16 and fp32 need none)."""
+    enabled = amp and device.type == "cuda" and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=enabled)
+
+
+def _attack_loss_scale() -> float:
+    """Constant factor for the PGD loss under float16 autocast: keeps input gradients from underflowing.
+
+    PGD only uses the gradient's sign (Linf) or direction (L2), so scaling changes nothing else.
+    """
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16:
+        return 1024.0
+    return 1.0
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -156,29 +208,49 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """PGD-AT: CE on PGD examples; TRADES: CE(clean) + beta * KL(clean || adversarial).
 
-    Examples are crafted in eval mode (BN running statistics, as at test time); the loss is then
-    computed in train mode.
+    Examples are crafted in eval mode (BN running statistics, as at test time) on the bare module
+    (no DDP gradient hooks or buffer broadcasts per PGD step); the loss is then computed in train
+    mode through `model` (the DDP wrapper when distributed). Under autocast PGD runs in reduced
+    precision too, with its loss scaled for float16.
     """
     step = cfg.train_step_size or default_step_size(cfg.eps, cfg.train_steps)
+    attacked = dist.unwrap(model)
+    scale = _attack_loss_scale()
     if cfg.method == "trades":
-        with torch.no_grad(), eval_mode(model):
-            clean_prob = F.softmax(model(x), dim=1)
+        with torch.no_grad(), eval_mode(attacked):
+            clean_prob = F.softmax(attacked(x).float(), dim=1)
 
         def kl_loss(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            return F.kl_div(F.log_softmax(logits, dim=1), clean_prob, reduction="batchmean")
+            return scale * F.kl_div(F.log_softmax(logits.float(), dim=1), clean_prob, reduction="batchmean")
 
-        x_adv = pgd(model, x, y, cfg.eps, cfg.train_steps, step, cfg.norm, random_start=True, loss_fn=kl_loss)
+        x_adv = pgd(attacked, x, y, cfg.eps, cfg.train_steps, step, cfg.norm, random_start=True, loss_fn=kl_loss)
         model.train()
         logits_clean = model(x)
         logits_adv = model(x_adv)
         robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
         return F.cross_entropy(logits_clean, y) + cfg.trades_beta * robust
-    x_adv = pgd(model, x, y, cfg.eps, cfg.train_steps, step, cfg.norm, random_start=True) if cfg.eps > 0 else x
+    if cfg.eps > 0:
+        def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return scale * F.cross_entropy(logits, target)
+
+        x_adv = pgd(attacked, x, y, cfg.eps, cfg.train_steps, step, cfg.norm, random_start=True, loss_fn=ce_loss)
+    else:
+        x_adv = x
     model.train()
     return F.cross_entropy(model(x_adv), y)
 
 
 # -------------------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: optimizer steps done, summed loss, images seen, seconds spent."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
 
 
 def train_epoch(
@@ -190,13 +262,22 @@ def train_epoch(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     desc: str = "train",
     progress: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
+    start: EpochProgress | None = None,
+    on_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
-    """One adversarial epoch; `extra_loss()` is added to every batch loss (e.g. the ADMM penalty)."""
+    """One adversarial epoch; `extra_loss()` is added to every batch loss (e.g. the ADMM penalty).
+
+    `start` continues an epoch resumed mid-way (the loader already skips its first batches);
+    `on_step(progress)` runs after every optimizer step (mid-epoch checkpoints). Returns this rank's
+    mean loss, seconds and images/s.
+    """
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    total_loss, seen, started = 0.0, 0, time.perf_counter()
+    scaler = scaler if scaler is not None else make_scaler(device, cfg.amp)
+    state = copy.copy(start) if start is not None else EpochProgress()
+    seen_before, started = state.seen, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress or not dist.is_main(), unit="batch")
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -214,11 +295,15 @@ def train_epoch(
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        total_loss += float(loss.detach()) * x.shape[0]
-        seen += x.shape[0]
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        state.step += 1
+        state.loss_sum += float(loss.detach()) * x.shape[0]
+        state.seen += x.shape[0]
+        bar.set_postfix(loss=f"{state.loss_sum / state.seen:.3f}")
+        if on_step is not None:
+            on_step(dataclasses.replace(state, seconds=state.seconds + time.perf_counter() - started))
     seconds = time.perf_counter() - started
-    return {"loss": total_loss / max(seen, 1), "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    return {"loss": state.loss_sum / max(state.seen, 1), "seconds": state.seconds + seconds,
+            "images_per_s": (state.seen - seen_before) / max(seconds, 1e-9), "steps": float(state.step)}
 
 
 def evaluate(
@@ -230,9 +315,18 @@ def evaluate(
     step_size: float | None = None,
     batch_size: int = 256,
     norm: str = "linf",
+    shard: bool = False,
 ) -> dict[str, Any]:
-    """Clean and PGD robust accuracy (fractions in [0,1]) on the given tensors."""
+    """Clean and PGD robust accuracy (fractions in [0,1]) on the given tensors (fp32, no autocast).
+
+    With `shard` under torchrun every rank attacks every W-th image and the counts are summed, so
+    all ranks return the same numbers for the whole set.
+    """
     device = next(model.parameters()).device
+    model = dist.unwrap(model)
+    n = int(images.shape[0])
+    if shard and dist.is_active():
+        images, labels = images[dist.rank() :: dist.world_size()], labels[dist.rank() :: dist.world_size()]
     clean = robust = 0
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].to(device)
@@ -242,9 +336,23 @@ def evaluate(
         x_adv = pgd(model, x, y, eps, steps, step_size, norm) if eps > 0 else x
         with torch.no_grad(), eval_mode(model):
             robust += int((model(x_adv).argmax(1) == y).sum())
-    n = int(images.shape[0])
+    if shard:
+        clean, robust = (int(round(v)) for v in dist.sum_across_ranks([clean, robust]))
     attack = AttackConfig("pgd", eps, steps, step_size, norm).to_dict()
     return {"clean_acc": clean / max(n, 1), "robust_acc": robust / max(n, 1), "n": n, "attack": attack}
+
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Run the block on its own seeded RNG stream and restore the caller's afterwards.
+
+    Evaluation inside training uses it, so its random starts neither depend on nor disturb the
+    training stream (every rank keeps the same stream; resume stays exact).
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 def _stack(dataset: Dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,34 +365,79 @@ def _stack(dataset: Dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _save_state(state_dir: Path, payload: dict[str, Any]) -> None:
+    """Atomic write of the resume state (temp file, fsync, rename): a kill never leaves half a file."""
     tmp = atomic_target(state_dir / STATE_NAME)
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(state_dir / STATE_NAME)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """Load a resume state file; a truncated, foreign or incomplete one is a clear CstarError."""
+    hint = f"delete {path} (or its run directory) and start over"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a half-written or foreign file must not be trusted
+        raise CstarError(f"corrupt resume state {path} ({type(exc).__name__}: {str(exc)[:120]})", hint) from exc
+    required = {"format", "config", "epoch", "step", "model", "optimizer", "scheduler", "rng", "history",
+                "history_keys", "best_epoch", "partial", "world_size"}
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not required <= set(state):
+        raise CstarError(f"corrupt resume state {path} (not a cstar format-{STATE_FORMAT} training state)", hint)
+    return state
+
+
 def _load_state(state_dir: Path) -> dict[str, Any] | None:
     path = state_dir / STATE_NAME
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a half-written or foreign file must not be trusted
-        raise CstarError(f"resume state {path} is unreadable ({type(exc).__name__})",
-                         f"delete {path} to start over") from exc
+    return read_state(path) if path.is_file() else None
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
+def _resume_key(cfg: TrainConfig, n_train: int) -> str:
+    """What must match between an interrupted and a resumed run (JSON, stored in the state)."""
+    values = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    return json.dumps({**values, "train_images": n_train}, sort_keys=True)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _check_resumable(state: dict[str, Any], key: str, state_dir: Path) -> None:
+    if state["config"] != key:
+        saved, now = json.loads(state["config"]), json.loads(key)
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if saved.get(k) != now.get(k))
+        raise CstarError(f"the resume state in {state_dir} was written by a different configuration ({diff})",
+                         "resume with the same arguments as the interrupted run, or delete the directory")
+    if int(state["step"]) > 0 and int(state["world_size"]) != dist.world_size():
+        raise CstarError(
+            f"the resume state in {state_dir} stopped mid-epoch with {int(state['world_size'])} processes, "
+            f"this run has {dist.world_size()}", "resume with the same --nproc_per_node as the interrupted run")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_gauss": float("nan") if py_state[2] is None else float(py_state[2]),
+    }
+    if device.type == "cuda":  # this rank's device; every rank draws the same amounts
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    has_gauss, gauss = state.get("numpy_gauss", [0, 0.0])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)),
+                         int(has_gauss), float(gauss)))
+    py_gauss = float(state.get("python_gauss", float("nan")))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if math.isnan(py_gauss) else py_gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------------------------------------- fit
@@ -303,8 +456,12 @@ def fit(
 ) -> FitResult:
     """Adversarially train `model`; return it with the weights of the best held-out robust accuracy.
 
-    With `state_dir`, the full state (weights, optimizer, scheduler, RNG, best so far) is saved
-    atomically after every epoch and a later call with the same arguments resumes from it.
+    With `state_dir`, the full state (weights, optimizer, scheduler, GradScaler, RNG, position in the
+    epoch, best so far) is saved atomically by rank 0 after every epoch and every
+    `cfg.checkpoint_every` steps; a later call with the same arguments resumes from it. Under
+    torchrun the model is DDP-wrapped, every rank trains on its shard (per-rank batch
+    `cfg.batch_size`), BatchNorm buffers are re-synchronized from rank 0 at each epoch end and
+    validation is sharded and summed, so every rank holds the same model and metrics.
     """
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -314,35 +471,62 @@ def fit(
     train_model = dist.wrap_model(model, device)
     loader = dist.make_loader(train_set, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed,
                               pin_memory=device.type == "cuda")
+    steps_per_epoch = dist.batches_per_epoch(loader)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = make_scaler(device, cfg.amp)
     val_x, val_y = _stack(val_set, cfg.val_limit) if val_set is not None else (None, None)
     result = FitResult(model)
     best_state: dict[str, torch.Tensor] | None = None
-    start_epoch = 0
+    start_epoch, start = 0, EpochProgress()
+    key = _resume_key(cfg, len(train_set))  # type: ignore[arg-type]
     resumed = _load_state(state_dir) if state_dir is not None else None
-    if resumed is not None:
+    if resumed is not None and state_dir is not None:
+        _check_resumable(resumed, key, state_dir)
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        _set_rng_state(resumed["rng"])
-        start_epoch = int(resumed["epoch"]) + 1
+        if resumed.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(resumed["scaler"])
+        _set_rng_state(resumed["rng"], device)
+        start_epoch = int(resumed["epoch"])
+        loss_sum, seen, seconds = (float(v) for v in resumed["partial"].tolist())
+        start = EpochProgress(int(resumed["step"]), loss_sum, int(seen), seconds)
         result.history = [dict(zip(resumed["history_keys"], row, strict=True)) for row in resumed["history"].tolist()]
         result.best_epoch = int(resumed["best_epoch"])
         best_state = resumed.get("best_model")
         if dist.is_main():
-            print(f"resuming from epoch {start_epoch} ({state_dir / STATE_NAME})", flush=True)
+            where = f"epoch {start_epoch + 1}, step {start.step}/{steps_per_epoch}" if start.step else \
+                f"epoch {start_epoch + 1}"
+            print(f"resuming at {where} ({state_dir / STATE_NAME})", flush=True)
+
+    def save(epoch: int, at: EpochProgress) -> None:
+        if state_dir is not None and dist.is_main():
+            _save_state(state_dir, _state_payload(model, optimizer, scheduler, scaler, device, epoch, at, result,
+                                                  best_state, key, steps_per_epoch))
+
+    def on_step(at: EpochProgress) -> None:
+        global_step = epoch * steps_per_epoch + at.step
+        if cfg.checkpoint_every > 0 and at.step < steps_per_epoch and global_step % cfg.checkpoint_every == 0:
+            save(epoch, at)
+
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        dist.set_epoch(loader, epoch)
+        resume_here = epoch == start_epoch and start.step > 0
+        dist.set_epoch(loader, epoch, skip_batches=start.step if resume_here else 0)
         stats = train_epoch(train_model, loader, optimizer, cfg, scheduler, extra_loss,
-                            desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress)
+                            desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress, scaler=scaler,
+                            start=start if resume_here else None,
+                            on_step=on_step if state_dir is not None else None)
+        dist.set_epoch(loader, epoch)  # drop a resume skip
+        dist.sync_module(model)  # BatchNorm running statistics: rank 0's everywhere
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
         row = {"epoch": float(epoch), "loss": dist.mean_across_ranks(stats["loss"]), "seconds": stats["seconds"],
                "images_per_s": stats["images_per_s"] * dist.world_size()}
         if val_x is not None and val_y is not None:
-            val = evaluate(model, val_x, val_y, cfg.eps, cfg.val_steps, None, norm=cfg.norm)
+            with isolated_rng(device, cfg.seed * 7919 + epoch):
+                val = evaluate(model, val_x, val_y, cfg.eps, cfg.val_steps, None, norm=cfg.norm, shard=True)
             row.update(val_clean=val["clean_acc"], val_robust=val["robust_acc"])
             score = val["robust_acc"] + 1e-3 * val["clean_acc"]
             best_score = -1.0 if result.best_epoch < 0 else (
@@ -355,8 +539,7 @@ def fit(
             extra = f", val clean {row['val_clean']:.3f} robust {row['val_robust']:.3f}" if "val_clean" in row else ""
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.3f}{extra} "
                   f"({row['seconds']:.1f}s, {row['images_per_s']:.0f} img/s)", flush=True)
-        if state_dir is not None and dist.is_main():
-            _save_state(state_dir, _state_payload(model, optimizer, scheduler, epoch, result, best_state))
+        save(epoch + 1, EpochProgress())
         dist.barrier()
     if best_state is not None and select_best:
         model.load_state_dict(best_state)
@@ -367,16 +550,25 @@ def fit(
     return result
 
 
-def _state_payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
-                   result: FitResult, best_state: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+def _state_payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                   device: torch.device, epoch: int, at: EpochProgress, result: FitResult,
+                   best_state: dict[str, torch.Tensor] | None, key: str, steps_per_epoch: int) -> dict[str, Any]:
+    """Everything `fit` needs to continue at (epoch, step): step 0 means the epoch has not started."""
     keys = sorted({k for row in result.history for k in row})
     history = torch.tensor([[row.get(k, float("nan")) for k in keys] for row in result.history], dtype=torch.float64)
     payload: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "config": key,
+        "epoch": epoch,
+        "step": at.step,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": dist.world_size(),
+        "partial": torch.tensor([at.loss_sum, float(at.seen), at.seconds], dtype=torch.float64),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
-        "epoch": epoch,
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(device),
         "history": history,
         "history_keys": keys,
         "best_epoch": result.best_epoch,
@@ -412,22 +604,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     parser.add_argument("--augment", action="store_true", help="random crop/flip (CIFAR, ImageFolder)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, metavar="N",
+                        help="also save the resume state every N optimizer steps (0: only at epoch ends)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out (same arguments; the state is in OUT/.state)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as the CLI arguments say and write the train-stage directory; returns its manifest."""
-    import json
+def check_run_dir(out: Path, resume: bool) -> dict[str, Any] | None:
+    """Classify `out` before training; returns the manifest of a finished run when resuming one.
 
+    Fresh or absent: None. Finished (manifest whose weights verify): error, or with --resume that
+    manifest. A manifest whose weights are missing or differ from its sha256: corrupt, never trusted.
+    Weights or a resume state without a manifest: interrupted, needs --resume (and a state).
+    """
+    from cstar.checkpoint import WEIGHTS_NAME
+    from cstar.manifest import MANIFEST_NAME, read_manifest, verify_file
+
+    state = out / ".state" / STATE_NAME
+    if (out / MANIFEST_NAME).exists():
+        delete = f"delete {out} and re-run the training"
+        try:
+            manifest = read_manifest(out, ["train"])
+            weights = manifest.get("weights")
+            if not isinstance(weights, dict) or "file" not in weights or "sha256" not in weights:
+                raise CstarError(f"{out}/{MANIFEST_NAME} names no weights file", delete)
+            verify_file(out, str(weights["file"]), str(weights["sha256"]))
+        except CstarError as exc:
+            raise CstarError(f"corrupt run directory {out}: {exc.message}", delete) from exc
+        if not resume:
+            raise CstarError(f"{out} already holds a finished run", "pick another --out, or delete it first")
+        return manifest
+    if not resume and (state.exists() or (out / WEIGHTS_NAME).exists()):
+        raise CstarError(f"{out} holds an interrupted run (no manifest.json yet)",
+                         "pass --resume to continue it, or pick another --out")
+    if resume and (out / WEIGHTS_NAME).exists() and not state.exists():
+        raise CstarError(f"{out} holds an interrupted run without a resume state ({state} is missing)",
+                         f"delete {out} and re-run the training")
+    return None
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as the CLI arguments say and write the train-stage directory; returns its manifest.
+
+    Under torchrun every rank trains; rank 0 alone writes the state, the weights and the manifest.
+    """
     from cstar.checkpoint import save_checkpoint
     from cstar.data import load_dataset, to_tensors
+    from cstar.manifest import read_manifest
     from cstar.models import build_model, default_model_for
 
     if args.epochs is not None and args.epochs < 1:
         raise CstarError(f"epochs must be >= 1, got {args.epochs}", "pass --epochs 1 or more")
     if args.eps is not None and args.eps < 0:
         raise CstarError(f"eps must be >= 0, got {args.eps}", "pass a non-negative --eps (inputs are [0,1])")
+    out: Path = args.out
+    finished = check_run_dir(out, args.resume)
+    if finished is not None:
+        if dist.is_main():
+            print(f"{out} already holds a finished run: nothing to resume", flush=True)
+        return finished
     bundle = load_dataset(args.data, image_size=args.image_size, augment=args.augment)
     spec = bundle.spec
     model_name = args.model or default_model_for(spec.name)
@@ -437,35 +673,35 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer=args.optimizer, schedule=args.schedule, method=args.method, trades_beta=args.trades_beta,
         eps=spec.default_eps if args.eps is None else args.eps, train_steps=args.train_steps,
         eval_steps=args.eval_steps, seed=args.seed, device=args.device, amp=args.amp,
-        channels_last=args.channels_last, workers=args.workers,
+        channels_last=args.channels_last, workers=args.workers, checkpoint_every=args.checkpoint_every,
     )
     cfg.validate()
-    out: Path = args.out
-    if (out / "manifest.json").exists() and not args.resume:
-        raise CstarError(f"{out} already holds a finished run", "pick another --out, or delete it first")
-    out.mkdir(parents=True, exist_ok=True)
     dist.init_from_env(cfg.device)
     seed_everything(cfg.seed)
     model = build_model(model_name, spec, **options)
     train_set, val_set = split_train_val(bundle.train, cfg.val_fraction, cfg.seed)
     state_dir = out / ".state"
-    if not args.resume and (state_dir / STATE_NAME).exists():
-        raise CstarError(f"{out} holds an interrupted run", "pass --resume to continue it, or pick another --out")
-    state_dir.mkdir(exist_ok=True)
+    if dist.is_main():
+        state_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     result = fit(model, train_set, val_set, cfg, state_dir=state_dir)
     test_x, test_y = to_tensors(bundle.test)
-    metrics = evaluate(model, test_x, test_y, cfg.eps, cfg.eval_steps, norm=cfg.norm)
-    manifest: dict[str, Any] = {}
+    with isolated_rng(resolve_device(cfg.device), cfg.seed):
+        metrics = evaluate(model, test_x, test_y, cfg.eps, cfg.eval_steps, norm=cfg.norm, shard=True)
     if dist.is_main():
         source = {"path": spec.data_arg, "sha256": None}
-        path = save_checkpoint(out, model, "train", model_name, options, spec, {
+        save_checkpoint(out, model, "train", model_name, options, spec, {
             "inputs": [source], "eps": cfg.eps, "norm": cfg.norm,
             "config": {**cfg.__dict__, "data": args.data, "model": model_name, "world_size": dist.world_size()},
             "metrics": {k: metrics[k] for k in ("clean_acc", "robust_acc", "attack", "n")},
             "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
         })
-        manifest = json.loads(path.read_text())
         (state_dir / STATE_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # leave a finished run as weights + manifest only
+            state_dir.rmdir()
+    dist.barrier()
+    manifest = read_manifest(out, ["train"])
+    if dist.is_main():
         print(f"trained {model_name} on {spec.name} (eps {cfg.eps:g}, {cfg.method}) in {result.seconds:.0f}s: "
               f"clean {metrics['clean_acc']:.3f}, PGD-{cfg.eval_steps} robust {metrics['robust_acc']:.3f}, "
               f"{manifest['params']} params -> {out}", flush=True)

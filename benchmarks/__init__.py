@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of cstar (see docs/benchmarks.md); scripts run as `python benchmarks/NAME.py`."""

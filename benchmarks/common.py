@@ -1,0 +1,252 @@
+"""Shared helpers of the benchmark scripts: machine info, result files, tables, paths, options.
+
+Every benchmark writes `benchmarks/results/NAME.json` (numbers, machine, versions) and `NAME.md`
+(the same numbers as Markdown tables); `--quick` runs write to `benchmarks/results/quick/` instead so
+they never clobber full results. Both files are written atomically (cstar.manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+WORK_DIR = REPO_ROOT / "benchmarks" / "work"
+VERSION_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "numpy")
+RESULTS_SCHEMA_VERSION = 1
+
+# The paper's headline claim that compression_table compares against (Phan et al., AAAI 2023).
+PAPER_CLAIM: dict[str, Any] = {
+    "clean_points": 20.07,
+    "robust_points": 11.91,
+    "setting": "ResNet-18 on CIFAR-10, CSTAR vs robust structured (channel) pruning",
+}
+
+
+# ------------------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "Processor", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def torch_threads() -> int | None:
+    """torch intra-op threads of this process (None when torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return int(torch.get_num_threads())
+
+
+def machine_info(runtime_threads: int | None = None) -> dict[str, Any]:
+    """CPU model, cores, torch/runtime threads and load average of this host."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(affinity(0)) if affinity else os.cpu_count(),
+        "torch_threads": torch_threads(),
+        "runtime_threads": runtime_threads,
+        "load_average": [round(v, 2) for v in load] if load else None,
+        "platform": platform.platform(),
+        "gpu": _gpu_name(),
+    }
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def versions() -> dict[str, str]:
+    """python, torch, onnx, onnxruntime (and friends) versions."""
+    from cstar.manifest import library_versions
+
+    return library_versions(VERSION_PACKAGES)
+
+
+def git_revision() -> dict[str, Any]:
+    """Commit of the working tree and whether it had local changes (best effort)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
+                              check=False).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def results_dir(quick: bool, override: str | Path | None = None) -> Path:
+    """benchmarks/results (full), benchmarks/results/quick (--quick), or an explicit directory."""
+    if override is not None:
+        return Path(override)
+    return RESULTS_DIR / "quick" if quick else RESULTS_DIR
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str, quick: bool = False,
+                  directory: str | Path | None = None) -> tuple[Path, Path]:
+    """Write NAME.json (payload + machine + versions) and NAME.md atomically; returns both paths."""
+    from cstar.manifest import atomic_write_json, atomic_write_text
+
+    out = results_dir(quick, directory)
+    payload = dict(payload)
+    full = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "benchmark": name,
+        "quick": quick,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": payload.pop("machine", None) or machine_info(),
+        "versions": versions(),
+        "git": git_revision(),
+        **payload,
+    }
+    json_path = atomic_write_json(out / f"{name}.json", full)
+    md_path = atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n\n" + machine_markdown(full))
+    return json_path, md_path
+
+
+def machine_markdown(result: dict[str, Any]) -> str:
+    """A one-paragraph description of the machine and versions a result was measured on."""
+    machine, vers = result.get("machine") or {}, result.get("versions") or {}
+    load = machine.get("load_average")
+    parts = [
+        f"Machine: {machine.get('cpu_model')}, {machine.get('cpus_available')} CPU cores available "
+        f"({machine.get('cpu_count')} online), torch threads {machine.get('torch_threads')}",
+        f"runtime intra-op threads {machine.get('runtime_threads') or 'default'}",
+        f"GPU: {machine.get('gpu') or 'none'}",
+        f"load average at start {load[0]:.2f}" if load else "load average unknown",
+    ]
+    version_text = ", ".join(f"{k} {v}" for k, v in vers.items())
+    when = f"Measured {result.get('created')}" + (" (quick mode)" if result.get("quick") else "")
+    return f"{when}. " + "; ".join(parts) + f". Versions: {version_text}.\n"
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+def fmt_cell(value: Any, digits: int = 4) -> str:
+    """Markdown cell text: None as '-', floats rounded, pipes escaped."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    """A fraction in [0,1] as a percentage string ('95.6'); None as '-'."""
+    return "-" if value is None else f"{100.0 * value:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (cells preformatted as strings, or formatted by fmt_cell)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(v if isinstance(v, str) else fmt_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- data/paths
+
+
+def data_slug(data: str) -> str:
+    """'fashion-mnist:/some/dir' -> 'fashion-mnist' (the registry name, used in file names)."""
+    return data.split(":", 1)[0]
+
+
+def work_root(data: str, quick: bool, override: str | Path | None = None) -> Path:
+    """Working directory of a dataset's runs: benchmarks/work/<data>[-quick]."""
+    if override is not None:
+        return Path(override)
+    return WORK_DIR / (f"{data_slug(data)}-quick" if quick else data_slug(data))
+
+
+def result_name(benchmark: str, data: str) -> str:
+    """File stem of a benchmark's results, e.g. compression_table_digits."""
+    return f"{benchmark}_{data_slug(data)}"
+
+
+def parse_list(text: str, kind: type = str) -> list[Any]:
+    """'4,8,16' -> [4.0, 8.0, 16.0] with kind=float; empty items dropped."""
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def ratio_label(ratio: float) -> str:
+    """8.0 -> '8', 2.5 -> '2.5'."""
+    return f"{ratio:g}"
+
+
+# ------------------------------------------------------------------------------------------- options
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every benchmark script takes."""
+    parser.add_argument("--quick", action="store_true",
+                        help="CI-sized run (tiny epochs/samples); results go to benchmarks/results/quick/")
+    parser.add_argument("--data", default="digits",
+                        help="digits (default) or fashion-mnist:/dir/with/idx/files (eps 0.1)")
+    parser.add_argument("--dense-dir", default=None,
+                        help="existing train-stage directory to reuse (default: train one in the work directory)")
+    parser.add_argument("--dense-epochs", type=int, default=None,
+                        help="epochs when training the dense model here (default: the dataset's; quick: 1)")
+    parser.add_argument("--work", default=None, help="working directory (default benchmarks/work/<data>[-quick])")
+    parser.add_argument("--results-dir", default=None,
+                        help="where NAME.json/NAME.md go (default benchmarks/results[/quick])")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch.set_num_threads (default 1: on a shared few-core host more threads oversubscribe "
+                             "and run many times slower; 0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def setup_torch(threads: int | None) -> None:
+    """Apply --torch-threads before any work (0 or None: leave torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    """`with stopwatch() as t: ...` then t['seconds'] holds the wall time."""
+    box: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - start
+
+
+def log(message: str) -> None:
+    """Progress line on stderr with a timestamp."""
+    import sys
+
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,105 @@
+"""Adversarial training: learns, resumes to the same weights, validates its config, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cstar.cli import main as cli_main
+from cstar.data import DataBundle, to_tensors
+from cstar.errors import CstarError
+from cstar.models import build_model
+from cstar.train import TrainConfig, evaluate, fit, split_train_val
+
+
+def _config(**overrides: object) -> TrainConfig:
+    values: dict = {"epochs": 3, "batch_size": 64, "lr": 3e-3, "optimizer": "adam", "eps": 0.2, "train_steps": 2,
+                    "val_steps": 3, "val_limit": 100, "device": "cpu"}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _small(bundle: DataBundle, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("small-resnet", bundle.spec, width=8)
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "trades"])
+def test_training_beats_chance_and_records_history(digits: DataBundle, method: str) -> None:
+    train, val = split_train_val(digits.train, 0.1, seed=0)
+    result = fit(_small(digits), train, val, _config(method=method), progress=False)
+    assert len(result.history) == 3 and 0 <= result.best_epoch < 3
+    x, y = to_tensors(digits.test, limit=200)
+    metrics = evaluate(result.model, x, y, eps=0.2, steps=5)
+    assert metrics["clean_acc"] >= 0.5  # 10 classes: chance is 0.1
+    assert metrics["robust_acc"] <= metrics["clean_acc"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(digits: DataBundle, tmp_path: Path) -> None:
+    train, val = split_train_val(digits.train, 0.1, seed=0)
+    cfg = _config(epochs=3, seed=1)
+    torch.manual_seed(1)
+    reference = fit(_small(digits, seed=1), train, val, cfg, progress=False, state_dir=tmp_path / "a")
+
+    class Killed(RuntimeError):
+        pass
+
+    def crash(epoch: int, model: torch.nn.Module) -> None:
+        if epoch == 1:
+            raise Killed
+
+    torch.manual_seed(1)
+    with pytest.raises(Killed):
+        fit(_small(digits, seed=1), train, val, cfg, progress=False, state_dir=tmp_path / "b", on_epoch_end=crash)
+    torch.manual_seed(123)  # a different process state: resume must restore RNG itself
+    resumed = fit(_small(digits, seed=99), train, val, cfg, progress=False, state_dir=tmp_path / "b")
+    assert resumed.best_epoch == reference.best_epoch
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize("overrides,match", [({"epochs": 0}, "epochs"), ({"eps": -1.0}, "eps"),
+                                             ({"method": "fgsm-magic"}, "method"), ({"optimizer": "lion"}, "optimizer")])
+def test_config_validation(overrides: dict, match: str) -> None:
+    with pytest.raises(CstarError, match=match):
+        _config(**overrides).validate()
+
+
+def test_cli_train_writes_manifest_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--width", "8", "--epochs", "1", "--train-steps", "1", "--eval-steps", "2",
+            "--out", str(out)]
+    assert cli_main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("schema_version", "stage", "inputs", "dataset", "model", "eps", "norm", "metrics", "params", "flops",
+                "config", "versions"):
+        assert key in manifest, key
+    assert manifest["stage"] == "train" and manifest["eps"] == pytest.approx(0.2)
+    assert set(manifest["metrics"]) >= {"clean_acc", "robust_acc", "attack"}
+    assert manifest["metrics"]["attack"]["steps"] == 2
+    assert cli_main(argv) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data", "nope"], "unknown dataset"),
+    (["--model", "nope"], "unknown model"),
+    (["--eps", "-0.1"], "eps"),
+    (["--data", "cifar10:/does/not/exist"], "/does/not/exist"),
+])
+def test_cli_train_bad_input_is_one_clear_error(argv: list[str], needle: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    code = cli_main(["train", *argv, "--epochs", "1", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_reference_run_meets_issue_targets(tmp_path: Path) -> None:
+    """The reference run (`cstar train --data digits --eps 0.2`, defaults): clean >= 0.93, PGD-20 >= 0.50."""
+    assert cli_main(["train", "--data", "digits", "--eps", "0.2", "--out", str(tmp_path / "ref")]) == 0
+    metrics = json.loads((tmp_path / "ref" / "manifest.json").read_text())["metrics"]
+    assert metrics["clean_acc"] >= 0.93 and metrics["robust_acc"] >= 0.50
