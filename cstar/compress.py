@@ -101,6 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD lr during ADMM (constant)")
     parser.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr, help="peak lr of fine-tuning")
     parser.add_argument("--rho", type=float, default=defaults.rho, help="initial ADMM penalty")
+    parser.add_argument("--rank-step", type=int, default=defaults.rank_step,
+                        help="round ranks to multiples of this (e.g. 8 for SIMD-friendly channel counts)")
     parser.add_argument("--factorize-all", action="store_true", help="also factorize the first conv and classifier")
     parser.add_argument("--eval-steps", type=int, default=defaults.eval_steps, help="PGD steps for test metrics")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified test subset")
@@ -117,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
     config = CompressConfig(
         ratio=args.ratio, by=args.by, method=args.method, admm_epochs=args.admm_epochs,
         finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
-        lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, keep_first_last=not args.factorize_all,
+        lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
+        keep_first_last=not args.factorize_all,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,
     )

@@ -28,6 +28,9 @@ SQUARE_SAMPLES_CAP = 200
 SET_KEYS = ("x_clean", "labels", "ref_logits_clean")
 GRADIENT_MASKING_WARNING = ("black-box attack stronger than white-box transfer: possible gradient masking "
                             "(e.g. after quantization)")
+SQUARE_STALLED_WARNING = ("black-box attack made little progress: quantized or flat scores can hide adversarial "
+                          "directions from score-based attacks; trust the transfer number or raise --square-queries")
+SQUARE_STALL_POINTS = 10.0
 
 
 @dataclass
@@ -253,9 +256,10 @@ def _runtime_metrics(runner: Any, attack_set: AttackSet, eps: float, norm: str, 
     square, subset, square_robust = _square_block(runner, attack_set, eps, norm, **square_args)
     if subset is None:
         subset = np.arange(attack_set.n)
-    worst = clean[subset].copy()
+    transfer_worst = clean.copy()
     for mask in transfer.values():
-        worst &= mask[subset]
+        transfer_worst &= mask
+    worst = transfer_worst[subset].copy()
     if square_robust is not None:
         worst &= square_robust
     metrics = {
@@ -266,6 +270,7 @@ def _runtime_metrics(runner: Any, attack_set: AttackSet, eps: float, norm: str, 
         "square": square,
         "worst_case_robust_acc": _mean(worst),
         "worst_case_n": int(subset.size),
+        "transfer_worst_case_robust_acc": _mean(transfer_worst),
         "n": attack_set.n,
     }
     return metrics, {"subset": subset, "transfer": transfer}
@@ -280,6 +285,9 @@ def _warnings(runtime: dict[str, Any], masks: dict[str, Any]) -> list[str]:
     if (weakest - square["robust_acc"]) * 100 > 1.0:
         return [f"{GRADIENT_MASKING_WARNING}: square {100 * square['robust_acc']:.1f}% < transfer "
                 f"{100 * weakest:.1f}% on the same {subset.size} examples"]
+    if (square["robust_acc"] - weakest) * 100 > SQUARE_STALL_POINTS:
+        return [f"{SQUARE_STALLED_WARNING}: square {100 * square['robust_acc']:.1f}% > transfer "
+                f"{100 * weakest:.1f}% on the same {subset.size} examples"]
     return []
 
 
@@ -287,18 +295,20 @@ def gate_checks(reference: dict[str, Any], runtime: dict[str, Any], attack_set: 
                 thresholds: Thresholds) -> list[dict[str, Any]]:
     """The three gate checks with value, threshold and result."""
     clean_drop = 100 * (reference["clean_acc"] - runtime["clean_acc"])
-    ref_pgd = attack_set.ref_adv.get("pgd")
-    ref_robust = (_mean(_correct(ref_pgd[subset], attack_set.labels[subset])) if ref_pgd is not None
-                  else reference["worst_case_robust_acc"])
-    robust_drop = 100 * (ref_robust - runtime["worst_case_robust_acc"])
+    # Like for like: the same transfer inputs, worst case over every white-box attack in the set, on both
+    # sides. Square has no reference counterpart (the reference side is torch-free logits), so it is
+    # reported and warned about, not gated.
+    ref_robust = reference["worst_case_robust_acc"]
+    run_robust = runtime.get("transfer_worst_case_robust_acc", runtime["worst_case_robust_acc"])
+    robust_drop = 100 * (ref_robust - run_robust)
     return [
         {"name": "agreement", "value": runtime["agreement"], "op": ">=", "threshold": thresholds.min_agreement,
          "passed": runtime["agreement"] >= thresholds.min_agreement},
         {"name": "clean_drop", "value": round(clean_drop, 4), "op": "<=", "threshold": thresholds.max_clean_drop,
          "passed": clean_drop <= thresholds.max_clean_drop + 1e-9},
         {"name": "robust_drop", "value": round(robust_drop, 4), "op": "<=", "threshold": thresholds.max_robust_drop,
-         "passed": robust_drop <= thresholds.max_robust_drop + 1e-9, "reference_pgd_robust_acc": ref_robust,
-         "n": int(subset.size)},
+         "passed": robust_drop <= thresholds.max_robust_drop + 1e-9, "reference_robust_acc": ref_robust,
+         "runtime_robust_acc": run_robust, "n": attack_set.n},
     ]
 
 

@@ -17,6 +17,7 @@ from deploy.bench import run_bench
 from deploy.report import REPORT_SCHEMA, markdown_table, validate_report
 from deploy.verify import (
     GRADIENT_MASKING_WARNING,
+    SQUARE_STALLED_WARNING,
     AttackSet,
     Thresholds,
     _warnings,
@@ -186,15 +187,19 @@ def test_gate_math_and_gradient_masking_warning() -> None:
     logits = np.eye(2)[y] * 5
     attack_set = AttackSet(Path("."), {}, "0" * 64, np.zeros((4, 1, 2, 2), np.float32), y, logits,
                            {"pgd": np.zeros((4, 1, 2, 2), np.float32)}, {"pgd": logits})
-    runtime = {"clean_acc": 0.75, "agreement": 0.75, "worst_case_robust_acc": 0.5, "square": {"robust_acc": 0.5}}
+    runtime = {"clean_acc": 0.75, "agreement": 0.75, "worst_case_robust_acc": 0.5, "square": {"robust_acc": 0.5},
+               "transfer_worst_case_robust_acc": 0.5}
+    reference = {"clean_acc": 1.0, "worst_case_robust_acc": 1.0}
     masks = {"subset": np.arange(4), "transfer": {"pgd": np.ones(4, dtype=bool)}}
     assert _warnings(runtime, masks)[0].startswith(GRADIENT_MASKING_WARNING)
     assert _warnings({**runtime, "square": {"robust_acc": 0.995}}, masks) == []
-    checks = {c["name"]: c for c in gate_checks({"clean_acc": 1.0}, runtime, attack_set, np.arange(4), Thresholds())}
+    half = {"subset": np.arange(4), "transfer": {"pgd": np.array([True, True, False, False])}}
+    assert _warnings({**runtime, "square": {"robust_acc": 0.9}}, half)[0].startswith(SQUARE_STALLED_WARNING)
+    checks = {c["name"]: c for c in gate_checks(reference, runtime, attack_set, np.arange(4), Thresholds())}
     assert checks["agreement"]["passed"] is False
     assert checks["clean_drop"]["value"] == 25.0 and not checks["clean_drop"]["passed"]
     assert checks["robust_drop"]["value"] == 50.0 and not checks["robust_drop"]["passed"]
     relaxed = Thresholds(min_agreement=0.7, max_clean_drop=30, max_robust_drop=60)
-    assert all(c["passed"] for c in gate_checks({"clean_acc": 1.0}, runtime, attack_set, np.arange(4), relaxed))
+    assert all(c["passed"] for c in gate_checks(reference, runtime, attack_set, np.arange(4), relaxed))
     subset = stratified_subset(np.repeat(np.arange(4), 10), 8)
     assert np.bincount(np.repeat(np.arange(4), 10)[subset]).tolist() == [2, 2, 2, 2]
