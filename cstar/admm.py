@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -119,7 +119,7 @@ def rank_map(model: nn.Module) -> dict[str, dict[str, Any]]:
 class AdmmState:
     """Per-layer Z (projected), U (scaled dual), ranks and the current rho."""
 
-    layers: dict[str, nn.Module]
+    layers: dict[str, nn.Conv2d | nn.Linear]  # the constrained layers (cstar.ranks.candidate_layers)
     ranks: dict[str, Ranks]
     rho: float
     sweeps: int
@@ -130,7 +130,7 @@ class AdmmState:
     def start(cls, model: nn.Module, allocation: Allocation, rho: float, sweeps: int) -> AdmmState:
         modules = dict(model.named_modules())
         ranks = {n: r for n, r in allocation.ranks.items() if r is not None}
-        state = cls({n: modules[n] for n in ranks}, ranks, rho, sweeps)
+        state = cls({n: cast("nn.Conv2d | nn.Linear", modules[n]) for n in ranks}, ranks, rho, sweeps)
         for name, module in state.layers.items():
             state.u[name] = torch.zeros_like(module.weight.detach())
         state.z_step()
@@ -216,5 +216,5 @@ def run_admm(
 
 
 def _full(module: nn.Module) -> Ranks:
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)
     return (int(weight.shape[0]), int(weight.shape[1])) if weight.ndim == 4 else (min(weight.shape),)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -108,7 +109,7 @@ def channel_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
 
 
 def group_size(model: nn.Module, group: ChannelGroup) -> int:
-    return int(model.get_submodule(group.producers[0]).weight.shape[0])
+    return int(cast(torch.Tensor, model.get_submodule(group.producers[0]).weight).shape[0])
 
 
 def prune_channels(model: nn.Module, keep: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> nn.Module:
@@ -130,6 +131,7 @@ def prune_channels(model: nn.Module, keep: dict[str, torch.Tensor], groups: list
 
 def _slice_module(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Module:
     """A smaller copy of a Conv2d/BatchNorm2d/Linear keeping the given output/input channels."""
+    new: nn.BatchNorm2d | nn.Conv2d | nn.Linear
     with torch.no_grad():
         if isinstance(module, nn.BatchNorm2d):
             assert out_idx is not None
@@ -139,14 +141,16 @@ def _slice_module(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch
                 if source is not None:
                     getattr(new, key).copy_(source[out_idx])
             if module.num_batches_tracked is not None:
+                assert new.num_batches_tracked is not None  # same track_running_stats as `module`
                 new.num_batches_tracked.copy_(module.num_batches_tracked)
             return new.to(module.weight.device)
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         if out_idx is not None:
             weight = weight[out_idx]
         if in_idx is not None:
             weight = weight[:, in_idx]
-        bias = module.bias[out_idx] if module.bias is not None and out_idx is not None else module.bias
+        module_bias = cast("torch.Tensor | None", module.bias)
+        bias = module_bias[out_idx] if module_bias is not None and out_idx is not None else module_bias
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 raise CstarError("structured pruning of grouped convolutions is not supported", "use --method cstar")

@@ -216,7 +216,7 @@ def _resolve_config(config: CompressConfig | dict[str, Any] | None, ratio: float
         cfg = from_dict(CompressConfig, config, "compress config")
     else:
         cfg = dataclasses.replace(config)
-    overrides = {k: v for k, v in (("ratio", ratio), ("by", by), ("method", method)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("ratio", ratio), ("by", by), ("method", method)) if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
     return cfg
@@ -344,7 +344,7 @@ class _Trainer:
     def train_config(self, epochs: int, lr: float) -> Any:
         from cstar.train import TrainConfig
 
-        values = {
+        values: dict[str, Any] = {
             "epochs": epochs, "batch_size": self.cfg.batch_size, "lr": lr, "optimizer": self.cfg.optimizer,
             "weight_decay": self.cfg.weight_decay, "method": self.cfg.train_method, "eps": self.eps,
             "norm": self.norm, "train_steps": self.cfg.train_steps, "eval_steps": self.cfg.eval_steps,

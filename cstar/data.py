@@ -61,7 +61,7 @@ class DatasetSpec:
     def from_dict(cls, values: dict[str, Any]) -> DatasetSpec:
         return cls(
             name=values["name"],
-            input_shape=tuple(values["input_shape"]),  # type: ignore[arg-type]
+            input_shape=tuple(values["input_shape"]),
             classes=tuple(values["classes"]),
             mean=tuple(values["mean"]),
             std=tuple(values["std"]),
@@ -386,7 +386,7 @@ def _load_image_tree(split_dir: Path, classes: Sequence[str], size: int | None) 
         with Image.open(path) as image:
             rgb = image.convert("RGB")
             if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             arrays.append(np.asarray(rgb, dtype=np.uint8))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:

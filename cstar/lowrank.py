@@ -83,7 +83,7 @@ class LowRankConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r_out, r_in = self.ranks
         out = F.conv2d(x, self.u_in.view(r_in, self.in_channels, 1, 1))
-        out = F.conv2d(out, self.core, None, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
+        out = F.conv2d(out, self.core, None, self.stride, self.padding, self.dilation)
         return F.conv2d(out, self.u_out.view(self.out_channels, r_out, 1, 1), self.bias)
 
     def dense_weight(self) -> torch.Tensor:
@@ -154,7 +154,7 @@ class LowRankLinear(nn.Module):
             first.weight.copy_(self.v)
             second.weight.copy_(self.u)
             if self.bias is not None:
-                second.bias.copy_(self.bias)  # type: ignore[union-attr]
+                second.bias.copy_(self.bias)
         return nn.Sequential(first, second).to(self.u.device)
 
     def extra_repr(self) -> str:

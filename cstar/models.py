@@ -20,6 +20,9 @@ from cstar.errors import CstarError
 class Normalize(nn.Module):
     """(x - mean) / std per channel, as buffers so they travel with the weights and into ONNX."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
@@ -75,6 +78,8 @@ class PreActBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stem, no max-pool, stages of `blocks`, global average pool, linear head."""
+
+    bn1_final: nn.Module  # set by _cifar_resnet for the pre-activation variant
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -159,7 +160,7 @@ def layer_budgets(
     budgets = []
     for name, module in layers:
         linear = isinstance(module, nn.Linear)
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         kernel = 1 if linear else int(weight.shape[2] * weight.shape[3])
         pin, pout = positions.get(name, (1, 1))
         budgets.append(LayerBudget(name, int(weight.shape[0]), int(weight.shape[1]), kernel, linear,
@@ -177,8 +178,10 @@ def _moves(
 ) -> list[tuple[Ranks | None, float, int]]:
     """Candidate moves from `ranks`: (new ranks or None=dense, objective gain, cost delta)."""
     current_cost, current = layer.cost(ranks, by), layer.score(ranks, objective)
-    dense = (None, layer.score(None, objective) - current, layer.dense_cost(by) - current_cost)
-    moves = []
+    dense: tuple[Ranks | None, float, int] = (
+        None, layer.score(None, objective) - current, layer.dense_cost(by) - current_cost
+    )
+    moves: list[tuple[Ranks | None, float, int]] = []
     for mode, full in enumerate(layer.full_ranks):
         if ranks[mode] >= full:
             continue

@@ -105,7 +105,9 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    # numpy's stub also matches **kwds against `allow_pickle: bool`; every value here is an array.
+    named: dict[str, Any] = arrays
+    np.savez_compressed(buffer, **named)
     atomic_write_bytes(path, buffer.getvalue())
 
 

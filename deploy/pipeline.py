@@ -123,7 +123,7 @@ def load_config(path: str | Path | None) -> PipelineConfig:
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise CstarError(f"unknown section(s) {unknown} in {source}", f"valid sections: {', '.join(_SECTIONS)}")
-    sections = {name: config_from_dict(cls, raw.get(name, {}), f"[{name}] of {source}") for name, cls in _SECTIONS.items()}
+    sections: dict[str, Any] = {name: config_from_dict(cls, raw.get(name, {}), f"[{name}] of {source}") for name, cls in _SECTIONS.items()}
     return PipelineConfig(**sections)
 
 
