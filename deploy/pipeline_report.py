@@ -100,6 +100,7 @@ def _artifact_rows(run_dir: Path, batch_sizes: list[int]) -> list[dict[str, Any]
             "worst_case": runtime.get("worst_case_robust_acc"),
             "passed": None if report is None else report.get("passed"),
             "failed_checks": [] if report is None else report.get("failed_checks", []),
+            "warnings": [] if report is None else list(report.get("warnings", [])),
         }
         for batch in batch_sizes:
             row[f"p50_b{batch}"] = _bench_p50(bench, batch)
@@ -199,6 +200,8 @@ def _tables(summary: PipelineSummary, batch_sizes: list[int]) -> list[tuple[str,
         for a in summary.artifacts
     ]
     rank_rows = [[name, str(v.get("kind")), str(v.get("ranks")), str(v.get("shape"))] for name, v in summary.ranks.items()]
+    warning_rows = [[f"{a['artifact']} @{a['backend']}", w] for a in summary.artifacts for w in a.get("warnings", [])]
+    warnings = [("Warnings from verification", ["artifact", "warning"], warning_rows)] if warning_rows else []
     return [
         ("Stages", ["stage", "what", "status", "seconds", "note"], stage_rows),
         ("Models (PyTorch, test split; robust = PGD-20 at the training eps)",
@@ -206,6 +209,7 @@ def _tables(summary: PipelineSummary, batch_sizes: list[int]) -> list[tuple[str,
         ("Deployed artifacts, re-checked on the runtime",
          ["artifact", "backend", "clean %", "agreement", "transfer robust %", "Square robust %", "worst case %",
           *[f"p50 ms (b{b})" for b in batch_sizes], "gate"], artifact_rows),
+        *warnings,
         ("Ranks per layer", ["layer", "kind", "ranks", "shape"], rank_rows),
     ]
 

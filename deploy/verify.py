@@ -28,8 +28,8 @@ SQUARE_SAMPLES_CAP = 200
 SET_KEYS = ("x_clean", "labels", "ref_logits_clean")
 GRADIENT_MASKING_WARNING = ("black-box attack stronger than white-box transfer: possible gradient masking "
                             "(e.g. after quantization)")
-SQUARE_STALLED_WARNING = ("black-box attack made little progress: quantized or flat scores can hide adversarial "
-                          "directions from score-based attacks; trust the transfer number or raise --square-queries")
+SQUARE_STALLED_WARNING = ("black-box attack made little progress: its query budget was too small, or quantized/flat "
+                          "scores hide adversarial directions from it; trust the transfer number or raise --square-queries")
 SQUARE_STALL_POINTS = 10.0
 
 
