@@ -39,7 +39,7 @@ from cstar.errors import CstarError
 from cstar.manifest import atomic_target
 
 METHODS = ("pgd-at", "trades")
-DEFAULT_EPOCHS = {"digits": 40, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
+DEFAULT_EPOCHS = {"digits": 60, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
 STATE_NAME = "train_state.pt"
 STATE_FORMAT = 2
 # TrainConfig fields a resumed run must share with the interrupted one (others, e.g. device, may change)
