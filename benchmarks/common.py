@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deploy.report import cpu_model  # torch-free; one definition for bench, verify and benchmarks
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 WORK_DIR = REPO_ROOT / "benchmarks" / "work"
@@ -33,19 +35,6 @@ PAPER_CLAIM: dict[str, Any] = {
 
 
 # ------------------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo, else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Hardware", "Processor", "cpu model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def torch_threads() -> int | None:
