@@ -13,7 +13,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -239,3 +239,15 @@ def log(message: str) -> None:
     import sys
 
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_cli(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+            run: Callable[[argparse.Namespace], Any],
+            resolve: Callable[[argparse.Namespace], argparse.Namespace] | None = None,
+            argv: list[str] | None = None) -> int:
+    """The shared `main` of a benchmark script: parse, resolve defaults, run."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    run(resolve(args) if resolve is not None else args)
+    return 0

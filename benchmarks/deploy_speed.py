@@ -41,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     parse_list,
     pct,
     result_name,
+    run_cli,
     setup_torch,
     stopwatch,
     work_root,
@@ -291,10 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    run(resolve_defaults(parser.parse_args(argv)))
-    return 0
+    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch import nn
 from cstar.checkpoint import set_submodule
 from cstar.errors import CstarError
 from cstar.models import VGG, BasicBlock, CifarResNet
-from cstar.ranks import model_cost
+from cstar.ranks import largest_fraction_within, model_cost
 
 
 @dataclass
@@ -199,13 +199,7 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
             f"pruning cannot reach a {by} ratio of {ratio:g}: one channel per group gives at most {dense / smallest:.2f}x",
             "pass a smaller --ratio or use --method cstar",
         )
-    low, high = 0.0, 1.0
-    for _ in range(20):
-        mid = (low + high) / 2
-        if cost(mid)[0] <= target:
-            low = mid
-        else:
-            high = mid
+    low = largest_fraction_within(lambda fraction: cost(fraction)[0], target, iterations=20)
     _, pruned = cost(low)
     keep = keep_indices(model, groups, low)
     kept = {g.name: (int(keep[g.name].numel()), group_size(model, g)) for g in groups}

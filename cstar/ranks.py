@@ -18,6 +18,7 @@ paper allocates ranks globally; see docs/method.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -270,13 +271,19 @@ def uniform_allocation(
             f"a {by} ratio of {ratio:g} is not reachable with uniform ranks (best {dense_total / used:.2f}x)",
             "pass a smaller --ratio",
         )
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        if at(mid)[1] <= target:
-            low = mid
-        else:
-            high = mid
+    low = largest_fraction_within(lambda fraction: at(fraction)[1], target, iterations=40)
     state, used = at(low)
     energy = {n: (1.0 if r is None else next(x for x in layers if x.name == n).energy(r)) for n, r in state.items()}
     return Allocation(state, by, target, int(used), dense_total, energy)
+
+
+def largest_fraction_within(cost: Callable[[float], float], target: float, iterations: int) -> float:
+    """Largest keep-fraction in [0, 1] whose cost stays within `target` (bisection; cost grows with it)."""
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if cost(mid) <= target:
+            low = mid
+        else:
+            high = mid
+    return low
