@@ -74,8 +74,9 @@ def _run_or_reuse(directory: Path, what: str, run: Callable[[], object]) -> Stag
 # -------------------------------------------------------------------------------------------- stages
 
 
-def ensure_dense(data: str, out: Path, epochs: int | None, eps: float | None = None, seed: int = 0) -> StageRun:
-    """`cstar train --data DATA --out OUT` (PGD-AT) unless OUT is finished."""
+def ensure_dense(data: str, out: Path, epochs: int | None, eps: float | None = None, seed: int = 0,
+                 extra: list[str] | None = None) -> StageRun:
+    """`cstar train --data DATA --out OUT [EXTRA...]` (PGD-AT) unless OUT is finished."""
     from cstar import train
 
     def run() -> None:
@@ -86,6 +87,7 @@ def ensure_dense(data: str, out: Path, epochs: int | None, eps: float | None = N
             argv += ["--epochs", str(epochs)]
         if eps is not None:
             argv += ["--eps", str(eps)]
+        argv += extra or []
         log_path = out.with_name(out.name + ".log")
         log(f"training progress goes to {log_path}")
         out.parent.mkdir(parents=True, exist_ok=True)

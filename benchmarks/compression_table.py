@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--square-samples", type=int, default=None,
                         help="stratified test images attacked with Square (default 200; quick 50)")
     parser.add_argument("--square-p-init", type=float, default=0.05, help="Square initial square fraction")
+    parser.add_argument("--device", default="auto", help="compress device: auto, cpu, cuda")
+    parser.add_argument("--amp", action="store_true", help="compress with CUDA mixed precision")
+    parser.add_argument("--channels-last", action="store_true", help="compress with channels_last on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="compress training batch (default compress's)")
+    parser.add_argument("--workers", type=int, default=0, help="compress data-loader workers")
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -73,7 +78,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def compress_config(args: argparse.Namespace) -> dict[str, Any]:
     """The CompressConfig overrides every method shares."""
     config: dict[str, Any] = {"by": args.by, "eval_steps": args.eval_steps, "eval_limit": args.eval_limit,
-                              "eval_dense": False, "seed": args.seed}
+                              "eval_dense": False, "seed": args.seed, "device": args.device, "amp": args.amp,
+                              "channels_last": args.channels_last, "workers": args.workers}
+    if args.batch_size is not None:
+        config["batch_size"] = args.batch_size
     if args.admm_epochs is not None:
         config["admm_epochs"] = args.admm_epochs
     if args.finetune_epochs is not None:
@@ -94,6 +102,13 @@ def test_subset(spec_dict: dict[str, Any], limit: int | None, seed: int) -> tupl
     return to_tensors(bundle.test, stratified_indices(bundle.labels("test"), limit, seed))
 
 
+def eval_device(args: argparse.Namespace) -> Any:
+    """Where the benchmark's own evaluations run: --device resolved (auto = CUDA when present)."""
+    from cstar.train import resolve_device
+
+    return resolve_device(args.device)
+
+
 def dense_metrics(dense: StageRun, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     """Clean/PGD metrics of the dense model on compress's test set (manifest's when it matches)."""
     manifest = dense.manifest
@@ -108,7 +123,7 @@ def dense_metrics(dense: StageRun, args: argparse.Namespace, cache: Path) -> dic
     from cstar.manifest import atomic_write_json
     from cstar.train import evaluate
 
-    model, _ = load_checkpoint(dense.directory)
+    model, _ = load_checkpoint(dense.directory, eval_device(args))
     result = evaluate(model, images, labels, float(manifest.get("eps", 0.0)), steps=args.eval_steps,
                       norm=str(manifest.get("norm", "linf")))
     result = {**{k: result[k] for k in ("clean_acc", "robust_acc", "attack", "n")}, "source": "evaluated here"}
@@ -135,7 +150,7 @@ def square_metrics(model_dir: Path, manifest: dict[str, Any], args: argparse.Nam
     from cstar.square import square_attack
 
     images, labels = test_subset(manifest["dataset"], args.square_samples, args.seed)
-    model, _ = load_checkpoint(model_dir)
+    model, _ = load_checkpoint(model_dir, eval_device(args))
     with stopwatch() as t:
         result = square_attack(torch_predict_fn(model), images.numpy(), labels.numpy(), float(manifest["eps"]),
                                n_queries=args.square_queries, p_init=args.square_p_init, seed=args.seed)
@@ -264,6 +279,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
+
+
+def main_namespace(argv: list[str]) -> dict[str, Any]:
+    """Parse `argv` like the command line and run; returns the payload (for driver scripts)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(resolve_defaults(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,8 @@ class CompressConfig:
             raise CstarError(f"compression ratio must be >= 1, got {self.ratio}", "pass e.g. --ratio 4 or --ratio 8")
         if self.admm_epochs < 0 or self.finetune_epochs < 0:
             raise CstarError("epoch counts must be >= 0", "pass --admm-epochs / --finetune-epochs >= 0")
+        if self.batch_size < 1:
+            raise CstarError(f"batch size must be >= 1, got {self.batch_size}", "pass e.g. --batch-size 64")
         if self.workers < 0:
             raise CstarError(f"workers must be >= 0, got {self.workers}", "pass --workers 0 or more")
 
@@ -98,6 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-method", choices=("pgd-at", "trades"), default=None,
                         help="adversarial training loss (default: the source model's)")
     parser.add_argument("--train-steps", type=int, default=None, help="PGD steps while training (default: the source's)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="training batch size (per process under torchrun)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD lr during ADMM (constant)")
     parser.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr, help="peak lr of fine-tuning")
     parser.add_argument("--rho", type=float, default=defaults.rho, help="initial ADMM penalty")
@@ -119,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     config = CompressConfig(
         ratio=args.ratio, by=args.by, method=args.method, admm_epochs=args.admm_epochs,
         finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
-        lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
+        batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
         keep_first_last=not args.factorize_all,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,

@@ -7,6 +7,7 @@ record so later stages can rebuild the same view of the data.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 from collections.abc import Callable, Sequence
@@ -369,7 +370,19 @@ def _find_split_root(root: Path, markers: Sequence[str]) -> Path | None:
 
 
 def _load_image_tree(split_dir: Path, classes: Sequence[str], size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode every image of `split_dir/<class>/*` into one uint8 NCHW tensor (RGB)."""
+    """Decode every image of `split_dir/<class>/*` into one uint8 NCHW tensor (RGB).
+
+    Cached per (folder, its modification time, classes, size) for this process: a benchmark that
+    loads the same tree for training, compression and every evaluation decodes it once. Callers
+    never modify the returned tensors.
+    """
+    return _load_image_tree_cached(str(split_dir.resolve()), split_dir.stat().st_mtime_ns, tuple(classes), size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_image_tree_cached(split_dir_name: str, _mtime_ns: int, classes: tuple[str, ...],
+                            size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    split_dir = Path(split_dir_name)
     from PIL import Image
     from tqdm import tqdm
 

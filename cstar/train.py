@@ -120,6 +120,8 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CstarError("CUDA was requested but torch sees no GPU", "pass --device cpu")
+        # fixed input shapes throughout a run: let cuDNN pick the fastest kernels once
+        torch.backends.cudnn.benchmark = True
         if name == "cuda":
             return torch.device("cuda", dist.local_rank())
     return torch.device(name)

@@ -48,3 +48,40 @@ def test_run_all_quick(tmp_path: Path) -> None:
             assert isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"{name}{where} = {value!r}"
     run_all = json.loads((results / "run_all_digits.json").read_text())
     assert [r["script"] for r in run_all["runs"]] == list(BENCHMARKS)
+
+
+def test_cifar10_gpu_plan_fits_the_budget() -> None:
+    """The planned epochs, at the planned cost per epoch, stay inside the budget's training shares."""
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import cifar10_gpu
+
+    args = argparse.Namespace(budget_seconds=360.0, dense_epochs=None, compress_epochs=None)
+    plan = cifar10_gpu.plan_epochs({"epoch_seconds": 5.9}, args, n_methods=3, n_ratios=1)
+    epoch = plan["estimated_epoch_seconds"]
+    assert plan["dense_epochs"] * epoch <= cifar10_gpu.DENSE_SHARE * 360 + 1e-9
+    compress = 3 * (plan["admm_epochs"] + plan["finetune_epochs"]) * epoch * cifar10_gpu.COMPRESS_SLOWDOWN
+    assert compress <= cifar10_gpu.COMPRESS_SHARE * 360 + 1e-9
+    assert plan["admm_epochs"] >= 1 and plan["finetune_epochs"] >= 1
+
+
+def test_cifar10_image_tree_is_decoded_once(tmp_path: Path) -> None:
+    """A benchmark loads the same JPEG tree many times: the decoded tensors are cached per process."""
+    import numpy as np
+    from PIL import Image
+
+    from cstar.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("test", 2)):
+        for label in range(10):
+            folder = tmp_path / "cifar" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    first = load_dataset(f"cifar10:{tmp_path / 'cifar'}")
+    second = load_dataset(f"cifar10:{tmp_path / 'cifar'}")
+    assert len(first.train) == 30 and len(first.test) == 20
+    assert first.train.images.data_ptr() == second.train.images.data_ptr()  # type: ignore[attr-defined]
+    assert int(first.test.labels.sum()) == 2 * sum(range(10))  # type: ignore[attr-defined]

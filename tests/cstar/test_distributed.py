@@ -277,3 +277,26 @@ def test_torchvision_resnet18_compresses_through_the_same_path(tmp_path: Path) -
 if __name__ == "__main__":  # torchrun worker: python -m torch.distributed.run ... test_distributed.py OUT
     torch.set_num_threads(1)
     _worker(Path(sys.argv[1]))
+
+
+@requires_cuda
+def test_gpu_forward_matches_cpu_and_amp_pgd_stays_in_ball(digits: Any) -> None:
+    """CUDA numerics: fp32 logits equal the CPU's (1e-4) and bf16/fp16 PGD keeps inside the eps-ball and [0,1]."""
+    from cstar.attacks import pgd
+    from cstar.lowrank import LowRankConv2d
+    from cstar.models import build_model
+    from cstar.train import _autocast
+
+    torch.manual_seed(0)
+    model = build_model("small-resnet", digits.spec, width=8).eval()
+    model.net.layer2[0].conv2 = LowRankConv2d(16, 16, (3, 3), (4, 4), padding=(1, 1))  # a factorized layer too
+    x = torch.rand(32, *digits.spec.input_shape)
+    y = torch.randint(0, digits.spec.num_classes, (32,))
+    cpu_logits = model(x)
+    gpu_model = model.cuda()
+    gpu_logits = gpu_model(x.cuda()).cpu()
+    assert torch.allclose(cpu_logits, gpu_logits, atol=1e-4, rtol=1e-4)
+    with _autocast(torch.device("cuda"), True):
+        x_adv = pgd(gpu_model, x.cuda(), y.cuda(), 0.2, 5, 0.1, "linf", random_start=True)
+    delta = (x_adv.float().cpu() - x).abs().max()
+    assert float(delta) <= 0.2 + 1e-6 and float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
