@@ -31,8 +31,23 @@ from benchmarks import compression_table  # noqa: E402
 from benchmarks.artifacts import ensure_dense, read_json  # noqa: E402
 from benchmarks.common import log, machine_info, markdown_table, run_cli, stopwatch, write_results  # noqa: E402
 
-BENCHMARK = "cifar10_gpu"
-EPS = 8 / 255
+# Per dataset: eps (Linf, [0,1] pixels), model and width, whether to crop/flip, how results name it.
+DATASETS: dict[str, dict[str, Any]] = {
+    "cifar10": {"eps": 8 / 255, "eps_text": "8/255", "model": "resnet18", "width": 64, "augment": True,
+                "label": "CIFAR-10 (JPEG copy)"},
+    "fashion-mnist": {"eps": 0.1, "eps_text": "0.1", "model": "small-resnet", "width": 16, "augment": False,
+                      "label": "Fashion-MNIST (full 60k/10k)"},
+}
+
+
+def setting(args: argparse.Namespace) -> dict[str, Any]:
+    """The DATASETS entry of --dataset."""
+    return DATASETS[args.dataset]
+
+
+def benchmark_name(args: argparse.Namespace) -> str:
+    """Result file stem: cifar10_gpu or fashion-mnist_gpu."""
+    return f"{args.dataset}_gpu"
 # Shares of the budget (after the probe): dense training, all compress runs together; the rest
 # goes to evaluation (PGD-20 and Square on every model) and start-up.
 DENSE_SHARE, COMPRESS_SHARE = 0.40, 0.45
@@ -44,13 +59,14 @@ COMPRESS_SLOWDOWN = 2.2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    parser.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz, or a CIFAR-10 directory")
+    parser.add_argument("--data", required=True, help="cifar10-jpeg.tar.gz, or the dataset's directory")
+    parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), help="which dataset --data holds")
     parser.add_argument("--work", default="/tmp/cstar-cifar10-gpu", help="working directory")
     parser.add_argument("--results-dir", default=None, help="where the result files go (default benchmarks/results)")
     parser.add_argument("--budget-seconds", type=float, default=420.0, help="wall budget of training + evaluation")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--model", default=None, help="default: resnet18 (cifar10), small-resnet (fashion-mnist)")
+    parser.add_argument("--width", type=int, default=None, help="default: 64 (cifar10), 16 (fashion-mnist)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.1, help="dense peak lr (cosine)")
     parser.add_argument("--train-steps", type=int, default=5, help="PGD steps while training")
@@ -105,7 +121,7 @@ def probe_epoch_seconds(data_arg: str, args: argparse.Namespace) -> dict[str, An
 
     bundle = load_dataset(data_arg)
     device = resolve_device(args.device)
-    cfg = TrainConfig(eps=EPS, batch_size=args.batch_size, lr=args.lr, train_steps=args.train_steps,
+    cfg = TrainConfig(eps=setting(args)["eps"], batch_size=args.batch_size, lr=args.lr, train_steps=args.train_steps,
                       amp=device.type == "cuda", channels_last=device.type == "cuda")
     model = build_model(args.model, bundle.spec, width=args.width).to(device)
     if cfg.channels_last:
@@ -163,8 +179,10 @@ def plan_epochs(probe: dict[str, Any], args: argparse.Namespace, n_methods: int,
 def dense_argv(args: argparse.Namespace, cuda: bool) -> list[str]:
     """`cstar train` options of the dense run (besides data, out, epochs, eps, seed)."""
     argv = ["--model", args.model, "--width", str(args.width), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--train-steps", str(args.train_steps), "--augment",
+            "--lr", str(args.lr), "--train-steps", str(args.train_steps),
             "--workers", str(args.workers), "--device", args.device]
+    if setting(args)["augment"]:
+        argv.append("--augment")
     if cuda:
         argv += ["--amp", "--channels-last"]
     if args.quick:
@@ -237,12 +255,13 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                "cpu_count": args.gpu_machine_cpus, "torch_threads": "default",
                "note": "runs made on the GPU machine; files assembled here with --collect"}
     payload = {"machine": machine, "versions": dense.manifest.get("versions"), "gpu": args.gpu_name,
-               "torch": (dense.manifest.get("versions") or {}).get("torch"), "data": "CIFAR-10 (JPEG copy)",
-               "eps": EPS, "model": dense.manifest.get("model", {}).get("name", args.model), "probe": None,
+               "torch": (dense.manifest.get("versions") or {}).get("torch"), "data": setting(args)["label"],
+               "eps": setting(args)["eps"], "dataset": args.dataset,
+               "model": dense.manifest.get("model", {}).get("name", args.model), "probe": None,
                "plan": plan, "budget_seconds": args.budget_seconds, "dense_seconds": dense.seconds,
                "eval": {"pgd_limit": rows[0]["n"], "square_samples": square["n"], "square_queries": square["queries"]},
                "epoch_seconds": epoch_times(dense.directory, table), **table}
-    paths = write_results(BENCHMARK, payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir)
     log(f"wrote {paths[0]} and {paths[1]}" + (f"; missing rows: {', '.join(missing)}" if missing else ""))
     return payload
 
@@ -253,6 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from cstar.train import resolve_device
 
+    args.model = args.model or setting(args)["model"]
+    args.width = args.width or setting(args)["width"]
     if args.collect:
         return collect(args)
     if args.quick:
@@ -263,20 +284,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     with stopwatch() as total:
-        data_arg = f"cifar10:{unpack(args.data, work)}"
+        data_arg = f"{args.dataset}:{unpack(args.data, work)}"
         probe = probe_epoch_seconds(data_arg, args)
         methods = [m for m in args.methods.split(",") if m]
         plan = plan_epochs(probe, args, len(methods), len([r for r in args.ratios.split(",") if r]))
         log(f"probe: {probe['epoch_seconds']:.1f}s per PGD-AT epoch; plan {plan}")
         with stopwatch() as dense_time:
-            dense = ensure_dense(data_arg, work / "dense", plan["dense_epochs"], EPS, args.seed,
+            dense = ensure_dense(data_arg, work / "dense", plan["dense_epochs"], setting(args)["eps"], args.seed,
                                  extra=dense_argv(args, cuda))
         log(f"dense: {dense.manifest['metrics']}"[:300])
         table = compression_table.main_namespace(table_argv(args, data_arg, dense.directory, plan, cuda,
                                                             args.results_dir))
     payload = {
         "machine": machine_info(), "gpu": torch.cuda.get_device_name(device) if cuda else None,
-        "torch": torch.__version__, "data": "CIFAR-10 (JPEG copy)", "eps": EPS, "model": args.model,
+        "torch": torch.__version__, "data": setting(args)["label"], "eps": setting(args)["eps"], "model": args.model,
+        "dataset": args.dataset,
         "probe": probe, "plan": plan, "budget_seconds": args.budget_seconds,
         "dense_seconds": round(dense_time["seconds"], 1), "epoch_seconds": epoch_times(dense.directory, table),
         "eval": {"pgd_limit": args.eval_limit, "square_samples": args.square_samples,
@@ -284,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": table["rows"], "comparison": table["comparison"], "missing": [],
         "seconds": round(total["seconds"], 1),
     }
-    paths = write_results(BENCHMARK, payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 
@@ -293,7 +315,7 @@ def render(payload: dict[str, Any]) -> str:
     """cifar10_gpu.md body: the plan and the epoch times (the table itself is compression_table_cifar10.md)."""
     plan, times, ev = payload["plan"], payload["epoch_seconds"], payload["eval"]
     probe = payload["probe"]
-    head = (f"## CIFAR-10 (JPEG copy), {payload['model']}, eps 8/255 on {payload['gpu'] or 'CPU'}\n\n"
+    head = (f"## {payload['data']}, {payload['model']}, eps {payload['eps']:.4g} on {payload['gpu'] or 'CPU'}\n\n"
             f"Budget {payload['budget_seconds']:.0f} s: dense PGD-AT {plan['dense_epochs']} epochs, every compress "
             f"method {plan['admm_epochs']} + {plan['finetune_epochs']} epochs (CSTAR: ADMM + fine-tune; baselines "
             f"fine-tune the sum). PGD-20 on {ev['pgd_limit']} stratified test images, Square "
