@@ -56,7 +56,7 @@ class StageRun:
         return {"dir": str(self.directory), "seconds": self.seconds, "reused": self.reused}
 
 
-def _run_or_reuse(directory: Path, what: str, run: Callable[[], object]) -> StageRun:
+def run_or_reuse(directory: Path, what: str, run: Callable[[], object]) -> StageRun:
     """Run `run()` unless `directory` is finished; returns the StageRun."""
     from cstar.manifest import read_manifest
 
@@ -94,7 +94,7 @@ def ensure_dense(data: str, out: Path, epochs: int | None, eps: float | None = N
         with open(log_path, "w", encoding="utf-8") as handle, redirect_stderr(handle), redirect_stdout(handle):
             train.run_train(parser.parse_args(argv))
 
-    return _run_or_reuse(out, f"train dense ({data})", run)
+    return run_or_reuse(out, f"train dense ({data})", run)
 
 
 def compress_name(method: str, ratio: float, admm_epochs: int, finetune_epochs: int, rank_step: int = 1) -> str:
@@ -113,7 +113,7 @@ def ensure_compress(dense_dir: Path, root: Path, method: str, ratio: float, conf
     step = int(config.get("rank_step", 1))
     out = root / compress_name(method, ratio, admm, finetune, step)
     full = {**config, "ratio": ratio, "method": method}
-    return _run_or_reuse(out, f"compress {method} x{ratio:g}",
+    return run_or_reuse(out, f"compress {method} x{ratio:g}",
                          lambda: run_compress(dense_dir, out, config=full, progress=False))
 
 
@@ -133,14 +133,14 @@ def ensure_export(source: Path, out: Path) -> StageRun:
     """run_export(source -> out) unless finished."""
     from export.exporter import run_export
 
-    return _run_or_reuse(out, f"export {source.name}", lambda: run_export(source, out, progress=False))
+    return run_or_reuse(out, f"export {source.name}", lambda: run_export(source, out, progress=False))
 
 
 def ensure_calibrate(export_dir: Path, out: Path, data: str, samples: int, parity_samples: int) -> StageRun:
     """run_calibrate (minmax, per-channel Q/DQ) unless finished."""
     from calibration.calibrate import run_calibrate
 
-    return _run_or_reuse(out, f"calibrate {export_dir.parent.name}", lambda: run_calibrate(
+    return run_or_reuse(out, f"calibrate {export_dir.parent.name}", lambda: run_calibrate(
         export_dir, out, data, samples, parity_samples=parity_samples, verbose=False))
 
 
@@ -148,7 +148,7 @@ def ensure_build(source: Path, out: Path, threads: int | None, max_batch: int = 
     """run_build(source, ort-cpu, out) unless finished."""
     from deploy.build import run_build
 
-    return _run_or_reuse(out, f"build ort-cpu {source.parent.name}/{source.name}", lambda: run_build(
+    return run_or_reuse(out, f"build ort-cpu {source.parent.name}/{source.name}", lambda: run_build(
         source, "ort-cpu", out, batch_sizes=(1, max_batch), threads=threads))
 
 
@@ -156,7 +156,7 @@ def ensure_attackset(reference: Path, data: str, out: Path, samples: int, seed: 
     """run_attackset(reference -> out) unless finished."""
     from deploy.attackset import run_attackset
 
-    return _run_or_reuse(out, f"attackset {reference.name}",
+    return run_or_reuse(out, f"attackset {reference.name}",
                          lambda: run_attackset(reference, data, out, samples=samples, seed=seed))
 
 
