@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,26 @@ def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     return parser, module
 
 
+THREADS_ENV = "CSTAR_THREADS"
+
+
+def apply_thread_limit(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
+    """torch.set_num_threads($CSTAR_THREADS) when set and torch is already loaded; returns the count.
+
+    torch's default (one thread per core) oversubscribes a shared few-core host badly; this caps the
+    torch stages without a flag on every command. Torch-free commands (verify, bench, predict) never
+    import torch for it.
+    """
+    value = environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise CstarError(f"{THREADS_ENV}={value!r} is not a positive integer", f"set e.g. {THREADS_ENV}=2, or unset it")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(value))
+    return int(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cstar` console script and `python -m cstar`."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -67,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser, module = build_command_parser(name)
         parsed = parser.parse_args(rest)
+        apply_thread_limit()
         return int(module.main(parsed) or 0)  # type: ignore[attr-defined]
     except GateFailure as exc:
         print(f"FAILED: {exc.message}", file=sys.stderr)

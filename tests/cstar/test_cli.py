@@ -36,3 +36,32 @@ def test_top_level_help_does_not_import_torch() -> None:
            "import cstar.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_thread_limit_from_environment() -> None:
+    """CSTAR_THREADS caps torch's threads; a bad value is a clear error naming the variable."""
+    import torch
+
+    from cstar.cli import apply_thread_limit
+    from cstar.errors import CstarError
+
+    before = torch.get_num_threads()
+    try:
+        assert apply_thread_limit({"CSTAR_THREADS": "1"}) == 1
+        assert torch.get_num_threads() == 1
+        assert apply_thread_limit({}) is None
+        with pytest.raises(CstarError, match="CSTAR_THREADS"):
+            apply_thread_limit({"CSTAR_THREADS": "two"})
+        with pytest.raises(CstarError, match="positive integer"):
+            apply_thread_limit({"CSTAR_THREADS": "0"})
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bad_thread_limit_is_one_error_line(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cstar.cli import main
+
+    monkeypatch.setenv("CSTAR_THREADS", "-3")
+    assert main(["train", "--data", "digits", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err
+    assert "CSTAR_THREADS" in err and "fix:" in err and "Traceback" not in err
