@@ -7,6 +7,7 @@ spread, which this script measures. Variants are `method[:key=value+key=value]` 
 keys), separated by commas.
 
     python benchmarks/seed_spread.py --dense-dir DIR --variants cstar,cstar:rho=0.5,prune --seeds 0,1,2
+    python benchmarks/seed_spread.py --paired --variants cstar,prune --seeds 0,1,2,3,4   # dense per seed
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ BENCHMARK = "seed_spread"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    parser.add_argument("--dense-dir", required=True, help="finished train-stage directory")
+    parser.add_argument("--dense-dir", default=None, help="finished train-stage directory shared by every seed")
+    parser.add_argument("--paired", action="store_true",
+                        help="train one dense model per seed (PGD-AT, the dataset's defaults) instead of --dense-dir")
+    parser.add_argument("--data", default="digits", help="with --paired: the dataset")
+    parser.add_argument("--versus", default="prune", help="variant the paired differences are taken against")
     parser.add_argument("--ratio", type=float, default=8.0)
     parser.add_argument("--variants", default="cstar,prune", help="method[:key=value+...] separated by commas")
     parser.add_argument("--seeds", default="0,1,2")
@@ -76,67 +81,109 @@ def summarize(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Compress every (variant, seed) pair (reusing finished runs) and summarize per variant."""
-    from cstar.compress import run_compress
+def dense_runs(args: argparse.Namespace, seeds: list[int]) -> dict[int, StageRun]:
+    """Seed -> dense model: --dense-dir for every seed, or (--paired) one trained per seed."""
+    from benchmarks.artifacts import DEFAULT_EPS, ensure_dense
     from cstar.manifest import read_manifest
 
-    setup_torch(args.torch_threads)
-    dense_dir, work = Path(args.dense_dir), Path(args.work)
-    dense = read_manifest(dense_dir, ["train"])
-    seeds = parse_list(args.seeds, int)
+    if not args.paired:
+        if not args.dense_dir:
+            raise SystemExit("error: pass --dense-dir DIR, or --paired to train one dense model per seed")
+        shared = StageRun(Path(args.dense_dir), read_manifest(Path(args.dense_dir), ["train"]), None, True)
+        return {seed: shared for seed in seeds}
+    epochs = 1 if args.quick else None
+    eps = DEFAULT_EPS.get(args.data.split(":", 1)[0])
+    return {seed: ensure_dense(args.data, Path(args.work) / f"dense-s{seed}", epochs, eps, seed) for seed in seeds}
+
+
+def compress_row(label: str, method: str, overrides: dict[str, Any], seed: int, dense: StageRun,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Compress `dense` with this variant and seed (reused when finished); one result row."""
+    from cstar.compress import run_compress
+
     quick = {"admm_epochs": 1, "finetune_epochs": 0, "eval_limit": 100} if args.quick else {}
+    out = Path(args.work) / f"{label}-x{args.ratio:g}-s{seed}"
+    config = {"ratio": args.ratio, "method": method, "seed": seed, "eval_dense": False, **quick, **overrides}
+    done = run_or_reuse(out, f"{label} seed {seed}",
+                        functools.partial(run_compress, dense.directory, out, config=config, progress=False))
+    metrics, ratios = done.manifest["metrics"], done.manifest["compression"]
+    log(f"{label} seed {seed}: clean {pct(metrics['clean_acc'])} robust {pct(metrics['robust_acc'])}")
+    return {"variant": label, "seed": seed, "clean_acc": metrics["clean_acc"], "robust_acc": metrics["robust_acc"],
+            "n": metrics["n"], "params_ratio": ratios["params_ratio"], "flops_ratio": ratios["flops_ratio"],
+            "dense_dir": str(dense.directory), "dense_clean_acc": dense.manifest["metrics"]["clean_acc"],
+            "dense_robust_acc": dense.manifest["metrics"]["robust_acc"], "dir": str(out), "seconds": done.seconds}
+
+
+def paired_differences(rows: list[dict[str, Any]], label: str, versus: str) -> dict[str, Any] | None:
+    """Per seed, `label` minus `versus` (and minus its dense model), summarized."""
+    base = {r["seed"]: r for r in rows if r["variant"] == versus}
+    mine = [r for r in rows if r["variant"] == label and r["seed"] in base]
+    if label == versus or not mine:
+        return None
+    return {"versus": versus,
+            "clean": summarize([r["clean_acc"] - base[r["seed"]]["clean_acc"] for r in mine]),
+            "robust": summarize([r["robust_acc"] - base[r["seed"]]["robust_acc"] for r in mine]),
+            "wins": sum(r["robust_acc"] > base[r["seed"]]["robust_acc"] for r in mine), "pairs": len(mine)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Compress every (variant, seed) pair (reusing finished runs) and summarize per variant."""
+    setup_torch(args.torch_threads)
+    seeds = parse_list(args.seeds, int)
     rows, summary = [], []
     with stopwatch() as total:
-        for text in parse_list(args.variants):
-            label, method, overrides = parse_variant(text)
-            runs = []
-            for seed in seeds:
-                out = work / f"{label}-x{args.ratio:g}-s{seed}"
-                config = {"ratio": args.ratio, "method": method, "seed": seed, "eval_dense": False,
-                          **quick, **overrides}
-                done: StageRun = run_or_reuse(out, f"{label} seed {seed}",
-                                              functools.partial(run_compress, dense_dir, out, config=config,
-                                                                progress=False))
-                metrics = done.manifest["metrics"]
-                runs.append({"variant": label, "seed": seed, "clean_acc": metrics["clean_acc"],
-                             "robust_acc": metrics["robust_acc"], "n": metrics["n"],
-                             "params_ratio": done.manifest["compression"]["params_ratio"],
-                             "flops_ratio": done.manifest["compression"]["flops_ratio"], "dir": str(out),
-                             "seconds": done.seconds})
-                log(f"{label} seed {seed}: clean {pct(metrics['clean_acc'])} robust {pct(metrics['robust_acc'])}")
+        dense = dense_runs(args, seeds)
+        variants = [parse_variant(text) for text in parse_list(args.variants)]
+        for label, method, overrides in variants:
+            runs = [compress_row(label, method, overrides, seed, dense[seed], args) for seed in seeds]
             rows += runs
             summary.append({"variant": label, "method": method, "overrides": overrides, "seeds": seeds,
                             "clean": summarize([r["clean_acc"] for r in runs]),
                             "robust": summarize([r["robust_acc"] for r in runs]),
+                            "robust_minus_dense": summarize([r["robust_acc"] - r["dense_robust_acc"] for r in runs]),
+                            "clean_minus_dense": summarize([r["clean_acc"] - r["dense_clean_acc"] for r in runs]),
                             "params_ratio": runs[0]["params_ratio"], "flops_ratio": runs[0]["flops_ratio"]})
-    payload = {"machine": machine_info(), "data": dense["dataset"]["name"], "dense_dir": str(dense_dir),
-               "dense": dense["metrics"], "ratio": args.ratio, "rows": rows, "summary": summary,
+        for item in summary:
+            item["paired"] = paired_differences(rows, item["variant"], args.versus)
+    first = next(iter(dense.values())).manifest
+    dense_rows = [{"seed": seed, "dir": str(run.directory), **{k: run.manifest["metrics"][k]
+                   for k in ("clean_acc", "robust_acc", "n")}} for seed, run in dense.items()]
+    payload = {"machine": machine_info(), "data": first["dataset"]["name"], "paired": args.paired,
+               "dense": dense_rows, "dense_summary": {"clean": summarize([d["clean_acc"] for d in dense_rows]),
+                                                      "robust": summarize([d["robust_acc"] for d in dense_rows])},
+               "ratio": args.ratio, "versus": args.versus, "rows": rows, "summary": summary,
                "seconds": round(total["seconds"], 1)}
-    name = args.name or f"{BENCHMARK}_{dense['dataset']['name']}"
+    name = args.name or f"{BENCHMARK}_{first['dataset']['name']}"
     paths = write_results(name, payload, render(payload), args.quick, args.results_dir)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 
 
+def _cell(stats: dict[str, float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return (f"{100 * stats['mean']:{sign}.1f} +- {100 * stats['std']:.1f} "
+            f"[{100 * stats['min']:{sign}.1f}..{100 * stats['max']:{sign}.1f}]")
+
+
 def render(payload: dict[str, Any]) -> str:
-    """Markdown: the dense reference, then mean +- std per variant and every run."""
-    dense = payload["dense"]
+    """Markdown: the dense model(s), mean +- std per variant, paired differences, every run."""
+    dense = payload["dense_summary"]
+    kind = ("one dense model trained per seed, each compressed with the same seed (paired)" if payload["paired"]
+            else "one dense model, compressed with each seed")
     head = (f"## Seed spread at {payload['ratio']:g}x params ({payload['data']})\n\n"
-            f"Dense reference: clean {pct(dense['clean_acc'])} %, PGD-20 {pct(dense['robust_acc'])} % "
-            f"on {dense['n']} test images. Mean +- sample std over seeds; min..max in brackets.\n\n")
-
-    def cell(stats: dict[str, float]) -> str:
-        return (f"{100 * stats['mean']:.1f} +- {100 * stats['std']:.1f} "
-                f"[{100 * stats['min']:.1f}..{100 * stats['max']:.1f}]")
-
-    table = markdown_table(["variant", "seeds", "params ratio", "FLOPs ratio", "clean %", "PGD-20 %"],
-                           [[s["variant"], ",".join(map(str, s["seeds"])), f"{s['params_ratio']:.2f}x",
-                             f"{s['flops_ratio']:.2f}x", cell(s["clean"]), cell(s["robust"])]
-                            for s in payload["summary"]])
-    runs = markdown_table(["variant", "seed", "clean %", "PGD-20 %"],
-                          [[r["variant"], str(r["seed"]), pct(r["clean_acc"]), pct(r["robust_acc"])]
-                           for r in payload["rows"]])
+            f"Design: {kind}. Dense: clean {_cell(dense['clean'])} %, PGD-20 {_cell(dense['robust'])} % "
+            f"over {len(payload['dense'])} model(s) (on {payload['dense'][0]['n']} test images). "
+            "Mean +- sample std over seeds; min..max in brackets; points for differences.\n\n")
+    table = markdown_table(
+        ["variant", "params ratio", "FLOPs ratio", "clean %", "PGD-20 %", "PGD-20 minus dense",
+         f"PGD-20 minus {payload['versus']} (wins)"],
+        [[s["variant"], f"{s['params_ratio']:.2f}x", f"{s['flops_ratio']:.2f}x", _cell(s["clean"]), _cell(s["robust"]),
+          _cell(s["robust_minus_dense"], True),
+          f"{_cell(s['paired']['robust'], True)} ({s['paired']['wins']}/{s['paired']['pairs']})" if s["paired"] else "-"]
+         for s in payload["summary"]])
+    runs = markdown_table(["variant", "seed", "clean %", "PGD-20 %", "dense PGD-20 %"],
+                          [[r["variant"], str(r["seed"]), pct(r["clean_acc"]), pct(r["robust_acc"]),
+                            pct(r["dense_robust_acc"])] for r in payload["rows"]])
     return head + table + "\n### Every run\n\n" + runs
 
 

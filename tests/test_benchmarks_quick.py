@@ -85,3 +85,20 @@ def test_cifar10_image_tree_is_decoded_once(tmp_path: Path) -> None:
     assert len(first.train) == 30 and len(first.test) == 20
     assert first.train.images.data_ptr() == second.train.images.data_ptr()  # type: ignore[attr-defined]
     assert int(first.test.labels.sum()) == 2 * sum(range(10))  # type: ignore[attr-defined]
+
+
+def test_seed_spread_paired_differences() -> None:
+    """Paired differences are per seed (not difference of means), with the win count."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.seed_spread import paired_differences, parse_variant, summarize
+
+    rows = [{"variant": v, "seed": s, "clean_acc": c, "robust_acc": r} for v, s, c, r in [
+        ("cstar", 0, 0.90, 0.50), ("cstar", 1, 0.92, 0.40), ("prune", 0, 0.91, 0.45), ("prune", 1, 0.90, 0.44)]]
+    diff = paired_differences(rows, "cstar", "prune")
+    assert diff is not None and diff["wins"] == 1 and diff["pairs"] == 2
+    assert abs(diff["robust"]["mean"] - 0.005) < 1e-12 and abs(diff["robust"]["min"] + 0.04) < 1e-12
+    assert paired_differences(rows, "prune", "prune") is None
+    stats = summarize([0.4, 0.5, 0.6])
+    assert abs(stats["mean"] - 0.5) < 1e-12 and abs(stats["std"] - 0.1) < 1e-12
+    assert parse_variant("cstar:rho=0.5+finetune_epochs=20") == (
+        "cstar-rho0.5-finetune_epochs20", "cstar", {"rho": 0.5, "finetune_epochs": 20})
