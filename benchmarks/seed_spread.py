@@ -170,7 +170,8 @@ def render(payload: dict[str, Any]) -> str:
     dense = payload["dense_summary"]
     kind = ("one dense model trained per seed, each compressed with the same seed (paired)" if payload["paired"]
             else "one dense model, compressed with each seed")
-    head = (f"## Seed spread at {payload['ratio']:g}x params ({payload['data']})\n\n"
+    head = (f"## Seed spread at {payload['ratio']:g}x ({payload['data']}; budget by params unless a variant "
+            "says by=flops)\n\n"
             f"Design: {kind}. Dense: clean {_cell(dense['clean'])} %, PGD-20 {_cell(dense['robust'])} % "
             f"over {len(payload['dense'])} model(s) (on {payload['dense'][0]['n']} test images). "
             "Mean +- sample std over seeds; min..max in brackets; points for differences.\n\n")
