@@ -215,6 +215,24 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def quick_epochs(args: argparse.Namespace) -> None:
+    """--quick: 1 ADMM + 0 fine-tune epochs unless given (the CI-sized compress runs)."""
+    if args.quick:
+        args.admm_epochs = 1 if args.admm_epochs is None else args.admm_epochs
+        args.finetune_epochs = 0 if args.finetune_epochs is None else args.finetune_epochs
+
+
+def own_compress_config(args: argparse.Namespace) -> dict[str, Any]:
+    """CompressConfig overrides for the compress runs a deploy-side benchmark has to make itself."""
+    config: dict[str, Any] = {"eval_dense": False, "seed": args.seed}
+    for key in ("admm_epochs", "finetune_epochs"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    if args.quick:
+        config["eval_limit"] = 100
+    return config
+
+
 def setup_torch(threads: int | None) -> None:
     """Apply --torch-threads before any work (0 or None: leave torch's default)."""
     if threads:

@@ -28,6 +28,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     parse_list,
     pct,
+    quick_epochs,
     result_name,
     run_cli,
     setup_torch,
@@ -66,9 +67,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the quick/full defaults left as None."""
     quick = args.quick
     args.ratios = args.ratios or ("8" if quick else "4,8,16")
+    quick_epochs(args)
     if quick:
-        args.admm_epochs = 1 if args.admm_epochs is None else args.admm_epochs
-        args.finetune_epochs = 0 if args.finetune_epochs is None else args.finetune_epochs
         args.eval_limit = 100 if args.eval_limit is None else args.eval_limit
     args.square_queries = args.square_queries if args.square_queries is not None else (50 if quick else 1000)
     args.square_samples = args.square_samples if args.square_samples is not None else (50 if quick else 200)

@@ -38,8 +38,10 @@ from benchmarks.common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    own_compress_config,
     parse_list,
     pct,
+    quick_epochs,
     result_name,
     run_cli,
     setup_torch,
@@ -80,23 +82,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if quick else 3)
     args.calib_samples = args.calib_samples or (64 if quick else 256)
     args.parity_samples = args.parity_samples or (50 if quick else 200)
-    if quick:
-        args.admm_epochs = 1 if args.admm_epochs is None else args.admm_epochs
-        args.finetune_epochs = 0 if args.finetune_epochs is None else args.finetune_epochs
+    quick_epochs(args)
     args.threads = args.threads or None
     return args
-
-
-def compress_config(args: argparse.Namespace) -> dict[str, Any]:
-    """CompressConfig overrides for runs this script has to make itself."""
-    config: dict[str, Any] = {"eval_dense": False, "seed": args.seed}
-    if args.admm_epochs is not None:
-        config["admm_epochs"] = args.admm_epochs
-    if args.finetune_epochs is not None:
-        config["finetune_epochs"] = args.finetune_epochs
-    if args.quick:
-        config["eval_limit"] = 100
-    return config
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -114,7 +102,7 @@ def rank_step_run(dense: StageRun, compress_root: Path, args: argparse.Namespace
     if not args.rank_step or args.rank_step == 1 or not rank_step_supported():
         return None
     base = find_compress(compress_root, "cstar", args.rank_step_ratio)
-    config = compress_config(args)
+    config = own_compress_config(args)
     if base is not None:
         base_cfg = read_json(base / "manifest.json")["config"]
         for key in ("admm_epochs", "finetune_epochs", "eval_limit", "eval_steps", "by"):
@@ -129,10 +117,10 @@ def model_set(args: argparse.Namespace, root: Path) -> tuple[StageRun, dict[str,
     table_root = Path(args.from_table_dir) if args.from_table_dir else root
     compress_root = table_root / "compress"
     runs = compressed_set(dense.directory, compress_root, parse_list(args.methods), parse_list(args.ratios, float),
-                          compress_config(args))
+                          own_compress_config(args))
     if args.rank_step and args.rank_step != 1 and f"cstar-x{args.rank_step_ratio:g}" not in runs:
         runs.update(compressed_set(dense.directory, compress_root, ["cstar"], [args.rank_step_ratio],
-                                   compress_config(args)))
+                                   own_compress_config(args)))
     return dense, runs, rank_step_run(dense, compress_root, args)
 
 

@@ -32,8 +32,10 @@ from benchmarks.common import (  # noqa: E402
     log,
     machine_info,
     markdown_table,
+    own_compress_config,
     parse_list,
     pct,
+    quick_epochs,
     result_name,
     run_cli,
     setup_torch,
@@ -72,22 +74,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.square_samples = args.square_samples or (50 if quick else 200)
     args.calib_samples = args.calib_samples or (64 if quick else 256)
     args.parity_samples = args.parity_samples or (50 if quick else 200)
-    if quick:
-        args.admm_epochs = 1 if args.admm_epochs is None else args.admm_epochs
-        args.finetune_epochs = 0 if args.finetune_epochs is None else args.finetune_epochs
+    quick_epochs(args)
     args.threads = args.threads or None
     return args
-
-
-def compress_config(args: argparse.Namespace) -> dict[str, Any]:
-    """CompressConfig overrides for runs this script has to make itself."""
-    config: dict[str, Any] = {"eval_dense": False, "seed": args.seed}
-    for key in ("admm_epochs", "finetune_epochs"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    if args.quick:
-        config["eval_limit"] = 100
-    return config
 
 
 # ------------------------------------------------------------------------------------------ attacks
@@ -214,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dense = resolve_dense(args, root)
         table_root = Path(args.from_table_dir) if args.from_table_dir else root
         runs = {"dense": dense, **compressed_set(dense.directory, table_root / "compress", parse_list(args.methods),
-                                                 [args.ratio], compress_config(args))}
+                                                 [args.ratio], own_compress_config(args))}
         rows = [row for key, run_ in runs.items() for row in model_rows(key, run_, root, args)]
     payload = {"machine": machine, "data": args.data, "eps": float(dense.manifest.get("eps", 0.0)),
                "dense_dir": str(dense.directory),
