@@ -57,6 +57,8 @@ class CompressConfig:
     eval_steps: int = 20
     eval_limit: int | None = None
     eval_dense: bool = True
+    distill: float = 0.0  # weight of the dense model's soft labels in every method's adversarial loss (0: off)
+    distill_temperature: float = 1.0
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available, else CPU
     amp: bool = False  # CUDA mixed precision (bf16 where supported, else fp16 + GradScaler), PGD included
@@ -77,6 +79,11 @@ class CompressConfig:
             raise CstarError(f"batch size must be >= 1, got {self.batch_size}", "pass e.g. --batch-size 64")
         if self.workers < 0:
             raise CstarError(f"workers must be >= 0, got {self.workers}", "pass --workers 0 or more")
+        if not 0.0 <= self.distill <= 1.0:
+            raise CstarError(f"--distill must be in [0, 1], got {self.distill}", "pass e.g. --distill 0.5 (0: off)")
+        if not self.distill_temperature > 0.0:
+            raise CstarError(f"--distill-temperature must be > 0, got {self.distill_temperature}",
+                             "pass e.g. --distill-temperature 1")
 
     @property
     def total_epochs(self) -> int:
@@ -105,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD lr during ADMM (constant)")
     parser.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr, help="peak lr of fine-tuning")
     parser.add_argument("--rho", type=float, default=defaults.rho, help="initial ADMM penalty")
+    parser.add_argument("--distill", type=float, default=defaults.distill,
+                        help="weight in [0,1] of the dense model's soft labels on the PGD examples (every method; 0: off)")
+    parser.add_argument("--distill-temperature", type=float, default=defaults.distill_temperature,
+                        help="softmax temperature of the distillation term")
     parser.add_argument("--rank-step", type=int, default=defaults.rank_step,
                         help="round ranks to multiples of this (e.g. 8 for SIMD-friendly channel counts)")
     parser.add_argument("--factorize-all", action="store_true", help="also factorize the first conv and classifier")
@@ -124,6 +135,7 @@ def main(args: argparse.Namespace) -> int:
         ratio=args.ratio, by=args.by, method=args.method, admm_epochs=args.admm_epochs,
         finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
+        distill=args.distill, distill_temperature=args.distill_temperature,
         keep_first_last=not args.factorize_all,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,
@@ -291,7 +303,7 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
     model = copy.deepcopy(dense).to(cfg.device)
     keep = first_and_last(model) if cfg.keep_first_last else ()
     budget = Budget(cfg.ratio, cfg.by, tuple(spec.input_shape), keep, cfg.rank_step)
-    trainer = _Trainer(train_set, cfg, eps, norm, progress=log.enabled)
+    trainer = _Trainer(train_set, cfg, eps, norm, progress=log.enabled, teacher=_teacher(dense, cfg))
     details: dict[str, Any] = {}
     if cfg.method == "cstar":
         admm_cfg = AdmmConfig(cfg.admm_epochs, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.sweeps,
@@ -314,11 +326,23 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
         details["history"] = {}
         epochs = cfg.total_epochs
     dist.sync_module(compressed)  # rank 0's factors everywhere (GPU SVDs need not agree bit for bit)
+    details["before_finetune"] = trainer.validate(compressed)
     log(f"{cfg.method}: factorized/pruned to {cfg.by} budget 1/{cfg.ratio:g}; fine-tuning {epochs} epochs")
     if epochs > 0:
         compressed, details["history"]["finetune"], details["finetune_best_epoch"] = trainer.finetune(compressed, epochs)
     details["ranks"] = pruned_rank_map(dense, compressed) if cfg.method == "prune" else rank_map(compressed)
     return compressed, details
+
+
+def _teacher(dense: Any, cfg: CompressConfig) -> Any:
+    """The dense source as distillation teacher (a frozen copy on the training device), or None."""
+    import copy
+
+    from cstar.train import Teacher
+
+    if cfg.distill <= 0.0:
+        return None
+    return Teacher(copy.deepcopy(dense).to(cfg.device), cfg.distill, cfg.distill_temperature)
 
 
 def _allocation_summary(allocation: Any) -> dict[str, Any]:
@@ -336,8 +360,10 @@ def _allocation_summary(allocation: Any) -> dict[str, Any]:
 class _Trainer:
     """The shared adversarial-training recipe (cstar.train) for ADMM and fine-tuning."""
 
-    def __init__(self, train_set: Any, cfg: CompressConfig, eps: float, norm: str, progress: bool) -> None:
+    def __init__(self, train_set: Any, cfg: CompressConfig, eps: float, norm: str, progress: bool,
+                 teacher: Any = None) -> None:
         self.cfg = cfg
+        self.teacher = teacher
         self.eps = eps
         self.norm = norm
         self.progress = progress
@@ -385,7 +411,7 @@ class _Trainer:
             dist.set_epoch(loader, epoch)
             stats = train_epoch(holder["wrapped"], loader, holder["optimizer"], tcfg, scheduler=None,
                                 extra_loss=extra_loss, desc=f"admm {epoch + 1}/{epochs}", progress=self.progress,
-                                scaler=holder["scaler"])
+                                scaler=holder["scaler"], teacher=self.teacher)
             dist.sync_module(model)  # BatchNorm running statistics: rank 0's everywhere
             stats["loss"] = dist.mean_across_ranks(stats["loss"])
             stats["images_per_s"] *= dist.world_size()
@@ -396,12 +422,27 @@ class _Trainer:
 
         return one_epoch
 
+    def validate(self, model: Any) -> dict[str, float]:
+        """Held-out clean / PGD accuracy (the fine-tuning's validation attack) of `model` as it is now:
+        how much the factorization or pruning itself cost before any fine-tuning."""
+        from cstar.train import evaluate, isolated_rng, resolve_device, stack_dataset
+
+        if self.val_set is None:
+            return {}
+        tcfg = self.train_config(1, self.cfg.finetune_lr)
+        device = resolve_device(tcfg.device)
+        model.to(device).eval()
+        images, labels = stack_dataset(self.val_set, tcfg.val_limit)
+        with isolated_rng(device, self.cfg.seed):
+            val = evaluate(model, images, labels, self.eps, tcfg.val_steps, None, norm=self.norm, shard=True)
+        return {"val_clean": float(val["clean_acc"]), "val_robust": float(val["robust_acc"])}
+
     def finetune(self, model: Any, epochs: int) -> tuple[Any, list[dict[str, Any]], int]:
         """Adversarial fine-tuning with cstar.train.fit (keeps the best robust-validation weights)."""
         from cstar.train import fit
 
         tcfg = self.train_config(epochs, self.cfg.finetune_lr)
-        result = fit(model, self.train_set, self.val_set, tcfg, progress=self.progress)
+        result = fit(model, self.train_set, self.val_set, tcfg, progress=self.progress, teacher=self.teacher)
         return result.model, [_numeric(h) for h in result.history], int(result.best_epoch)
 
 

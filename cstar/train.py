@@ -207,13 +207,48 @@ def _attack_loss_scale() -> float:
 # ------------------------------------------------------------------------------------------ losses
 
 
-def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+@dataclass
+class Teacher:
+    """Robust distillation target: a frozen (dense) model whose soft labels on the student's PGD
+    examples are mixed into the loss: (1 - weight) * loss + weight * T^2 * KL(teacher_T || student_T).
+
+    `cstar compress --distill W` uses the dense source model as teacher for every method alike.
+    """
+
+    model: nn.Module
+    weight: float = 0.5
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise CstarError(f"distillation weight must be in [0, 1], got {self.weight}", "pass e.g. --distill 0.5")
+        if not self.temperature > 0.0:
+            raise CstarError(f"distillation temperature must be > 0, got {self.temperature}",
+                             "pass e.g. --distill-temperature 1")
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def mix(self, loss: torch.Tensor, student_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The distillation-mixed loss for a batch whose student logits on `x` are given."""
+        if self.weight == 0.0:
+            return loss
+        t = self.temperature
+        with torch.no_grad(), eval_mode(self.model):
+            target = F.softmax(self.model(x).float() / t, dim=1)
+        kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), target, reduction="batchmean")
+        return (1.0 - self.weight) * loss + self.weight * t * t * kl
+
+
+def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                     teacher: Teacher | None = None) -> torch.Tensor:
     """PGD-AT: CE on PGD examples; TRADES: CE(clean) + beta * KL(clean || adversarial).
 
     Examples are crafted in eval mode (BN running statistics, as at test time) on the bare module
     (no DDP gradient hooks or buffer broadcasts per PGD step); the loss is then computed in train
     mode through `model` (the DDP wrapper when distributed). Under autocast PGD runs in reduced
-    precision too, with its loss scaled for float16.
+    precision too, with its loss scaled for float16. With a `teacher`, its soft labels on the same
+    adversarial examples are mixed in (Teacher.mix).
     """
     step = cfg.train_step_size or default_step_size(cfg.eps, cfg.train_steps)
     attacked = dist.unwrap(model)
@@ -230,7 +265,8 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
         logits_clean = model(x)
         logits_adv = model(x_adv)
         robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
-        return F.cross_entropy(logits_clean, y) + cfg.trades_beta * robust
+        loss = F.cross_entropy(logits_clean, y) + cfg.trades_beta * robust
+        return teacher.mix(loss, logits_adv, x_adv) if teacher is not None else loss
     if cfg.eps > 0:
         def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return scale * F.cross_entropy(logits, target)
@@ -239,7 +275,9 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
     else:
         x_adv = x
     model.train()
-    return F.cross_entropy(model(x_adv), y)
+    logits = model(x_adv)
+    loss = F.cross_entropy(logits, y)
+    return teacher.mix(loss, logits, x_adv) if teacher is not None else loss
 
 
 # -------------------------------------------------------------------------------------- epochs
@@ -267,6 +305,7 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     start: EpochProgress | None = None,
     on_step: Callable[[EpochProgress], None] | None = None,
+    teacher: Teacher | None = None,
 ) -> dict[str, float]:
     """One adversarial epoch; `extra_loss()` is added to every batch loss (e.g. the ADMM penalty).
 
@@ -286,7 +325,7 @@ def train_epoch(
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
-            loss = adversarial_loss(model, x, y, cfg)
+            loss = adversarial_loss(model, x, y, cfg, teacher)
             if extra_loss is not None:
                 loss = loss + extra_loss()
         if not torch.isfinite(loss):
@@ -357,7 +396,7 @@ def isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
-def _stack(dataset: Dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_dataset(dataset: Dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     from cstar.data import to_tensors
 
     return to_tensors(dataset, limit=limit)
@@ -455,6 +494,7 @@ def fit(
     state_dir: Path | None = None,
     progress: bool = True,
     select_best: bool = True,
+    teacher: Teacher | None = None,
 ) -> FitResult:
     """Adversarially train `model`; return it with the weights of the best held-out robust accuracy.
 
@@ -477,7 +517,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = make_scaler(device, cfg.amp)
-    val_x, val_y = _stack(val_set, cfg.val_limit) if val_set is not None else (None, None)
+    val_x, val_y = stack_dataset(val_set, cfg.val_limit) if val_set is not None else (None, None)
     result = FitResult(model)
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch, start = 0, EpochProgress()
@@ -519,7 +559,7 @@ def fit(
         stats = train_epoch(train_model, loader, optimizer, cfg, scheduler, extra_loss,
                             desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=progress, scaler=scaler,
                             start=start if resume_here else None,
-                            on_step=on_step if state_dir is not None else None)
+                            on_step=on_step if state_dir is not None else None, teacher=teacher)
         dist.set_epoch(loader, epoch)  # drop a resume skip
         dist.sync_module(model)  # BatchNorm running statistics: rank 0's everywhere
         if on_epoch_end is not None:

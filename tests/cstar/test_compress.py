@@ -95,3 +95,16 @@ def test_cli_flops_budget(robust_digits_dir: Path, tmp_path: Path, capsys) -> No
 def test_cli_bad_source_exits_2(tmp_path: Path, capsys) -> None:
     assert cli_main(["compress", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--ratio", "2"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_distillation_is_recorded_and_validated(robust_digits_dir: Path, tmp_path: Path) -> None:
+    config = {**TINY, "finetune_epochs": 1, "distill": 0.5, "eval_dense": False}
+    manifest = run_compress(robust_digits_dir, tmp_path / "d", ratio=3.0, method="prune", config=config,
+                            progress=False)
+    assert manifest["config"]["distill"] == 0.5
+    assert manifest["compression"]["params_ratio"] >= 3.0
+    assert 0.0 <= manifest["metrics"]["robust_acc"] <= manifest["metrics"]["clean_acc"] <= 1.0
+    before = manifest["before_finetune"]  # the pruned model before fine-tuning, on the validation split
+    assert 0.0 <= before["val_robust"] <= before["val_clean"] <= 1.0
+    with pytest.raises(CstarError, match="--distill"):
+        CompressConfig(distill=1.5).validate()

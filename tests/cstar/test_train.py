@@ -103,3 +103,23 @@ def test_reference_run_meets_issue_targets(tmp_path: Path) -> None:
     assert cli_main(["train", "--data", "digits", "--eps", "0.2", "--out", str(tmp_path / "ref")]) == 0
     metrics = json.loads((tmp_path / "ref" / "manifest.json").read_text())["metrics"]
     assert metrics["clean_acc"] >= 0.93 and metrics["robust_acc"] >= 0.50
+
+
+def test_teacher_mix_is_the_weighted_kl_and_zero_for_its_own_logits() -> None:
+    from cstar.train import Teacher
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, loss = torch.rand(5, 4), torch.tensor(2.0)
+    teacher = Teacher(net, weight=0.25)
+    # the teacher's own logits: KL is 0, so the mix is (1 - w) * loss
+    assert float(teacher.mix(loss, net(x), x)) == pytest.approx(0.75 * 2.0, abs=1e-6)
+    student = torch.randn(5, 3)
+    expected = torch.nn.functional.kl_div(student.log_softmax(1), net(x).softmax(1), reduction="batchmean")
+    assert float(teacher.mix(loss, student, x)) == pytest.approx(0.75 * 2.0 + 0.25 * float(expected), rel=1e-5)
+    assert float(Teacher(net, weight=0.0).mix(loss, student, x)) == 2.0
+    assert not any(p.requires_grad for p in net.parameters())  # frozen: no gradient flows into the teacher
+    with pytest.raises(CstarError, match="distillation weight"):
+        Teacher(net, weight=1.5)
+    with pytest.raises(CstarError, match="temperature"):
+        Teacher(net, temperature=0.0)
