@@ -425,14 +425,15 @@ class _Trainer:
     def validate(self, model: Any) -> dict[str, float]:
         """Held-out clean / PGD accuracy (the fine-tuning's validation attack) of `model` as it is now:
         how much the factorization or pruning itself cost before any fine-tuning."""
-        from cstar.train import evaluate, isolated_rng, resolve_device, stack_dataset
+        from cstar.data import to_tensors
+        from cstar.train import evaluate, isolated_rng, resolve_device
 
         if self.val_set is None:
             return {}
         tcfg = self.train_config(1, self.cfg.finetune_lr)
         device = resolve_device(tcfg.device)
         model.to(device).eval()
-        images, labels = stack_dataset(self.val_set, tcfg.val_limit)
+        images, labels = to_tensors(self.val_set, limit=tcfg.val_limit)
         with isolated_rng(device, self.cfg.seed):
             val = evaluate(model, images, labels, self.eps, tcfg.val_steps, None, norm=self.norm, shard=True)
         return {"val_clean": float(val["clean_acc"]), "val_robust": float(val["robust_acc"])}

@@ -396,7 +396,7 @@ def isolated_rng(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
-def stack_dataset(dataset: Dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(dataset: Dataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     from cstar.data import to_tensors
 
     return to_tensors(dataset, limit=limit)
@@ -517,7 +517,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = make_scaler(device, cfg.amp)
-    val_x, val_y = stack_dataset(val_set, cfg.val_limit) if val_set is not None else (None, None)
+    val_x, val_y = _stack(val_set, cfg.val_limit) if val_set is not None else (None, None)
     result = FitResult(model)
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch, start = 0, EpochProgress()
