@@ -1,7 +1,9 @@
 """Stage runs the benchmarks share, each skipped when its directory already holds a manifest.
 
-A finished stage directory (manifest.json present) is reused as is, so an interrupted benchmark
-resumes where it stopped. Wall time of every run made here is kept in `<dir>.timing.json` beside
+A finished stage directory (manifest.json present) is reused, so an interrupted benchmark resumes
+where it stopped; but never silently stale: a stage whose recorded input files now hash differently,
+or a compress run made with another configuration (a default changed since), stops the benchmark
+with an error naming the directory to delete. Wall time of every run made here is kept in `<dir>.timing.json` beside
 the directory, so reused runs still report how long they took.
 """
 
@@ -56,12 +58,64 @@ class StageRun:
         return {"dir": str(self.directory), "seconds": self.seconds, "reused": self.reused}
 
 
-def run_or_reuse(directory: Path, what: str, run: Callable[[], object]) -> StageRun:
-    """Run `run()` unless `directory` is finished; returns the StageRun."""
+# what a compress manifest written before a CompressConfig key existed was run with
+LEGACY_COMPRESS_VALUES = {"factor_decay": "factors", "distill": 0.0, "distill_temperature": 1.0}
+# keys that do not change what a run computes (where, how fast, whether the dense model is re-evaluated)
+COMPRESS_KEYS_IGNORED = ("device", "workers", "amp", "channels_last", "eval_dense")
+
+
+def compress_config_drift(stored: dict[str, Any], config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (stored value, wanted value)} where a finished compress run differs from `config`
+    (CompressConfig defaults + these overrides). Keys resolved at run time (None) are not compared."""
+    from cstar.compress import CompressConfig
+    from cstar.config import config_to_dict
+
+    wanted = {**config_to_dict(CompressConfig()), **config}
+    drift: dict[str, tuple[Any, Any]] = {}
+    for key, value in wanted.items():
+        if value is None or key in COMPRESS_KEYS_IGNORED or (key == "factor_decay" and wanted["method"] == "prune"):
+            continue  # pruning leaves no factorized layer: the factor decay cannot change it
+        old = stored.get(key, LEGACY_COMPRESS_VALUES.get(key, value))
+        if old != value:
+            drift[key] = (old, value)
+    return drift
+
+
+def changed_inputs(manifest: dict[str, Any]) -> list[str]:
+    """Input files of a finished stage that still exist but no longer hash as recorded: the stage is
+    stale (e.g. an export made from a compress run that has been made again since)."""
+    from cstar.manifest import sha256_file
+
+    changed = []
+    for entry in manifest.get("inputs") or []:
+        path = Path(str(entry.get("path", "")))
+        if entry.get("sha256") and path.is_file() and sha256_file(path) != entry["sha256"]:
+            changed.append(str(path))
+    return changed
+
+
+def run_or_reuse(directory: Path, what: str, run: Callable[[], object],
+                 compress_config: dict[str, Any] | None = None) -> StageRun:
+    """Run `run()` unless `directory` is finished; returns the StageRun.
+
+    With `compress_config`, a finished compress run is reused only if it was made with that
+    configuration (defaults included): a default that changed since is an error, never a stale row.
+    """
     from cstar.manifest import read_manifest
 
     if is_done(directory):
-        return StageRun(directory, read_manifest(directory), timing_of(directory), True)
+        manifest = read_manifest(directory)
+        changed = changed_inputs(manifest)
+        if changed:
+            raise SystemExit(f"error: {directory} was made from inputs that have changed since ({', '.join(changed)}); "
+                             "delete it (and the stages made from it) to run it again")
+        drift = compress_config_drift(manifest.get("config") or {}, compress_config or {}) \
+            if compress_config is not None else {}
+        if drift:
+            changes = ", ".join(f"{k}={old!r} there, {new!r} wanted" for k, (old, new) in drift.items())
+            raise SystemExit(f"error: {directory} is a finished run with another configuration ({changes}); "
+                             "delete it or pass another --work directory to run it again")
+        return StageRun(directory, manifest, timing_of(directory), True)
     log(f"{what} -> {directory}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     with stopwatch() as t:
@@ -114,7 +168,7 @@ def ensure_compress(dense_dir: Path, root: Path, method: str, ratio: float, conf
     out = root / compress_name(method, ratio, admm, finetune, step)
     full = {**config, "ratio": ratio, "method": method}
     return run_or_reuse(out, f"compress {method} x{ratio:g}",
-                         lambda: run_compress(dense_dir, out, config=full, progress=False))
+                        lambda: run_compress(dense_dir, out, config=full, progress=False), compress_config=full)
 
 
 def find_compress(root: Path, method: str, ratio: float, rank_step: int = 1) -> Path | None:

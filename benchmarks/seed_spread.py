@@ -105,7 +105,8 @@ def compress_row(label: str, method: str, overrides: dict[str, Any], seed: int, 
     out = Path(args.work) / f"{label}-x{args.ratio:g}-s{seed}"
     config = {"ratio": args.ratio, "method": method, "seed": seed, "eval_dense": False, **quick, **overrides}
     done = run_or_reuse(out, f"{label} seed {seed}",
-                        functools.partial(run_compress, dense.directory, out, config=config, progress=False))
+                        functools.partial(run_compress, dense.directory, out, config=config, progress=False),
+                        compress_config=config)
     metrics, ratios = done.manifest["metrics"], done.manifest["compression"]
     log(f"{label} seed {seed}: clean {pct(metrics['clean_acc'])} robust {pct(metrics['robust_acc'])}")
     return {"variant": label, "seed": seed, "clean_acc": metrics["clean_acc"], "robust_acc": metrics["robust_acc"],

@@ -53,6 +53,7 @@ class CompressConfig:
     optimizer: str = "sgd"
     batch_size: int = 64
     weight_decay: float = 5e-4
+    factor_decay: str = "factors"  # fine-tuning of factorized layers: decay each factor, or "frobenius" (their product W)
     val_fraction: float = 0.1
     eval_steps: int = 20
     eval_limit: int | None = None
@@ -81,6 +82,8 @@ class CompressConfig:
             raise CstarError(f"workers must be >= 0, got {self.workers}", "pass --workers 0 or more")
         if not 0.0 <= self.distill <= 1.0:
             raise CstarError(f"--distill must be in [0, 1], got {self.distill}", "pass e.g. --distill 0.5 (0: off)")
+        if self.factor_decay not in ("factors", "frobenius"):
+            raise CstarError(f"unknown factor decay '{self.factor_decay}'", "pass --factor-decay factors or frobenius")
         if not self.distill_temperature > 0.0:
             raise CstarError(f"--distill-temperature must be > 0, got {self.distill_temperature}",
                              "pass e.g. --distill-temperature 1")
@@ -116,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight in [0,1] of the dense model's soft labels on the PGD examples (every method; 0: off)")
     parser.add_argument("--distill-temperature", type=float, default=defaults.distill_temperature,
                         help="softmax temperature of the distillation term")
+    parser.add_argument("--factor-decay", choices=("factors", "frobenius"), default=defaults.factor_decay,
+                        help="weight decay of factorized layers in fine-tuning: on each factor, or on the product W "
+                             "they form (Frobenius decay)")
     parser.add_argument("--rank-step", type=int, default=defaults.rank_step,
                         help="round ranks to multiples of this (e.g. 8 for SIMD-friendly channel counts)")
     parser.add_argument("--factorize-all", action="store_true", help="also factorize the first conv and classifier")
@@ -135,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
         ratio=args.ratio, by=args.by, method=args.method, admm_epochs=args.admm_epochs,
         finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
-        distill=args.distill, distill_temperature=args.distill_temperature,
+        distill=args.distill, distill_temperature=args.distill_temperature, factor_decay=args.factor_decay,
         keep_first_last=not args.factorize_all,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,
@@ -376,7 +382,7 @@ class _Trainer:
 
         values: dict[str, Any] = {
             "epochs": epochs, "batch_size": self.cfg.batch_size, "lr": lr, "optimizer": self.cfg.optimizer,
-            "weight_decay": self.cfg.weight_decay, "method": self.cfg.train_method, "eps": self.eps,
+            "weight_decay": self.cfg.weight_decay, "factor_decay": self.cfg.factor_decay, "method": self.cfg.train_method, "eps": self.eps,
             "norm": self.norm, "train_steps": self.cfg.train_steps, "eval_steps": self.cfg.eval_steps,
             "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "device": self.cfg.device,
             "amp": self.cfg.amp, "channels_last": self.cfg.channels_last, "workers": self.cfg.workers,

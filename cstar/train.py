@@ -36,15 +36,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cstar import distributed as dist
 from cstar.attacks import AttackConfig, default_step_size, eval_mode, pgd
 from cstar.errors import CstarError
+from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.manifest import atomic_target
 
 METHODS = ("pgd-at", "trades")
+FACTOR_DECAYS = ("factors", "frobenius")
 DEFAULT_EPOCHS = {"digits": 60, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
 STATE_NAME = "train_state.pt"
 STATE_FORMAT = 2
 # TrainConfig fields a resumed run must share with the interrupted one (others, e.g. device, may change)
 RESUME_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "method",
-               "trades_beta", "eps", "norm", "train_steps", "train_step_size", "warmup_epochs", "seed")
+               "trades_beta", "eps", "norm", "train_steps", "train_step_size", "warmup_epochs", "seed", "factor_decay")
 
 
 @dataclass
@@ -58,6 +60,7 @@ class TrainConfig:
     schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    factor_decay: str = "factors"  # factorized layers: decay each factor, or "frobenius" (the product they form)
     method: str = "pgd-at"
     trades_beta: float = 6.0
     eps: float = 0.2
@@ -86,6 +89,8 @@ class TrainConfig:
             raise CstarError(f"unknown training method '{self.method}'", f"use one of: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adam"):
             raise CstarError(f"unknown optimizer '{self.optimizer}'", "use sgd or adam")
+        if self.factor_decay not in FACTOR_DECAYS:
+            raise CstarError(f"unknown factor decay '{self.factor_decay}'", f"use one of: {', '.join(FACTOR_DECAYS)}")
         if self.schedule not in ("cosine", "step"):
             raise CstarError(f"unknown schedule '{self.schedule}'", "use cosine or step")
         if not 0 <= self.val_fraction < 1:
@@ -154,12 +159,46 @@ def _without_augmentation(dataset: Dataset) -> Dataset:
     return view
 
 
+def factorized_layers(model: nn.Module) -> list[LowRankConv2d | LowRankLinear]:
+    """The modules of `model` that hold a weight as factors."""
+    return [m for m in model.modules() if isinstance(m, (LowRankConv2d, LowRankLinear))]
+
+
+def _factor_parameters(layer: LowRankConv2d | LowRankLinear) -> list[nn.Parameter]:
+    return [p for name, p in layer.named_parameters(recurse=False) if name != "bias"]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or Adam with L2 weight decay; with `factor_decay="frobenius"` the factors of
+    factorized layers get none here: `frobenius_penalty` decays the product they form instead."""
     params = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if cfg.factor_decay == "frobenius":
+        factors = {id(p) for layer in factorized_layers(model) for p in _factor_parameters(layer)}
+        groups = [{"params": [p for p in params if id(p) not in factors]},
+                  {"params": [p for p in params if id(p) in factors], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.momentum > 0)
+
+
+def frobenius_penalty(model: nn.Module, weight_decay: float) -> Callable[[], torch.Tensor] | None:
+    """Frobenius decay (Khodak et al., ICLR 2021): weight_decay / 2 * sum ||W||_F^2 over the dense
+    weights W that factorized layers represent, instead of decaying each factor. Decaying U_out,
+    core and U_in separately penalizes W like a (quasi-)nuclear norm and keeps pushing its rank
+    down; decaying W itself regularizes the factorized layer as plain weight decay would the dense
+    one. None when the model has no factorized layer (nothing to add)."""
+    layers = factorized_layers(model)
+    if not layers or weight_decay == 0.0:
+        return None
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * weight_decay * sum((layer.dense_weight().float().pow(2).sum() for layer in layers),
+                                        torch.zeros((), device=next(model.parameters()).device))
+
+    return penalty
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
@@ -517,6 +556,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = make_scaler(device, cfg.amp)
+    extra_loss = _with_frobenius_decay(extra_loss, model, cfg)
     val_x, val_y = _stack(val_set, cfg.val_limit) if val_set is not None else (None, None)
     result = FitResult(model)
     best_state: dict[str, torch.Tensor] | None = None
@@ -590,6 +630,18 @@ def fit(
     result.seconds = time.perf_counter() - started
     model.eval()
     return result
+
+
+def _with_frobenius_decay(extra_loss: Callable[[], torch.Tensor] | None, model: nn.Module,
+                          cfg: TrainConfig) -> Callable[[], torch.Tensor] | None:
+    """`extra_loss` plus the Frobenius decay of factorized layers when the config asks for it."""
+    penalty = frobenius_penalty(model, cfg.weight_decay) if cfg.factor_decay == "frobenius" else None
+    if penalty is None:
+        return extra_loss
+    if extra_loss is None:
+        return penalty
+    first = extra_loss
+    return lambda: first() + penalty()
 
 
 def _state_payload(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,

@@ -102,3 +102,42 @@ def test_seed_spread_paired_differences() -> None:
     assert abs(stats["mean"] - 0.5) < 1e-12 and abs(stats["std"] - 0.1) < 1e-12
     assert parse_variant("cstar:rho=0.5+finetune_epochs=20") == (
         "cstar-rho0.5-finetune_epochs20", "cstar", {"rho": 0.5, "finetune_epochs": 20})
+
+
+def test_finished_compress_run_with_another_config_is_not_reused(tmp_path: Path) -> None:
+    """A run made with another configuration (here: before factor_decay existed, i.e. per-factor decay)
+    is refused, not reused."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.artifacts import compress_config_drift, run_or_reuse
+
+    stored = {"ratio": 8.0, "method": "cstar", "seed": 0, "finetune_epochs": 35, "device": "cpu"}
+    wanted = {"ratio": 8.0, "method": "cstar", "seed": 0, "finetune_epochs": 35, "device": "cuda",
+              "factor_decay": "frobenius"}
+    assert compress_config_drift(stored, wanted) == {"factor_decay": ("factors", "frobenius")}
+    assert compress_config_drift(stored, {**wanted, "factor_decay": "factors"}) == {}  # device is ignored
+    assert compress_config_drift(stored, {**wanted, "factor_decay": "factors", "seed": 1}) == {"seed": (0, 1)}
+    pruned = {**stored, "method": "prune"}
+    assert compress_config_drift(pruned, {**wanted, "method": "prune"}) == {}  # no factors: decay is moot
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(
+        {"schema_version": 1, "stage": "compress", "config": stored}))
+    with pytest.raises(SystemExit, match="factor_decay='factors' there, 'frobenius' wanted"):
+        run_or_reuse(tmp_path / "run", "compress", lambda: None, compress_config=wanted)
+
+
+def test_stage_made_from_changed_inputs_is_not_reused(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.artifacts import changed_inputs, run_or_reuse
+    from cstar.manifest import sha256_file
+
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(b"v1")
+    manifest = {"schema_version": 1, "stage": "export", "inputs": [{"path": str(source), "sha256": sha256_file(source)}]}
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
+    assert changed_inputs(manifest) == []
+    assert run_or_reuse(tmp_path / "export", "export", lambda: None).reused
+    source.write_bytes(b"v2")  # the source was made again
+    assert changed_inputs(manifest) == [str(source)]
+    with pytest.raises(SystemExit, match="inputs that have changed"):
+        run_or_reuse(tmp_path / "export", "export", lambda: None)

@@ -108,3 +108,13 @@ def test_distillation_is_recorded_and_validated(robust_digits_dir: Path, tmp_pat
     assert 0.0 <= before["val_robust"] <= before["val_clean"] <= 1.0
     with pytest.raises(CstarError, match="--distill"):
         CompressConfig(distill=1.5).validate()
+
+
+def test_frobenius_decay_is_recorded_and_validated(robust_digits_dir: Path, tmp_path: Path) -> None:
+    assert CompressConfig().factor_decay == "factors"
+    manifest = run_compress(robust_digits_dir, tmp_path / "c", ratio=3.0, method="cstar",
+                            config={**TINY, "eval_dense": False, "factor_decay": "frobenius"}, progress=False)
+    assert manifest["config"]["factor_decay"] == "frobenius"
+    assert manifest["compression"]["params_ratio"] >= 3.0
+    with pytest.raises(CstarError, match="--factor-decay"):
+        CompressConfig(factor_decay="nuclear").validate()

@@ -62,7 +62,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(digits: DataBundle,
 
 
 @pytest.mark.parametrize("overrides,match", [({"epochs": 0}, "epochs"), ({"eps": -1.0}, "eps"),
-                                             ({"method": "fgsm-magic"}, "method"), ({"optimizer": "lion"}, "optimizer")])
+                                             ({"method": "fgsm-magic"}, "method"), ({"optimizer": "lion"}, "optimizer"),
+                                             ({"factor_decay": "nuclear"}, "factor decay")])
 def test_config_validation(overrides: dict, match: str) -> None:
     with pytest.raises(CstarError, match=match):
         _config(**overrides).validate()
@@ -123,3 +124,42 @@ def test_teacher_mix_is_the_weighted_kl_and_zero_for_its_own_logits() -> None:
         Teacher(net, weight=1.5)
     with pytest.raises(CstarError, match="temperature"):
         Teacher(net, temperature=0.0)
+
+
+def _factorized_net() -> torch.nn.Sequential:
+    from cstar.lowrank import LowRankConv2d, LowRankLinear
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(LowRankConv2d(3, 6, (3, 3), (2, 2), padding=(1, 1)), torch.nn.BatchNorm2d(6),
+                               torch.nn.Flatten(), LowRankLinear(6 * 4 * 4, 5, 2))
+
+
+def test_frobenius_penalty_is_half_decay_times_squared_norm_of_the_represented_weights() -> None:
+    from cstar.train import frobenius_penalty
+
+    net = _factorized_net()
+    penalty = frobenius_penalty(net, 1e-2)
+    assert penalty is not None
+    expected = 0.5 * 1e-2 * (net[0].dense_weight().pow(2).sum() + net[3].dense_weight().pow(2).sum())
+    assert penalty().item() == pytest.approx(expected.item(), rel=1e-6)
+    # gradient on U (LowRankLinear W = U V): d/dU [wd/2 ||U V||^2] = wd * U V V^T
+    net.zero_grad()
+    penalty().backward()
+    u, v = net[3].u.detach(), net[3].v.detach()
+    assert torch.allclose(net[3].u.grad, 1e-2 * u @ v @ v.T, atol=1e-7)
+    assert frobenius_penalty(torch.nn.Sequential(torch.nn.Linear(3, 2)), 1e-2) is None  # nothing factorized
+    assert frobenius_penalty(net, 0.0) is None
+
+
+def test_frobenius_decay_moves_factor_decay_out_of_the_optimizer() -> None:
+    from cstar.train import make_optimizer
+
+    net = _factorized_net()
+    factors = {id(p) for layer in (net[0], net[3]) for n, p in layer.named_parameters() if n != "bias"}
+    plain = make_optimizer(net, _config(factor_decay="factors", weight_decay=1e-3))
+    assert [g["weight_decay"] for g in plain.param_groups] == [1e-3]
+    frob = make_optimizer(net, _config(factor_decay="frobenius", weight_decay=1e-3))
+    decay = {id(p): g["weight_decay"] for g in frob.param_groups for p in g["params"]}
+    assert len(decay) == sum(1 for _ in net.parameters())  # every parameter still trained
+    assert all(decay[i] == 0.0 for i in factors)
+    assert all(w == 1e-3 for i, w in decay.items() if i not in factors)  # BN, biases: plain decay
