@@ -28,6 +28,7 @@ from cstar.errors import CstarError
 
 METHODS = ("cstar", "prune", "lowrank-uniform")
 BUDGETS = ("params", "flops")
+FACTOR_DECAYS = ("factors", "frobenius")  # cstar.train.FACTOR_DECAYS, repeated so this module stays torch-free
 
 
 @dataclass
@@ -82,8 +83,9 @@ class CompressConfig:
             raise CstarError(f"workers must be >= 0, got {self.workers}", "pass --workers 0 or more")
         if not 0.0 <= self.distill <= 1.0:
             raise CstarError(f"--distill must be in [0, 1], got {self.distill}", "pass e.g. --distill 0.5 (0: off)")
-        if self.factor_decay not in ("factors", "frobenius"):
-            raise CstarError(f"unknown factor decay '{self.factor_decay}'", "pass --factor-decay factors or frobenius")
+        if self.factor_decay not in FACTOR_DECAYS:
+            raise CstarError(f"unknown factor decay '{self.factor_decay}'",
+                             f"pass --factor-decay {' or '.join(FACTOR_DECAYS)}")
         if not self.distill_temperature > 0.0:
             raise CstarError(f"--distill-temperature must be > 0, got {self.distill_temperature}",
                              "pass e.g. --distill-temperature 1")
@@ -119,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight in [0,1] of the dense model's soft labels on the PGD examples (every method; 0: off)")
     parser.add_argument("--distill-temperature", type=float, default=defaults.distill_temperature,
                         help="softmax temperature of the distillation term")
-    parser.add_argument("--factor-decay", choices=("factors", "frobenius"), default=defaults.factor_decay,
+    parser.add_argument("--factor-decay", choices=FACTOR_DECAYS, default=defaults.factor_decay,
                         help="weight decay of factorized layers in fine-tuning: on each factor, or on the product W "
                              "they form (Frobenius decay)")
     parser.add_argument("--rank-step", type=int, default=defaults.rank_step,

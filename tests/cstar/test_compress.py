@@ -111,7 +111,10 @@ def test_distillation_is_recorded_and_validated(robust_digits_dir: Path, tmp_pat
 
 
 def test_frobenius_decay_is_recorded_and_validated(robust_digits_dir: Path, tmp_path: Path) -> None:
+    from cstar import compress, train
+
     assert CompressConfig().factor_decay == "factors"
+    assert compress.FACTOR_DECAYS == train.FACTOR_DECAYS  # the torch-free copy matches
     manifest = run_compress(robust_digits_dir, tmp_path / "c", ratio=3.0, method="cstar",
                             config={**TINY, "eval_dense": False, "factor_decay": "frobenius"}, progress=False)
     assert manifest["config"]["factor_decay"] == "frobenius"
