@@ -3,8 +3,8 @@
 A finished stage directory (manifest.json present) is reused, so an interrupted benchmark resumes
 where it stopped; but never silently stale: a stage whose recorded input files now hash differently,
 or a compress run made with another configuration (a default changed since), stops the benchmark
-with an error naming the directory to delete. Wall time of every run made here is kept in `<dir>.timing.json` beside
-the directory, so reused runs still report how long they took.
+with an error naming the directory to delete. Wall time of every run made here is kept in
+`<dir>.timing.json` beside the directory, so reused runs still report how long they took.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def compress_config_drift(stored: dict[str, Any], config: dict[str, Any]) -> dic
     wanted = {**config_to_dict(CompressConfig()), **config}
     drift: dict[str, tuple[Any, Any]] = {}
     for key, value in wanted.items():
-        if value is None or key in COMPRESS_KEYS_IGNORED or (key == "factor_decay" and wanted["method"] == "prune"):
-            continue  # pruning leaves no factorized layer: the factor decay cannot change it
+        moot = key == "factor_decay" and wanted["method"] == "prune"  # pruning leaves no factorized layer
+        if value is None or key in COMPRESS_KEYS_IGNORED or moot:
+            continue
         old = stored.get(key, LEGACY_COMPRESS_VALUES.get(key, value))
         if old != value:
             drift[key] = (old, value)

@@ -54,7 +54,7 @@ class CompressConfig:
     optimizer: str = "sgd"
     batch_size: int = 64
     weight_decay: float = 5e-4
-    factor_decay: str = "factors"  # fine-tuning of factorized layers: decay each factor, or "frobenius" (their product W)
+    factor_decay: str = "factors"  # fine-tuning of factorized layers: decay each factor, or "frobenius" (W)
     val_fraction: float = 0.1
     eval_steps: int = 20
     eval_limit: int | None = None
@@ -384,7 +384,8 @@ class _Trainer:
 
         values: dict[str, Any] = {
             "epochs": epochs, "batch_size": self.cfg.batch_size, "lr": lr, "optimizer": self.cfg.optimizer,
-            "weight_decay": self.cfg.weight_decay, "factor_decay": self.cfg.factor_decay, "method": self.cfg.train_method, "eps": self.eps,
+            "weight_decay": self.cfg.weight_decay, "factor_decay": self.cfg.factor_decay,
+            "method": self.cfg.train_method, "eps": self.eps,
             "norm": self.norm, "train_steps": self.cfg.train_steps, "eval_steps": self.cfg.eval_steps,
             "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "device": self.cfg.device,
             "amp": self.cfg.amp, "channels_last": self.cfg.channels_last, "workers": self.cfg.workers,
