@@ -20,13 +20,14 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cstar.errors import CstarError
 
-METHODS = ("cstar", "prune", "lowrank-uniform")
+METHODS = ("cstar", "prune", "lowrank-uniform")  # the names of COMPRESSION_METHODS (a test checks they agree)
 BUDGETS = ("params", "flops")
 FACTOR_DECAYS = ("factors", "frobenius")  # cstar.train.FACTOR_DECAYS, repeated so this module stays torch-free
 
@@ -298,41 +299,82 @@ def _logger(progress: bool) -> Any:
 # ------------------------------------------------------------------------------------------ methods
 
 
+@dataclass
+class MethodResult:
+    """What a compression method returns: the model to fine-tune, manifest details, fine-tuning epochs."""
+
+    model: Any
+    details: dict[str, Any]
+    finetune_epochs: int
+
+
+def _cstar_method(model: Any, budget: Any, cfg: CompressConfig, trainer: _Trainer, log: Any) -> MethodResult:
+    """CSTAR: ADMM under the adversarial loss with global rank allocation, then Tucker-2 factorization."""
+    from cstar.admm import AdmmConfig, factorize_model, run_admm
+
+    admm_cfg = AdmmConfig(cfg.admm_epochs, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.sweeps,
+                          cfg.realloc_epochs, cfg.rank_step)
+    result = run_admm(model, budget, admm_cfg, trainer.admm_epoch(cfg.admm_epochs), progress=log.enabled)
+    compressed = factorize_model(result.model, result.allocation.ranks, cfg.sweeps)
+    details = {"allocation": _allocation_summary(result.allocation), "history": {"admm": result.history}}
+    return MethodResult(compressed, details, cfg.finetune_epochs)
+
+
+def _lowrank_uniform_method(model: Any, budget: Any, cfg: CompressConfig, trainer: _Trainer, log: Any
+                            ) -> MethodResult:
+    """Baseline: the same rank fraction in every layer, factorized at once, all epochs fine-tuning."""
+    from cstar.admm import allocate_for, factorize_model
+
+    allocation = allocate_for(model, budget, uniform=True)
+    compressed = factorize_model(model, allocation.ranks, cfg.sweeps)
+    return MethodResult(compressed, {"allocation": _allocation_summary(allocation), "history": {}}, cfg.total_epochs)
+
+
+def _prune_method(model: Any, budget: Any, cfg: CompressConfig, trainer: _Trainer, log: Any) -> MethodResult:
+    """Baseline: robust channel pruning to the same budget, all epochs fine-tuning."""
+    from cstar.baselines import prune_to_budget
+
+    pruned = prune_to_budget(model, budget.input_shape, cfg.ratio, cfg.by)
+    details = {"pruning": {"fraction": pruned.fraction, "kept": {k: list(v) for k, v in pruned.kept.items()}},
+               "history": {}}
+    return MethodResult(pruned.model, details, cfg.total_epochs)
+
+
+MethodFn = Callable[[Any, Any, CompressConfig, "_Trainer", Any], MethodResult]
+# The compression methods by name (timm-style registry); `METHODS` (the CLI choices) must list the same names.
+COMPRESSION_METHODS: dict[str, MethodFn] = {
+    "cstar": _cstar_method,
+    "prune": _prune_method,
+    "lowrank-uniform": _lowrank_uniform_method,
+}
+
+
+def compression_method(name: str) -> MethodFn:
+    """The registered method called `name`; a clear error listing the valid names otherwise."""
+    try:
+        return COMPRESSION_METHODS[name]
+    except KeyError:
+        raise CstarError(f"unknown compression method '{name}'",
+                         f"use one of: {', '.join(COMPRESSION_METHODS)}") from None
+
+
 def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: float, norm: str,
               log: Any) -> tuple[Any, dict[str, Any]]:
-    """Dispatch to the method; returns (compressed model, manifest details incl. 'ranks')."""
+    """Run the registered method; returns (compressed model, manifest details incl. 'ranks')."""
     import copy
 
     from cstar import distributed as dist
-    from cstar.admm import AdmmConfig, Budget, allocate_for, factorize_model, rank_map, run_admm
-    from cstar.baselines import prune_to_budget, pruned_rank_map
+    from cstar.admm import Budget, rank_map
+    from cstar.baselines import pruned_rank_map
     from cstar.ranks import first_and_last
 
+    method = compression_method(cfg.method)
     model = copy.deepcopy(dense).to(cfg.device)
     keep = first_and_last(model) if cfg.keep_first_last else ()
     budget = Budget(cfg.ratio, cfg.by, tuple(spec.input_shape), keep, cfg.rank_step)
     trainer = _Trainer(train_set, cfg, eps, norm, progress=log.enabled, teacher=_teacher(dense, cfg))
-    details: dict[str, Any] = {}
-    if cfg.method == "cstar":
-        admm_cfg = AdmmConfig(cfg.admm_epochs, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.sweeps,
-                              cfg.realloc_epochs, cfg.rank_step)
-        result = run_admm(model, budget, admm_cfg, trainer.admm_epoch(cfg.admm_epochs), progress=log.enabled)
-        compressed = factorize_model(result.model, result.allocation.ranks, cfg.sweeps)
-        details["allocation"] = _allocation_summary(result.allocation)
-        details["history"] = {"admm": result.history}
-        epochs = cfg.finetune_epochs
-    elif cfg.method == "lowrank-uniform":
-        allocation = allocate_for(model, budget, uniform=True)
-        compressed = factorize_model(model, allocation.ranks, cfg.sweeps)
-        details["allocation"] = _allocation_summary(allocation)
-        details["history"] = {}
-        epochs = cfg.total_epochs
-    else:
-        pruned = prune_to_budget(model, tuple(spec.input_shape), cfg.ratio, cfg.by)
-        compressed = pruned.model
-        details["pruning"] = {"fraction": pruned.fraction, "kept": {k: list(v) for k, v in pruned.kept.items()}}
-        details["history"] = {}
-        epochs = cfg.total_epochs
+    result = method(model, budget, cfg, trainer, log)
+    compressed, details, epochs = result.model, result.details, result.finetune_epochs
     dist.sync_module(compressed)  # rank 0's factors everywhere (GPU SVDs need not agree bit for bit)
     details["before_finetune"] = trainer.validate(compressed)
     log(f"{cfg.method}: factorized/pruned to {cfg.by} budget 1/{cfg.ratio:g}; fine-tuning {epochs} epochs")

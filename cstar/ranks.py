@@ -4,7 +4,8 @@ Each candidate layer l has normalized mode spectra e_l,m(k) = s_k^2 / sum_j s_j^
 unfoldings (m = out, in; a single spectrum for Linear). Keeping ranks (r_out, r_in) retains the
 energy proxy
     E_l(r_out, r_in) = (sum_{k<r_out} e_l,out(k)) * (sum_{k<r_in} e_l,in(k))      (1 = exact)
-Starting from rank 1 everywhere, the allocator repeatedly takes the single move (one rank step on
+Starting from the smallest rank on the grid everywhere (1, or `step` with a rank step: ranks are
+then multiples of `step` or a full dimension), the allocator repeatedly takes the single move (one rank step on
 one mode of one layer, or "keep this layer dense" once factorizing would cost as much as the
 dense layer) with the best marginal objective per marginal cost that still fits the budget.
 The objective is sum_l log E_l by default ("log": errors compound through depth, and it refuses
@@ -186,7 +187,7 @@ def _moves(
     for mode, full in enumerate(layer.full_ranks):
         if ranks[mode] >= full:
             continue
-        new = tuple(min(full, r + step) if m == mode else r for m, r in enumerate(ranks))
+        new = tuple(next_rank(r, step, full) if m == mode else r for m, r in enumerate(ranks))
         new_cost = layer.cost(new, by)
         if new_cost >= layer.dense_cost(by):
             moves.append(dense)
@@ -195,6 +196,16 @@ def _moves(
     if all(r >= f for r, f in zip(ranks, layer.full_ranks, strict=True)):
         moves.append(dense)
     return moves
+
+
+def next_rank(rank: int, step: int, full: int) -> int:
+    """The next rank on the grid {step, 2*step, ...} above `rank`, capped at the full dimension."""
+    return min(full, (rank // step + 1) * step)
+
+
+def start_ranks(layer: LayerBudget, step: int) -> Ranks:
+    """Smallest ranks on the grid: `step` per mode (the full dimension where that is smaller)."""
+    return tuple(min(step, full) for full in layer.full_ranks)
 
 
 def allocate(
@@ -210,19 +221,24 @@ def allocate(
         raise CstarError(f"unknown budget '{by}'", "use --by params or --by flops")
     if ratio < 1:
         raise CstarError(f"compression ratio must be >= 1, got {ratio}", "pass --ratio 2, 4, 8 ...")
+    if step < 1:
+        raise CstarError(f"rank step must be >= 1, got {step}", "pass --rank-step 1 (any rank) or e.g. 8")
     target = dense_total / ratio
     fixed = dense_total - sum(layer.dense_cost(by) for layer in layers)
     state: dict[str, Ranks | None] = {}
     for layer in layers:
-        ones = tuple(1 for _ in layer.full_ranks)
-        state[layer.name] = ones if layer.cost(ones, by) < layer.dense_cost(by) else None
+        smallest = start_ranks(layer, step)
+        state[layer.name] = smallest if layer.cost(smallest, by) < layer.dense_cost(by) else None
     by_name = {layer.name: layer for layer in layers}
     used = fixed + sum(_cost(by_name[n], r, by) for n, r in state.items())
     if used > target + 1e-9:
         best = dense_total / used
+        floor = "rank 1" if step == 1 else f"rank {step} (--rank-step {step})"
         raise CstarError(
-            f"a {by} ratio of {ratio:g} is not reachable: rank 1 in every factorizable layer gives at most {best:.2f}x",
-            f"pass --ratio {math.floor(best * 100) / 100:g} or less, or let the first/last layers be factorized",
+            f"a {by} ratio of {ratio:g} is not reachable: {floor} in every factorizable layer gives at most "
+            f"{best:.2f}x",
+            f"pass --ratio {math.floor(best * 100) / 100:g} or less"
+            + (", or a smaller --rank-step" if step > 1 else "") + ", or let the first/last layers be factorized",
         )
     while True:
         best_move: tuple[float, str, Ranks | None, int] | None = None

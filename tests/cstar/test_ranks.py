@@ -88,3 +88,35 @@ def test_budgets_from_model_match_counted_cost() -> None:
     assert [b.name for b in budgets] == ["2", "4"]
     assert budgets[0].in_positions == 64 and budgets[0].out_positions == 16
     assert budgets[0].cost((16, 32), "flops") > budgets[0].dense_cost("flops")
+
+
+@pytest.mark.parametrize("step", [4, 8])
+@pytest.mark.parametrize("by", ["params", "flops"])
+def test_rank_step_gives_true_multiples(step: int, by: str) -> None:
+    layers = [_layer("fast", 0.5, 36), _layer("slow", 0.95, 36), _layer("mid", 0.8, 20)]
+    dense_total = sum(layer.dense_cost(by) for layer in layers) + 500
+    allocation = allocate(layers, dense_total, 4.0, by, step=step)
+    assert allocation.total_cost <= dense_total / 4.0
+    ranks = [r for layer_ranks in allocation.ranks.values() if layer_ranks for r in layer_ranks]
+    assert ranks, "at 4x some layer must be factorized"
+    full = {36, 20}
+    assert all(r % step == 0 or r in full for r in ranks), ranks
+
+
+def test_rank_step_too_coarse_for_ratio_names_the_step() -> None:
+    layers = [_layer("a", 0.9, 16), _layer("b", 0.9, 16)]
+    dense_total = sum(layer.dense_cost("params") for layer in layers)
+    with pytest.raises(CstarError, match="rank-step 8"):
+        allocate(layers, dense_total, 10.0, "params", step=8)
+    with pytest.raises(CstarError, match="rank step must be >= 1"):
+        allocate(layers, dense_total, 2.0, "params", step=0)
+
+
+def test_compression_methods_registry_matches_cli_choices() -> None:
+    from cstar.compress import COMPRESSION_METHODS, METHODS, compression_method
+
+    assert tuple(COMPRESSION_METHODS) == METHODS
+    assert compression_method("prune") is COMPRESSION_METHODS["prune"]
+    with pytest.raises(CstarError, match="unknown compression method 'svd'") as info:
+        compression_method("svd")
+    assert "lowrank-uniform" in (info.value.hint or "")
