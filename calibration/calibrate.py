@@ -1,11 +1,13 @@
 """`cstar calibrate`: export dir -> INT8 explicit Q/DQ model, parity and robustness checked against FP32.
 
 Reads an export directory (model.onnx verified by sha256), builds a class-stratified calibration set
-from the TRAIN split (optionally part PGD on the PyTorch reference), quantizes with ONNX Runtime
-(symmetric int8 QDQ, per-channel weights), runs the TensorRT preflight, then measures INT8 against
-the FP32 ONNX model on a stratified subset of the TEST split: agreement, logit difference, clean
-accuracy and robust accuracy under PGD crafted on the PyTorch reference (transfer). Writes
-DIR/model.int8.onnx, then DIR/manifest.json last.
+from the TRAIN split (optionally part PGD on the PyTorch reference), quantizes with ONNX Runtime in
+the format `--target` runs fast (ort-cpu/openvino: U8S8 QDQ; tensorrt: symmetric S8S8 QDQ, then the
+TensorRT preflight; see calibration.quantize), then measures INT8 against the FP32 ONNX model on a
+stratified subset of the TEST split (on ONNX Runtime CPU): agreement, logit difference, clean accuracy
+and robust accuracy under PGD crafted on the PyTorch reference (transfer). Writes
+DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
+target, which `cstar build` checks against the backend.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from calibration.quantize import DEFAULT_TARGET, TARGETS
+from calibration.trt_check import PreflightReport, preflight
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import (
     MANIFEST_NAME,
@@ -43,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset the model was exported for (name or name:path)")
     parser.add_argument("--samples", type=int, required=True, help="calibration images from the TRAIN split")
     parser.add_argument("--method", choices=METHODS, default="minmax", help="activation range calibration")
+    parser.add_argument("--target", choices=TARGETS, default=DEFAULT_TARGET,
+                        help="runtime the INT8 model is for: ort-cpu and openvino get U8S8 Q/DQ, tensorrt "
+                             f"symmetric S8S8 Q/DQ (default {DEFAULT_TARGET})")
     parser.add_argument("--include-adversarial", dest="include_adversarial", type=float, default=0.0,
                         metavar="FRACTION", help="fraction of calibration images replaced by PGD examples (0..1)")
     parser.add_argument("--reference", default=None, metavar="CKPT_DIR",
@@ -52,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parity-samples", dest="parity_samples", type=int, default=512,
                         help="stratified TEST images for INT8-vs-FP32 parity and accuracy")
     parser.add_argument("--strict-trt", dest="strict_trt", action="store_true",
-                        help="fail (instead of warn) when the TensorRT preflight finds a problem")
+                        help="fail (instead of warn) when the TensorRT preflight finds a problem "
+                             "(--target tensorrt)")
     parser.add_argument("--out", required=True, help="output directory (model.int8.onnx + manifest.json)")
 
 
@@ -61,13 +69,14 @@ def main(args: argparse.Namespace) -> int:
     manifest = run_calibrate(
         args.from_dir, args.out, data=args.data, samples=args.samples, method=args.method,
         include_adversarial=args.include_adversarial, reference=args.reference, seed=args.seed,
-        parity_samples=args.parity_samples, strict_trt=args.strict_trt,
+        parity_samples=args.parity_samples, strict_trt=args.strict_trt, target=args.target,
     )
     metrics, parity = manifest["metrics"], manifest["parity"]
     robust = metrics.get("robust_acc")
     robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}, transfer PGD)"
                    if robust is not None else "")
-    print(f"wrote {Path(args.out) / INT8_NAME}: clean {metrics['clean_acc']:.4f} "
+    quant = manifest["quantization"]
+    print(f"wrote {Path(args.out) / INT8_NAME} ({quant['format']} for {quant['target']}): clean {metrics['clean_acc']:.4f} "
           f"(fp32 {metrics['fp32_clean_acc']:.4f}){robust_text}; agreement {parity['agreement']:.4f}, "
           f"max |dlogit| {parity['max_abs_diff']:.4g} on {parity['n']} test images")
     return 0
@@ -149,6 +158,22 @@ def _eval_set(spec: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.
     return images.numpy().astype(np.float32), labels.numpy().astype(np.int64), indices
 
 
+def _trt_preflight(model: Path, strict: bool, verbose: bool, warnings: list[str]) -> PreflightReport:
+    """TensorRT preflight of the S8S8 model: a GateFailure under --strict-trt, else a recorded warning."""
+    report = preflight(model)
+    if not report.ok:
+        text = "; ".join(report.problems)
+        if strict:
+            raise GateFailure(f"TensorRT preflight failed for the INT8 model: {text}",
+                              "fix the problems listed, or drop --strict-trt to keep an ORT-only artifact")
+        warnings.append(f"TensorRT preflight failed (artifact still runs on ONNX Runtime): {text}")
+        print(f"warning: TensorRT preflight failed: {text}", file=sys.stderr)
+    if verbose:
+        for line in report.warnings:
+            print(f"warning: trt preflight: {line}", file=sys.stderr)
+    return report
+
+
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
@@ -170,16 +195,23 @@ def run_calibrate(
     strict_trt: bool = False,
     per_channel: bool = True,
     verbose: bool = True,
+    target: str = DEFAULT_TARGET,
 ) -> dict[str, Any]:
-    """Quantize an export directory to INT8 (QDQ) into `out_dir`; return the manifest written."""
+    """Quantize an export directory to INT8 (QDQ, the format `target` runs fast) into `out_dir`.
+
+    Returns the manifest written.
+    """
     from calibration.calib_set import build_calibration_set, craft_pgd, load_reference
-    from calibration.quantize import quantize_int8
-    from calibration.trt_check import preflight
+    from calibration.quantize import quantize_for_target, target_format
     from cstar.data import DatasetSpec
 
     from_dir, out = Path(from_dir), Path(out_dir)
     if method not in METHODS:
         raise CstarError(f"unknown calibration method '{method}'", f"use one of: {', '.join(METHODS)}")
+    target_format(target)  # unknown target: clear error before any work
+    if strict_trt and target != "tensorrt":
+        raise CstarError(f"--strict-trt checks the TensorRT format, but --target is {target}",
+                         "add --target tensorrt, or drop --strict-trt")
     if samples <= 0:
         raise CstarError(f"--samples must be positive, got {samples}", "pass --samples 512 (or the train size)")
     export = read_manifest(from_dir, ("export",))
@@ -218,18 +250,9 @@ def run_calibrate(
     final = out / INT8_NAME
     placed = False
     try:
-        quant = quantize_int8(fp32_path, tmp, calib.images, method=method, per_channel=per_channel)
-        report = preflight(tmp)
-        if not report.ok:
-            text = "; ".join(report.problems)
-            if strict_trt:
-                raise GateFailure(f"TensorRT preflight failed for the INT8 model: {text}",
-                                  "fix the problems listed, or drop --strict-trt to keep an ORT-only artifact")
-            warnings.append(f"TensorRT preflight failed (artifact still runs on ONNX Runtime): {text}")
-            print(f"warning: TensorRT preflight failed: {text}", file=sys.stderr)
-        if verbose:
-            for line in report.warnings:
-                print(f"warning: trt preflight: {line}", file=sys.stderr)
+        quant = quantize_for_target(fp32_path, tmp, calib.images, target=target, method=method,
+                                    per_channel=per_channel)
+        trt_report = _trt_preflight(tmp, strict_trt, verbose, warnings) if target == "tensorrt" else None
 
         fp32_session, int8_session = _session(fp32_path), _session(tmp)
         fp32_logits, int8_logits = _run(fp32_session, eval_images), _run(int8_session, eval_images)
@@ -273,7 +296,7 @@ def run_calibrate(
         for key in ("params", "flops", "compression", "ranks", "classes", "input"):
             if key in export:
                 body[key] = export[key]
-        body["parity"] = {**parity, "against": "fp32-onnx"}
+        body["parity"] = {**parity, "against": "fp32-onnx", "runtime": "ort-cpu"}
         if parity_torch is not None:
             body["parity_torch"] = {**parity_torch, "against": "pytorch-reference"}
         body["onnx"] = {
@@ -286,6 +309,7 @@ def run_calibrate(
             "quant_format": "QDQ",
         }
         body["precision"] = "int8"
+        body["quantization"] = quant["quantization"]
         body["calibration"] = {
             "samples": int(len(calib)),
             "method": method,
@@ -296,13 +320,15 @@ def run_calibrate(
             "adversarial_attack": calib.attack,
             "seed": seed,
             "per_channel": per_channel,
-            "symmetric": True,
+            "symmetric": quant["symmetric"],
             "activation_type": quant["activation_type"],
             "weight_type": quant["weight_type"],
             "quantize_bias": quant["quantize_bias"],
             "eval_indices": [int(i) for i in eval_indices],
         }
-        body["trt_preflight"] = {"ok": report.ok, "problems": report.problems, "warnings": report.warnings}
+        if trt_report is not None:
+            body["trt_preflight"] = {"ok": trt_report.ok, "problems": trt_report.problems,
+                                     "warnings": trt_report.warnings}
         body["warnings"] = warnings
         write_manifest(out, "calibrate", body)
     except BaseException:

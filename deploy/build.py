@@ -1,9 +1,12 @@
 """`cstar build`: an export or calibrate directory -> a ready-to-run backend directory.
 
-ONNX Runtime backends get a copy of the ONNX model plus `build.json` (provider, provider and session
-options, batch range, versions); TensorRT gets `model.engine` built for this GPU. Either way the
-build opens the result once and runs a smoke inference, so a broken artifact fails here and not on
-the device. `manifest.json` (stage `build`) is written last; on any error no file is left behind.
+ONNX Runtime and OpenVINO backends get a copy of the ONNX model plus `build.json` (provider or device,
+provider/compile and session options, batch range, versions); TensorRT gets `model.engine` built for
+this GPU. Either way the build opens the result once and runs a smoke inference, so a broken artifact
+fails here and not on the device. An INT8 source must be in the format the backend runs correctly and
+fast (the calibrate manifest's `quantization.format`): U8S8 is refused for TensorRT (it takes symmetric
+int8 only), S8S8 for ort-cpu (ONNX Runtime's x86 kernels run it 2.4x slower than U8S8).
+`manifest.json` (stage `build`) is written last; on any error no file is left behind.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from cstar.manifest import (
     sha256_file,
     write_manifest,
 )
-from deploy.backends.registry import ORT_PROVIDERS, backend_names, create_runner, require_backend
+from deploy.backends.registry import (
+    OPENVINO_DEVICES,
+    ORT_PROVIDERS,
+    backend_names,
+    create_runner,
+    require_backend,
+    runner_class,
+)
 
 BUILD_INFO_NAME = "build.json"
 ENGINE_NAME = "model.engine"
@@ -35,9 +45,19 @@ TRT_CACHE_DIR = "trt_cache"
 PRECISIONS = ("fp32", "fp16", "int8")
 COPY_THROUGH = (
     "dataset", "model", "eps", "norm", "metrics", "params", "flops", "compression", "ranks", "parity",
-    "input", "classes", "onnx", "calibration",
+    "input", "classes", "onnx", "calibration", "quantization",
 )
-VERSION_PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cuda-bindings")
+VERSION_PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cuda-bindings",
+                    "openvino")
+# backend -> the `cstar calibrate --target` whose INT8 format it runs
+BACKEND_TARGETS = {
+    "ort-cpu": "ort-cpu", "ort-cuda": "tensorrt", "ort-trt": "tensorrt", "tensorrt": "tensorrt",
+    "openvino-cpu": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino",
+}
+_TRT_ONLY_SYMMETRIC = "needs symmetric int8 Q/DQ (int8 activations, every zero point 0): TensorRT takes nothing else"
+_ORT_CPU_S8S8_SLOW = ("would run it far slower than U8S8, on small models slower than FP32: ONNX Runtime's fast "
+                      "x86 INT8 kernels are U8S8 (1 thread, batch 1: ResNet-18 S8S8 8.4 ms, U8S8 3.5 ms, FP32 "
+                      "14.1 ms; small-resnet S8S8 0.33 ms, FP32 0.24 ms)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=64, help="largest batch the artifact accepts (default 64)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="default: the source's (int8 for calibrate, fp32 for export); fp16 for tensorrt/ort-trt")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: runtime's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ONNX Runtime intra-op / OpenVINO inference threads (default: runtime's)")
     parser.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
     parser.add_argument("--workspace", dest="workspace_mb", type=int, default=1024, help="TensorRT workspace MiB")
 
@@ -92,6 +113,50 @@ def _resolve_precision(backend: str, source_stage: str, source_precision: str, r
     raise CstarError(
         f"--precision {precision} does not match the {source_stage} model ({source_precision})",
         f"build from an export directory for fp32, or leave --precision out (uses {source_precision})",
+    )
+
+
+def int8_format(manifest: dict[str, Any]) -> str | None:
+    """The INT8 Q/DQ format of a calibrate manifest ('u8s8-qdq', 's8s8-qdq', ...); None when unrecorded."""
+    quant = manifest.get("quantization")
+    if isinstance(quant, dict) and quant.get("format"):
+        return str(quant["format"])
+    calib = manifest.get("calibration")
+    if isinstance(calib, dict) and "activation_type" in calib and "symmetric" in calib:
+        from calibration.quantize import format_name
+
+        return format_name(str(calib["activation_type"]), bool(calib["symmetric"]))
+    return None
+
+
+def _format_problem(fmt: str, backend: str) -> str | None:
+    """Why backend `backend` must not get an INT8 model in format `fmt` (None: fine)."""
+    if backend in ("tensorrt", "ort-trt") and fmt != "s8s8-qdq":
+        return _TRT_ONLY_SYMMETRIC
+    if backend == "ort-cpu" and fmt.startswith("s8s8"):
+        return _ORT_CPU_S8S8_SLOW
+    return None
+
+
+def check_int8_format(manifest: dict[str, Any], source_dir: Path, backend: str) -> None:
+    """Refuse an INT8 source whose format `backend` runs wrongly or slowly, naming both and the fix."""
+    fmt = int8_format(manifest)
+    if fmt is None:
+        return
+    problem = _format_problem(fmt, backend)
+    if problem is None:
+        return
+    quant = manifest.get("quantization")
+    target = quant.get("target") if isinstance(quant, dict) else None
+    made_for = f"calibrated for --target {target}" if target else "no calibration target recorded"
+    export_dir = next((str(Path(str(e["path"])).parent) for e in manifest.get("inputs", [])
+                       if isinstance(e, dict) and Path(str(e.get("path", ""))).name == MANIFEST_NAME), "EXPORT_DIR")
+    wanted = BACKEND_TARGETS.get(backend, "ort-cpu")
+    raise CstarError(
+        f"the INT8 model in {source_dir} is {fmt} ({made_for}), but backend '{backend}' {problem}",
+        f"run `cstar calibrate --from {export_dir} --target {wanted} ...` and build from its directory, "
+        f"or build this directory for a backend that runs {fmt}"
+        + (" (ort-cpu, openvino-cpu)" if fmt.startswith("u8s8") else " (tensorrt, ort-trt, openvino-cpu)"),
     )
 
 
@@ -194,6 +259,8 @@ def run_build(
             "pass the export or calibrate directory it was built from",
         )
     chosen = _resolve_precision(backend, source.stage, source.precision, precision)
+    if chosen == "int8":
+        check_int8_format(source.manifest, source_dir, backend)
     low, opt, high = _batch_range(tuple(batch_sizes), opt_batch)
     require_backend(backend)  # MissingDependencyError before any file is written
     if backend == "tensorrt":
@@ -210,6 +277,10 @@ def run_build(
             build_info, runner_options, model_name = _build_tensorrt(
                 source.model_path, out, chosen, low, opt, high, timing_cache, workspace_mb, written
             )
+        elif backend in OPENVINO_DEVICES:
+            build_info, runner_options, model_name = _build_openvino(
+                source.model_path, out, backend, chosen, low, opt, high, threads, written
+            )
         else:
             build_info, runner_options, model_name = _build_ort(
                 source.model_path, out, backend, chosen, low, opt, high, threads, workspace_mb, timing_cache,
@@ -221,6 +292,8 @@ def run_build(
         build_info["batch"] = {"min": lo, "opt": min(max(opt, lo), hi if hi is not None else opt),
                                "max": hi if hi is not None else high}
         build_info["input"] = smoke["input"]
+        if backend in OPENVINO_DEVICES:
+            build_info["execution_precisions"] = smoke["runner"].get("execution_precisions", {})
         build_info["versions"] = library_versions(VERSION_PACKAGES)
         atomic_write_json(out / BUILD_INFO_NAME, build_info)
         written.append(out / BUILD_INFO_NAME)
@@ -299,6 +372,38 @@ def _build_ort(
         "provider": ORT_PROVIDERS[backend],
         "provider_options": provider_options,
         "session_options": session_options,
+        "precision": precision,
+        "model_file": name,
+        "batch": {"min": low, "opt": opt, "max": high},
+        "runner_options": options,
+    }
+    return build_info, options, name
+
+
+def _build_openvino(
+    model: Path, out: Path, backend: str, precision: str, low: int, opt: int, high: int,
+    threads: int | None, written: list[Path],
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Copy the ONNX model (OpenVINO reads it directly); returns (build_info, runner options, file name).
+
+    The ONNX file, not an IR, so the one sha256 in the manifest covers everything the device loads.
+    """
+    name = model.name
+    dst = out / name
+    written.append(dst)
+    _copy_atomic(model, dst)
+    options: dict[str, Any] = {"min_batch": low, "opt_batch": opt, "max_batch": high,
+                               "inference_precision": "f32", "performance_hint": "LATENCY"}
+    if threads is not None:
+        options["intra_op_threads"] = int(threads)
+    runner = runner_class(backend)(dst, **options)
+    device = OPENVINO_DEVICES[backend]
+    build_info: dict[str, Any] = {
+        "backend": backend,
+        "provider": f"openvino:{device}",
+        "device": device,
+        "provider_options": runner.compile_config(),  # type: ignore[attr-defined]
+        "session_options": {"intra_op_threads": threads},
         "precision": precision,
         "model_file": name,
         "batch": {"min": low, "opt": opt, "max": high},

@@ -1,4 +1,4 @@
-"""Runtime backends (torch-free): ONNX Runtime (CPU, CUDA, TensorRT EP) and native TensorRT."""
+"""Runtime backends (torch-free): ONNX Runtime (CPU, CUDA, TensorRT EP), native TensorRT and OpenVINO."""
 
 from __future__ import annotations
 

@@ -16,7 +16,13 @@ BACKENDS: dict[str, tuple[str, str, str, str | None]] = {
     "ort-cuda": ("deploy.backends.ort", "OrtCudaRunner", "onnxruntime-gpu", "gpu"),
     "ort-trt": ("deploy.backends.ort", "OrtTensorrtRunner", "onnxruntime-gpu", "gpu"),
     "tensorrt": ("deploy.backends.tensorrt", "TensorrtRunner", "tensorrt", "tensorrt"),
+    "openvino-cpu": ("deploy.backends.openvino", "OpenvinoCpuRunner", "openvino", "openvino"),
+    "openvino-gpu": ("deploy.backends.openvino", "OpenvinoGpuRunner", "openvino", "openvino"),
+    "openvino-npu": ("deploy.backends.openvino", "OpenvinoNpuRunner", "openvino", "openvino"),
 }
+
+# OpenVINO device each openvino-* backend needs
+OPENVINO_DEVICES: dict[str, str] = {"openvino-cpu": "CPU", "openvino-gpu": "GPU", "openvino-npu": "NPU"}
 
 # ONNX Runtime execution provider each ort-* backend needs
 ORT_PROVIDERS: dict[str, str] = {
@@ -52,6 +58,8 @@ def backend_available(name: str) -> tuple[bool, str]:
                 "install onnxruntime-gpu"
             )
         return True, f"onnxruntime {onnxruntime.__version__} with {provider}"
+    if name in OPENVINO_DEVICES:
+        return _openvino_available(OPENVINO_DEVICES[name])
     if importlib.util.find_spec("tensorrt") is None:
         return False, "the tensorrt Python package is not installed"
     from deploy.backends.tensorrt import device_buffer_library
@@ -62,12 +70,31 @@ def backend_available(name: str) -> tuple[bool, str]:
     return True, f"tensorrt with {library} device buffers"
 
 
+def _openvino_available(device: str) -> tuple[bool, str]:
+    if importlib.util.find_spec("openvino") is None:
+        return False, "openvino is not installed"
+    from deploy.backends.openvino import available_devices, device_present, import_openvino
+
+    version = import_openvino().__version__
+    found = available_devices()
+    if not device_present(device, found):
+        return False, f"openvino {version} sees no {device} device (available: {', '.join(found) or 'none'})"
+    return True, f"openvino {version} with {device}"
+
+
 def require_backend(name: str) -> None:
-    """Raise MissingDependencyError (with the pip extra) when backend `name` cannot run here."""
+    """Raise MissingDependencyError (with the pip extra) when backend `name` cannot run here.
+
+    An installed OpenVINO without the device (GPU, NPU) is a CstarError: no pip install fixes that.
+    """
     ok, reason = backend_available(name)
     if ok:
         return
     _, _, package, extra = BACKENDS[name]
+    if name in OPENVINO_DEVICES and importlib.util.find_spec("openvino") is not None:
+        from deploy.backends.openvino import check_device
+
+        check_device(name, OPENVINO_DEVICES[name])
     if name == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
         raise MissingDependencyError("cuda-python", None, f"the '{name}' backend ({reason})")
     raise MissingDependencyError(package, extra, f"the '{name}' backend ({reason})")
