@@ -29,7 +29,15 @@ if __package__ in (None, ""):
 
 from benchmarks import compression_table  # noqa: E402
 from benchmarks.artifacts import ensure_dense, read_json  # noqa: E402
-from benchmarks.common import log, machine_info, markdown_table, run_cli, stopwatch, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_allow_dirty,
+    log,
+    machine_info,
+    markdown_table,
+    run_cli,
+    stopwatch,
+    write_results,
+)
 
 # Per dataset: eps (Linf, [0,1] pixels), model and width, whether to crop/flip, how results name it.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -85,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-name", default=None, help="with --collect: the GPU the runs used")
     parser.add_argument("--gpu-machine-cpus", type=int, default=None, help="with --collect: CPU cores of that machine")
     parser.add_argument("--seed", type=int, default=0)
+    add_allow_dirty(parser)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -203,6 +212,8 @@ def table_argv(args: argparse.Namespace, data_arg: str, dense_dir: Path, plan: d
         argv += ["--amp", "--channels-last"]
     if results_dir:
         argv += ["--results-dir", results_dir]
+    if args.allow_dirty:
+        argv.append("--allow-dirty")
     return argv
 
 
@@ -232,8 +243,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.collect)
     table_root = work / "table"
     dense = StageRun(work / "dense", read_manifest(work / "dense", ["train"]), timing_of(work / "dense"), True)
-    rows = [compression_table.dense_row(dense, read_json(table_root / "dense_eval.json")["metrics"],
-                                        read_json(table_root / "square" / "dense.json")["square"])]
+    rows = [compression_table.dense_row(dense, read_json(table_root / "dense_eval.json")["value"],
+                                        read_json(table_root / "square" / "dense.json")["value"])]
     missing = []
     methods = [m for m in args.methods.split(",") if m]
     for ratio in [float(r) for r in args.ratios.split(",") if r]:
@@ -244,7 +255,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                 missing.append(f"{method}-x{ratio:g}")
                 continue
             run = StageRun(found[-1], read_manifest(found[-1]), timing_of(found[-1]), True)
-            rows.append(compression_table.compressed_row(run, read_json(square)["square"]))
+            rows.append(compression_table.compressed_row(run, read_json(square)["value"]))
     cfg = next((r for r in rows[1:]), None)
     plan = {"dense_epochs": dense.manifest["config"]["epochs"],
             "admm_epochs": (cfg or {}).get("epochs", {}).get("admm"),
@@ -261,7 +272,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                "plan": plan, "budget_seconds": args.budget_seconds, "dense_seconds": dense.seconds,
                "eval": {"pgd_limit": rows[0]["n"], "square_samples": square["n"], "square_queries": square["queries"]},
                "epoch_seconds": epoch_times(dense.directory, table), **table}
-    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]}" + (f"; missing rows: {', '.join(missing)}" if missing else ""))
     return payload
 
@@ -306,7 +318,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": table["rows"], "comparison": table["comparison"], "missing": [],
         "seconds": round(total["seconds"], 1),
     }
-    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 

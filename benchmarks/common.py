@@ -1,8 +1,10 @@
 """Shared helpers of the benchmark scripts: machine info, result files, tables, paths, options.
 
-Every benchmark writes `benchmarks/results/NAME.json` (numbers, machine, versions) and `NAME.md`
-(the same numbers as Markdown tables); `--quick` runs write to `benchmarks/results/quick/` instead so
-they never clobber full results. Both files are written atomically (cstar.manifest).
+Every benchmark writes `benchmarks/results/NAME.json` (numbers, the command as run, the commit and
+whether the tree was dirty, machine, versions) and `NAME.md` (the same numbers as Markdown tables);
+`--quick` runs write to `benchmarks/results/quick/` instead so they never clobber full results. Full
+results are refused from a working tree with uncommitted changes unless `--allow-dirty`
+(benchmarks/check_results.py checks the files). Both files are written atomically (cstar.manifest).
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import argparse
 import datetime as _dt
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cstar.errors import CstarError
 from deploy.report import cpu_model  # torch-free; one definition for bench, verify and benchmarks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,16 +82,54 @@ def versions() -> dict[str, str]:
     return library_versions(VERSION_PACKAGES)
 
 
-def git_revision() -> dict[str, Any]:
-    """Commit of the working tree and whether it had local changes (best effort)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20,
-                              check=False).stdout.strip()
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20, check=False)
 
+
+def git_revision() -> dict[str, Any]:
+    """Commit of the working tree and whether it had local changes; None for both without git history.
+
+    Changes under benchmarks/results/ do not count: a benchmark run writes there itself (run_all's
+    second script would otherwise find the tree dirty with the first one's results)."""
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+        head = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--", ".", f":(exclude){RESULTS_DIR.relative_to(REPO_ROOT)}")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+    if head.returncode != 0 or status.returncode != 0:
+        return {"commit": None, "dirty": None}
+    changes = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+    return {"commit": head.stdout.strip(), "dirty": bool(changes), "changes": changes[:20]}
+
+
+def command_line() -> str:
+    """This process's command line as run (sys.argv), the script path relative to the repository."""
+    argv = list(sys.argv)
+    if argv:
+        script = Path(argv[0]).resolve()
+        argv[0] = str(script.relative_to(REPO_ROOT)) if script.is_relative_to(REPO_ROOT) else argv[0]
+    return shlex.join(["python", *argv])
+
+
+class DirtyTreeError(CstarError):
+    """Full results asked for from a working tree that no commit describes."""
+
+
+def require_clean_tree(quick: bool, allow_dirty: bool) -> dict[str, Any]:
+    """git_revision(); for full (non --quick) results without --allow-dirty, raise DirtyTreeError unless the
+    tree is a clean checkout of a commit (results must say which code made them)."""
+    revision = git_revision()
+    if quick or allow_dirty:
+        return revision
+    if revision["commit"] is None:
+        raise DirtyTreeError("no git history here: full benchmark results must record the commit that made them",
+                             "run from a git checkout, or pass --allow-dirty (the result file then has no commit)")
+    if revision["dirty"]:
+        shown = ", ".join(revision["changes"][:5]) + (", ..." if len(revision["changes"]) > 5 else "")
+        raise DirtyTreeError(f"the working tree has uncommitted changes ({shown}): full benchmark results must "
+                             "come from a commit", "commit the changes and run again, or pass --allow-dirty "
+                             "(the result file then says dirty: true)")
+    return revision
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -100,10 +143,12 @@ def results_dir(quick: bool, override: str | Path | None = None) -> Path:
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, quick: bool = False,
-                  directory: str | Path | None = None) -> tuple[Path, Path]:
-    """Write NAME.json (payload + machine + versions) and NAME.md atomically; returns both paths."""
+                  directory: str | Path | None = None, allow_dirty: bool = False) -> tuple[Path, Path]:
+    """Write NAME.json (payload + command, commit, machine, versions) and NAME.md atomically; returns both
+    paths. Full results from a dirty tree are refused (DirtyTreeError) unless `allow_dirty`."""
     from cstar.manifest import atomic_write_json, atomic_write_text
 
+    revision = require_clean_tree(quick, allow_dirty)
     out = results_dir(quick, directory)
     payload = dict(payload)
     full = {
@@ -111,9 +156,10 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, quick: bool
         "benchmark": name,
         "quick": quick,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "git": revision,
         "machine": payload.pop("machine", None) or machine_info(),
         "versions": versions(),
-        "git": git_revision(),
         **payload,
     }
     json_path = atomic_write_json(out / f"{name}.json", full)
@@ -134,7 +180,11 @@ def machine_markdown(result: dict[str, Any]) -> str:
     ]
     version_text = ", ".join(f"{k} {v}" for k, v in vers.items())
     when = f"Measured {result.get('created')}" + (" (quick mode)" if result.get("quick") else "")
-    return f"{when}. " + "; ".join(parts) + f". Versions: {version_text}.\n"
+    revision = result.get("git") or {}
+    commit = str(revision.get("commit") or "unknown")[:12]
+    state = {True: " with uncommitted changes", False: "", None: ""}.get(revision.get("dirty"), "")
+    made = f"Made by `{result['command']}` at commit {commit}{state}. " if result.get("command") else ""
+    return f"{when}. {made}" + "; ".join(parts) + f". Versions: {version_text}.\n"
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -213,6 +263,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.set_num_threads (default 1: on a shared few-core host more threads oversubscribe "
                              "and run many times slower; 0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    add_allow_dirty(parser)
+
+
+def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
+    """--allow-dirty: write full results from a tree with uncommitted changes (the file says so)."""
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="write full (non --quick) results even from a working tree with uncommitted changes "
+                             "(refused otherwise; the result file then records dirty: true)")
 
 
 def quick_epochs(args: argparse.Namespace) -> None:
@@ -254,8 +312,6 @@ def stopwatch() -> Iterator[dict[str, float]]:
 
 def log(message: str) -> None:
     """Progress line on stderr with a timestamp."""
-    import sys
-
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
@@ -263,9 +319,15 @@ def run_cli(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], 
             run: Callable[[argparse.Namespace], Any],
             resolve: Callable[[argparse.Namespace], argparse.Namespace] | None = None,
             argv: list[str] | None = None) -> int:
-    """The shared `main` of a benchmark script: parse, resolve defaults, run."""
+    """The shared `main` of a benchmark script: parse, resolve defaults, refuse a dirty tree for full
+    results before any work, run; a CstarError is printed as error:/fix: (exit status 2)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    run(resolve(args) if resolve is not None else args)
+    try:
+        require_clean_tree(bool(getattr(args, "quick", False)), bool(getattr(args, "allow_dirty", False)))
+        run(resolve(args) if resolve is not None else args)
+    except CstarError as exc:
+        print(f"error: {exc.message}" + (f"\nfix: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 2
     return 0

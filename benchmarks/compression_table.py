@@ -19,7 +19,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.artifacts import StageRun, ensure_compress, read_json, resolve_dense  # noqa: E402
+from benchmarks.artifacts import StageRun, cached_json, ensure_compress, resolve_dense  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     PAPER_CLAIM,
     add_common_arguments,
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--square-queries", type=int, default=None, help="Square query budget (default 1000; quick 50)")
     parser.add_argument("--square-samples", type=int, default=None,
                         help="stratified test images attacked with Square (default 200; quick 50)")
-    parser.add_argument("--square-p-init", type=float, default=0.05, help="Square initial square fraction")
+    parser.add_argument("--square-p-init", type=float, default=0.8, help="Square initial square fraction (AutoAttack's 0.8)")
     parser.add_argument("--device", default="auto", help="compress device: auto, cpu, cuda")
     parser.add_argument("--amp", action="store_true", help="compress with CUDA mixed precision")
     parser.add_argument("--channels-last", action="store_true", help="compress with channels_last on CUDA")
@@ -109,6 +109,11 @@ def eval_device(args: argparse.Namespace) -> Any:
     return resolve_device(args.device)
 
 
+def weights_file(model_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The weights file a train/compress manifest names."""
+    return model_dir / str(manifest["weights"]["file"])
+
+
 def dense_metrics(dense: StageRun, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     """Clean/PGD metrics of the dense model on compress's test set (manifest's when it matches)."""
     manifest = dense.manifest
@@ -117,36 +122,34 @@ def dense_metrics(dense: StageRun, args: argparse.Namespace, cache: Path) -> dic
     images, labels = test_subset(manifest["dataset"], args.eval_limit, args.seed)
     if args.eval_limit is None and metrics.get("n") == len(labels) and attack.get("steps") == args.eval_steps:
         return {**metrics, "source": "dense manifest"}
-    if cache.is_file() and read_json(cache).get("key") == _dense_key(dense, args):
-        return read_json(cache)["metrics"]
+    config = {"limit": args.eval_limit, "steps": args.eval_steps, "seed": args.seed}
+    return cached_json(cache, [weights_file(dense.directory, manifest)], config,
+                       lambda: _evaluate_dense(dense, images, labels, args))
+
+
+def _evaluate_dense(dense: StageRun, images: Any, labels: Any, args: argparse.Namespace) -> dict[str, Any]:
     from cstar.checkpoint import load_checkpoint
-    from cstar.manifest import atomic_write_json
     from cstar.train import evaluate
 
+    manifest = dense.manifest
     model, _ = load_checkpoint(dense.directory, eval_device(args))
     result = evaluate(model, images, labels, float(manifest.get("eps", 0.0)), steps=args.eval_steps,
                       norm=str(manifest.get("norm", "linf")))
-    result = {**{k: result[k] for k in ("clean_acc", "robust_acc", "attack", "n")}, "source": "evaluated here"}
-    atomic_write_json(cache, {"key": _dense_key(dense, args), "metrics": result})
-    return result
-
-
-def _dense_key(dense: StageRun, args: argparse.Namespace) -> dict[str, Any]:
-    return {"weights": dense.manifest["weights"]["sha256"], "limit": args.eval_limit, "steps": args.eval_steps,
-            "seed": args.seed}
+    return {**{k: result[k] for k in ("clean_acc", "robust_acc", "attack", "n")}, "source": "evaluated here"}
 
 
 def square_metrics(model_dir: Path, manifest: dict[str, Any], args: argparse.Namespace,
                    cache_dir: Path) -> dict[str, Any]:
     """Square robust accuracy of the PyTorch model on a stratified test subset (cached per weights)."""
-    key = {"weights": manifest["weights"]["sha256"], "queries": args.square_queries,
-           "samples": args.square_samples, "p_init": args.square_p_init, "seed": args.seed}
-    cache = cache_dir / f"{model_dir.name}.json"
-    if cache.is_file() and read_json(cache).get("key") == key:
-        return read_json(cache)["square"]
+    config = {"queries": args.square_queries, "samples": args.square_samples, "p_init": args.square_p_init,
+              "seed": args.seed}
+    return cached_json(cache_dir / f"{model_dir.name}.json", [weights_file(model_dir, manifest)], config,
+                       lambda: _square(model_dir, manifest, args))
+
+
+def _square(model_dir: Path, manifest: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from cstar.attacks import torch_predict_fn
     from cstar.checkpoint import load_checkpoint
-    from cstar.manifest import atomic_write_json
     from cstar.square import square_attack
 
     images, labels = test_subset(manifest["dataset"], args.square_samples, args.seed)
@@ -154,10 +157,8 @@ def square_metrics(model_dir: Path, manifest: dict[str, Any], args: argparse.Nam
     with stopwatch() as t:
         result = square_attack(torch_predict_fn(model), images.numpy(), labels.numpy(), float(manifest["eps"]),
                                n_queries=args.square_queries, p_init=args.square_p_init, seed=args.seed)
-    square = {"robust_acc": result.robust_acc, "queries": args.square_queries, "n": int(labels.shape[0]),
-              "mean_queries": result.mean_queries, "p_init": args.square_p_init, "seconds": round(t["seconds"], 2)}
-    atomic_write_json(cache, {"key": key, "square": square})
-    return square
+    return {"robust_acc": result.robust_acc, "queries": args.square_queries, "n": int(labels.shape[0]),
+            "mean_queries": result.mean_queries, "p_init": args.square_p_init, "seconds": round(t["seconds"], 2)}
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -276,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows, "comparison": comparison(rows), "paper_claim": PAPER_CLAIM,
         "seconds": round(total["seconds"], 1),
     }
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 

@@ -28,8 +28,6 @@ from benchmarks.artifacts import (  # noqa: E402
     ensure_calibrate,
     ensure_compress,
     ensure_export,
-    find_compress,
-    read_json,
     resolve_dense,
     timing_of,
 )
@@ -98,16 +96,10 @@ def rank_step_supported() -> bool:
 
 
 def rank_step_run(dense: StageRun, compress_root: Path, args: argparse.Namespace) -> StageRun | None:
-    """CSTAR at --rank-step-ratio with rank_step = --rank-step, same epochs as the rank_step-1 run."""
+    """CSTAR at --rank-step-ratio with rank_step = --rank-step, otherwise the rank_step-1 run's config."""
     if not args.rank_step or args.rank_step == 1 or not rank_step_supported():
         return None
-    base = find_compress(compress_root, "cstar", args.rank_step_ratio)
-    config = own_compress_config(args)
-    if base is not None:
-        base_cfg = read_json(base / "manifest.json")["config"]
-        for key in ("admm_epochs", "finetune_epochs", "eval_limit", "eval_steps", "by"):
-            config[key] = base_cfg[key]
-    config["rank_step"] = args.rank_step
+    config = {**own_compress_config(args), "rank_step": args.rank_step}
     return ensure_compress(dense.directory, compress_root, "cstar", args.rank_step_ratio, config)
 
 
@@ -263,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "available": stepped is not None}
     if stepped is not None:
         rank_block["models"] = [step_key, f"{step_key}-step{args.rank_step}"]
-        rank_block["how"] = "CompressConfig.rank_step via run_compress(config=...); no `cstar compress` CLI flag"
+        rank_block["how"] = "cstar compress --rank-step N (CompressConfig.rank_step)"
     else:
         rank_block["reason"] = ("not available: cstar compress has no rank-rounding option" if not rank_step_supported()
                                 else "skipped (--rank-step 0 or 1)")
@@ -273,7 +265,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "parity_samples": args.parity_samples, "backend": "ort-cpu",
                           "torch_threads": args.torch_threads},
                "rows": rows, "rank_step": rank_block, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 

@@ -19,7 +19,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.artifacts import (  # noqa: E402
+    Expect,
     StageRun,
+    cached_json,
+    check_reusable,
     compressed_set,
     ensure_attackset,
     ensure_calibrate,
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, help="attack set size, stratified (200; quick 50)")
     parser.add_argument("--square-queries", type=int, default=None, help="Square queries (1000; quick 50)")
     parser.add_argument("--square-samples", type=int, default=None, help="examples attacked by Square (200; quick 50)")
-    parser.add_argument("--square-p-init", type=float, default=0.05, help="Square initial square fraction")
+    parser.add_argument("--square-p-init", type=float, default=0.8, help="Square initial square fraction (AutoAttack's 0.8)")
     parser.add_argument("--calib-samples", type=int, default=None, help="INT8 calibration images (256; quick 64)")
     parser.add_argument("--parity-samples", type=int, default=None, help="calibrate's eval images (200; quick 50)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1; 0 = ORT's)")
@@ -84,30 +87,31 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def pytorch_square(model_dir: Path, set_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Square on the PyTorch model over the subset verify attacks (same seed, queries, p_init); cached."""
+    from deploy.attackset import SET_FILE
+
+    weights = model_dir / read_json(model_dir / "manifest.json")["weights"]["file"]
+    config = {"queries": args.square_queries, "samples": args.square_samples, "p_init": args.square_p_init,
+              "seed": args.seed, "started_from_transfer": True}
+    return cached_json(set_dir.parent / "pytorch_square.json", [set_dir / SET_FILE, weights], config,
+                       lambda: _pytorch_square(model_dir, set_dir, args))
+
+
+def _pytorch_square(model_dir: Path, set_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from cstar.attacks import torch_predict_fn
     from cstar.checkpoint import load_checkpoint
-    from cstar.manifest import atomic_write_json
     from cstar.square import square_attack
     from deploy.verify import load_attackset, stratified_subset
 
-    attack_set = load_attackset(set_dir)
-    key = {"set": attack_set.sha256, "weights": read_json(model_dir / "manifest.json")["weights"]["sha256"],
-           "queries": args.square_queries, "samples": args.square_samples, "p_init": args.square_p_init,
-           "seed": args.seed}
-    cache = set_dir.parent / "pytorch_square.json"
-    if cache.is_file() and read_json(cache).get("key") == key and "worst_case_robust_acc" in read_json(cache)["square"]:
-        return read_json(cache)["square"]
     log(f"{model_dir.name}: PyTorch Square")
+    attack_set = load_attackset(set_dir)
     subset = stratified_subset(attack_set.labels, min(args.square_samples, attack_set.n), args.seed)
     model, _ = load_checkpoint(model_dir)
+    starts = [attack_set.adv[a][subset] for a in sorted(attack_set.adv)]  # as verify: from the transfer examples
     result = square_attack(torch_predict_fn(model), attack_set.x[subset], attack_set.labels[subset],
                            float(attack_set.manifest["eps"]), n_queries=args.square_queries,
-                           p_init=args.square_p_init, seed=args.seed)
-    square = {"queries": args.square_queries, "robust_acc": result.robust_acc, "n": int(subset.size),
-              "mean_queries": result.mean_queries,
-              "worst_case_robust_acc": worst_case(attack_set, subset, ~result.success)}
-    atomic_write_json(cache, {"key": key, "square": square})
-    return square
+                           p_init=args.square_p_init, seed=args.seed, x_init=starts or None)
+    return {"queries": args.square_queries, "robust_acc": result.robust_acc, "n": int(subset.size),
+            "mean_queries": result.mean_queries, "worst_case_robust_acc": worst_case(attack_set, subset, ~result.success)}
 
 
 def worst_case(attack_set: Any, subset: Any, square_robust: Any) -> float:
@@ -119,17 +123,43 @@ def worst_case(attack_set: Any, subset: Any, square_robust: Any) -> float:
     return float(alive.mean()) if alive.size else 0.0
 
 
+def report_expect(artifact_dir: Path, set_dir: Path, args: argparse.Namespace) -> Expect:
+    """What a verify report must match to be reused: this artifact and attack set, this Square budget."""
+    set_n = int(read_json(set_dir / "manifest.json")["set"]["n"])
+    config: dict[str, Any] = {"backend": "ort-cpu", "artifact.path": str(artifact_dir.resolve()),
+                              "set.path": str(set_dir.resolve())}
+    if args.square_queries > 0 and min(args.square_samples, set_n) > 0:
+        config.update({"metrics.runtime.square.queries": args.square_queries,
+                       "metrics.runtime.square.n": min(args.square_samples, set_n),
+                       "metrics.runtime.square.p_init": args.square_p_init,
+                       "metrics.runtime.square.seed": args.seed,
+                       "metrics.runtime.square.restarts": 1,
+                       "metrics.runtime.square.started_from_transfer": True})
+    else:
+        config["metrics.runtime.square"] = None
+    return Expect(config=config)
+
+
+def report_inputs(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The files a verify report was made from, with the sha256 it recorded: the model, the attack set."""
+    from deploy.attackset import SET_FILE
+
+    artifact, attack_set = report.get("artifact") or {}, report.get("set") or {}
+    return [{"path": str(Path(str(artifact.get("path", ""))) / str(artifact.get("model", ""))),
+             "sha256": artifact.get("sha256")},
+            {"path": str(Path(str(attack_set.get("path", ""))) / SET_FILE), "sha256": attack_set.get("sha256")}]
+
+
 def verify(artifact_dir: Path, set_dir: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """run_verify on ort-cpu (reused when report.json exists with the same Square budget)."""
+    """run_verify on ort-cpu; a finished report is reused only if it passes the same check as a stage
+    directory (its artifact and attack set unchanged, the same Square budget), else StaleWork."""
     from deploy.verify import run_verify
 
     report_path = out / "report.json"
     if report_path.is_file():
         report = read_json(report_path)
-        square = report["metrics"]["runtime"].get("square") or {}
-        wanted_n = min(args.square_samples, int(report["set"]["n"]))
-        if square.get("queries") == args.square_queries and square.get("n") == wanted_n:
-            return report
+        check_reusable(out, report, report_inputs(report), report_expect(artifact_dir, set_dir, args))
+        return report
     log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} (Square {args.square_queries} queries)")
     return run_verify(artifact_dir, set_dir, out, backend="ort-cpu", square_queries=args.square_queries,
                       square_samples=args.square_samples, square_p_init=args.square_p_init, seed=args.seed,
@@ -213,7 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "calib_samples": args.calib_samples, "threads": args.threads, "backend": "ort-cpu",
                           "seed": args.seed, "torch_threads": args.torch_threads},
                "rows": rows, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 

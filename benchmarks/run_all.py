@@ -20,13 +20,16 @@ if __package__ in (None, ""):
 
 from benchmarks.common import (  # noqa: E402
     REPO_ROOT,
+    add_allow_dirty,
     log,
     machine_info,
     markdown_table,
+    require_clean_tree,
     result_name,
     stopwatch,
     write_results,
 )
+from cstar.errors import CstarError  # noqa: E402
 
 SCRIPTS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness")
 
@@ -36,21 +39,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="CI-sized runs (results in benchmarks/results/quick/)")
     parser.add_argument("--data", default="digits", help="digits (default) or fashion-mnist:/dir")
     parser.add_argument("--dense-dir", default=None, help="existing dense train-stage directory to reuse")
+    parser.add_argument("--dense-epochs", type=int, default=None,
+                        help="epochs of the dense model trained here (default: the dataset's; quick: 1)")
     parser.add_argument("--work", default=None, help="shared working directory")
     parser.add_argument("--results-dir", default=None, help="where the result files go")
     parser.add_argument("--only", default=",".join(SCRIPTS), help="comma-separated subset of the scripts, in order")
     parser.add_argument("--extra", action="append", default=[], metavar="SCRIPT:ARGS",
                         help="extra arguments for one script, e.g. 'compression_table:--ratios 4,8'")
+    add_allow_dirty(parser)
 
 
 def script_argv(name: str, args: argparse.Namespace) -> list[str]:
     """Command line of one script."""
     argv = [sys.executable, str(REPO_ROOT / "benchmarks" / f"{name}.py"), "--data", args.data]
-    for flag, value in (("--dense-dir", args.dense_dir), ("--work", args.work), ("--results-dir", args.results_dir)):
-        if value:
-            argv += [flag, value]
+    for flag, value in (("--dense-dir", args.dense_dir), ("--work", args.work), ("--results-dir", args.results_dir),
+                        ("--dense-epochs", args.dense_epochs)):
+        if value is not None:
+            argv += [flag, str(value)]
     if args.quick:
         argv.append("--quick")
+    if args.allow_dirty:
+        argv.append("--allow-dirty")
     for extra in args.extra:
         target, _, rest = extra.partition(":")
         if target == name:
@@ -73,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        require_clean_tree(args.quick, args.allow_dirty)  # before any work, not after the last script
+    except CstarError as exc:
+        print(f"error: {exc.message}\nfix: {exc.hint}", file=sys.stderr)
+        return 2
     machine = {**machine_info(), "torch_threads": "per script (each sets --torch-threads, default 1)"}
     runs: list[dict[str, Any]] = []
     with stopwatch() as total:
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = f"## Benchmark run times ({args.data})\n\nTotal {total['seconds']:.0f}s.\n\n" + table
     write_results(result_name("run_all", args.data), {"machine": machine, "data": args.data, "runs": runs,
                                                       "seconds": round(total["seconds"], 1)},
-                  markdown, args.quick, args.results_dir)
+                  markdown, args.quick, args.results_dir, allow_dirty=args.allow_dirty)
     failed = [r for r in runs if r["exit_code"] != 0]
     return 1 if failed else 0
 

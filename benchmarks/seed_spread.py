@@ -22,8 +22,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.artifacts import StageRun, run_or_reuse  # noqa: E402
+from benchmarks.artifacts import StageRun, compress_expect, run_or_reuse  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    add_allow_dirty,
     log,
     machine_info,
     markdown_table,
@@ -53,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="result file stem (default seed_spread_<data>)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="1 ADMM + 0 fine-tune epochs, 100 test images")
+    add_allow_dirty(parser)
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -106,7 +108,7 @@ def compress_row(label: str, method: str, overrides: dict[str, Any], seed: int, 
     config = {"ratio": args.ratio, "method": method, "seed": seed, "eval_dense": False, **quick, **overrides}
     done = run_or_reuse(out, f"{label} seed {seed}",
                         functools.partial(run_compress, dense.directory, out, config=config, progress=False),
-                        compress_config=config)
+                        compress_expect(config, dense.directory))
     metrics, ratios = done.manifest["metrics"], done.manifest["compression"]
     log(f"{label} seed {seed}: clean {pct(metrics['clean_acc'])} robust {pct(metrics['robust_acc'])}")
     return {"variant": label, "seed": seed, "clean_acc": metrics["clean_acc"], "robust_acc": metrics["robust_acc"],
@@ -155,7 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "ratio": args.ratio, "versus": args.versus, "rows": rows, "summary": summary,
                "seconds": round(total["seconds"], 1)}
     name = args.name or f"{BENCHMARK}_{first['dataset']['name']}"
-    paths = write_results(name, payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(name, payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 

@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload = {"machine": machine, "data": args.data, "dense_dir": str(dense.directory), "epochs": epochs,
                "recipe": setup.recipe(), "rows": rows, "compress_runs": compress_runs(table_root / "compress"),
                "torch_threads": args.torch_threads, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir)
+    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
+                          allow_dirty=args.allow_dirty)
     log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 

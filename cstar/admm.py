@@ -193,10 +193,12 @@ def run_admm(
     """
     from tqdm import tqdm
 
+    from cstar.train import progress_bars
+
     allocation = allocate_for(model, budget)
     state = AdmmState.start(model, allocation, config.rho, config.sweeps)
     history: list[dict[str, Any]] = []
-    bar = tqdm(range(config.epochs), desc="admm", unit="epoch", disable=not progress or not dist.is_main(), leave=False)
+    bar = tqdm(range(config.epochs), desc="admm", unit="epoch", disable=not progress_bars(progress), leave=False)
     for epoch in bar:
         stats = train_one_epoch(model, state.penalty, epoch)
         if epoch < config.realloc_epochs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import pickle
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -395,7 +396,8 @@ def _load_image_tree_cached(split_dir_name: str, _mtime_ns: int, classes: tuple[
     if not files:
         raise CstarError(f"no images found under {split_dir}", f"expected {split_dir}/<class>/<image>.png|jpg")
     arrays = []
-    for path, _ in tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=len(files) < 2000):
+    bars = len(files) >= 2000 and sys.stderr.isatty()  # a terminal only: no carriage-return frames in logs
+    for path, _ in tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=not bars):
         with Image.open(path) as image:
             rgb = image.convert("RGB")
             if size is not None and rgb.size != (size, size):

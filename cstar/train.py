@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -332,6 +333,16 @@ class EpochProgress:
     seconds: float = 0.0
 
 
+def progress_bars(progress: bool) -> bool:
+    """Whether to draw tqdm bars: asked for, on the main rank, and stderr is a terminal a person watches.
+
+    Redirected to a file (`make demo > log`), a bar is thousands of carriage-return frames; there the
+    one line per epoch that `fit` prints is the progress report.
+    """
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(progress and dist.is_main() and callable(isatty) and isatty())
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -358,7 +369,7 @@ def train_epoch(
     scaler = scaler if scaler is not None else make_scaler(device, cfg.amp)
     state = copy.copy(start) if start is not None else EpochProgress()
     seen_before, started = state.seen, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress or not dist.is_main(), unit="batch")
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress_bars(progress), unit="batch")
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last and device.type == "cuda":

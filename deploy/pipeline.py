@@ -70,7 +70,7 @@ class CalibrateSection:
 class VerifySection:
     backends: list[str] = field(default_factory=lambda: ["ort-cpu"])
     samples: int = 300
-    square_queries: int = 300
+    square_queries: int = 1000
     max_robust_drop: float = 2.0
     extra_args: list[str] = field(default_factory=list)
 

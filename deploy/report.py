@@ -170,29 +170,51 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def _attacks_run(side: dict[str, Any]) -> str:
+    """'fgsm, pgd, square': the attacks behind a side's worst case."""
+    names = [*sorted(side["transfer"]), *(["square"] if side.get("square") else [])]
+    return ", ".join(names) or "no attack"
+
+
 def _side_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    """Rows reference vs runtime: clean, the worst case (headline), then each attack and the parity numbers."""
     ref, run = metrics["reference"], metrics["runtime"]
-    rows: list[list[Any]] = [["clean accuracy", _pct(ref["clean_acc"]), _pct(run["clean_acc"])],
-                             ["agreement with reference", _pct(ref["agreement"]), _pct(run["agreement"])],
-                             ["max abs logit diff", ref["max_abs_diff"], run["max_abs_diff"]]]
+    rows: list[list[Any]] = [
+        ["clean accuracy", _pct(ref["clean_acc"]), _pct(run["clean_acc"])],
+        [f"worst-case robust (per example; reference: {_attacks_run(ref)}; runtime: {_attacks_run(run)})",
+         _pct(ref["worst_case_robust_acc"]), _pct(run["worst_case_robust_acc"])],
+    ]
     for attack in sorted(set(ref["transfer"]) | set(run["transfer"])):
         rows.append([f"robust ({attack}, transfer)", _pct(ref["transfer"].get(attack)), _pct(run["transfer"].get(attack))])
     ref_sq, run_sq = ref.get("square") or {}, run.get("square") or {}
     label = f"robust (square, {run_sq.get('queries', 0)} queries, n={run_sq.get('n', '-')})"
     rows.append([label, _pct(ref_sq.get("robust_acc")), _pct(run_sq.get("robust_acc"))])
-    rows.append(["worst-case robust", _pct(ref["worst_case_robust_acc"]), _pct(run["worst_case_robust_acc"])])
+    rows += [["agreement with reference", _pct(ref["agreement"]), _pct(run["agreement"])],
+             ["max abs logit diff", ref["max_abs_diff"], run["max_abs_diff"]]]
     return rows
 
 
-def report_markdown(report: dict[str, Any]) -> str:
-    """report.md: metrics reference vs runtime, gate checks, warnings, environment."""
+def verdict_line(report: dict[str, Any]) -> str:
+    """The first line of report.md: gate result, what ran where, worst-case robust and clean accuracy."""
+    run = report["metrics"]["runtime"]
+    artifact = report["artifact"]
+    name = Path(str(artifact.get("path", "?"))).name
+    precision = f", {artifact['precision']}" if artifact.get("precision") else ""
     status = "PASSED" if report["passed"] else "FAILED (" + ", ".join(report["failed_checks"]) + ")"
+    n = run.get("worst_case_n", run.get("n"))
+    return (f"**{status}**: `{name}`{precision} on {report['backend']}: robust **{_pct(run['worst_case_robust_acc'])}** "
+            f"(worst case over {_attacks_run(run)}{f'; n={n}' if n is not None else ''}), "
+            f"clean {_pct(run['clean_acc'])}, agreement with the reference {_pct(run['agreement'])}")
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: the verdict first, then metrics reference vs runtime, gate checks, warnings, environment."""
     parts = [
         f"# cstar verify: {report['backend']}\n",
+        verdict_line(report) + "\n",
         f"- artifact: `{report['artifact']['path']}` (sha256 `{report['artifact']['sha256'][:12]}`)",
         f"- set: `{report.get('set', {}).get('path', '-')}` (n={report.get('set', {}).get('n', '-')}), "
-        f"eps={report.get('eps', '-')}",
-        f"- gate: **{status}**\n",
+        f"eps={report.get('eps', '-')}\n",
         "## Accuracy and robustness\n",
         markdown_table(["metric", "reference (PyTorch)", f"runtime ({report['backend']})"], _side_rows(report["metrics"])),
         "## Gate checks\n",
@@ -211,26 +233,21 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def _bars(metrics: dict[str, Any]) -> tuple[list[str], list[float | None], list[float | None]]:
     ref, run = metrics["reference"], metrics["runtime"]
-    names = ["clean", *sorted(run["transfer"]), "square", "worst-case"]
+    names = ["clean", "worst case", *[f"{a}\n(transfer)" for a in sorted(run["transfer"])], "square\n(black-box)"]
     values = []
     for side in (ref, run):
         square = (side.get("square") or {}).get("robust_acc")
-        values.append([side["clean_acc"], *[side["transfer"].get(a) for a in sorted(run["transfer"])], square,
-                       side["worst_case_robust_acc"]])
+        values.append([side["clean_acc"], side["worst_case_robust_acc"],
+                       *[side["transfer"].get(a) for a in sorted(run["transfer"])], square])
     return names, values[0], values[1]
 
 
-def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
-    """Bar chart reference vs runtime (clean, transfer attacks, square, worst case); None without matplotlib."""
-    try:
-        import matplotlib
+def plot_figure(report: dict[str, Any]) -> Any:
+    """Bar chart reference vs runtime (clean, worst case, transfer attacks, square); legend below the axes."""
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     names, ref, run = _bars(report["metrics"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.38
     for offset, values, label in ((-width / 2, ref, "reference (PyTorch)"), (width / 2, run, report["backend"])):
         xs = [i + offset for i, v in enumerate(values) if v is not None]
@@ -238,12 +255,26 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"verify on {report['backend']} (eps={report.get('eps', '?')})")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"verify on {report['backend']} (eps={report.get('eps', '?')}); worst case = per example, every attack",
+                 fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
+    """report.png (see plot_figure); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig = plot_figure(report)
     tmp = atomic_target(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)

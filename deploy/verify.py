@@ -21,15 +21,25 @@ import numpy as np
 
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import read_manifest, verify_file
+from cstar.square import NORMS as SQUARE_NORMS
 from cstar.square import square_attack
 from deploy.report import REPORT_SCHEMA_VERSION, device_versions, hardware_info, write_report
 
 SQUARE_SAMPLES_CAP = 200
+SQUARE_STRICT_CAP = 1000
+SQUARE_QUERIES = 1000
+SQUARE_STRICT_QUERIES = 5000  # AutoAttack's Square budget
+SQUARE_P_INIT = 0.8  # AutoAttack's
 SET_KEYS = ("x_clean", "labels", "ref_logits_clean")
-GRADIENT_MASKING_WARNING = ("black-box attack stronger than white-box transfer: possible gradient masking "
-                            "(e.g. after quantization)")
+GRADIENT_MASKING_WARNING = ("black-box attack much stronger than white-box transfer: the transfer number "
+                            "overstates robustness (weak white-box attack or gradient masking, e.g. after quantization)")
 SQUARE_STALLED_WARNING = ("black-box attack made little progress: its query budget was too small, or quantized/flat "
                           "scores hide adversarial directions from it; trust the transfer number or raise --square-queries")
+# Measured on the digits 8x demo (FP32 and INT8 ONNX): Square breaks 12-12.5 points of the subset beyond PGD-20
+# transfer at 1000 queries (13-14.5 with --strict; white-box PGD-100 x5 restarts on the reference closes only a
+# third of that gap, so it is PGD's weakness, not the runtime's), and from its own start misses 0-1 of the ~95
+# examples transfer breaks. The thresholds sit well above that: they fire only on a real anomaly.
+GRADIENT_MASKING_POINTS = 20.0
 SQUARE_STALL_POINTS = 10.0
 
 
@@ -74,10 +84,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(needs torch and --data)")
     parser.add_argument("--data", help="dataset for --reference")
     parser.add_argument("--samples", type=int, default=500, help="set size for --reference (default 500; 0 = all)")
-    parser.add_argument("--square-queries", type=int, default=100, help="Square attack query budget (0 = skip)")
+    parser.add_argument("--square-queries", type=int, default=None,
+                        help=f"Square queries per example and restart (default {SQUARE_QUERIES}; --strict "
+                             f"{SQUARE_STRICT_QUERIES}; 0 = skip)")
     parser.add_argument("--square-samples", type=int, default=None,
-                        help=f"examples attacked with Square (default: the whole set, capped at {SQUARE_SAMPLES_CAP})")
-    parser.add_argument("--square-p-init", type=float, default=0.05, help="Square attack initial square fraction")
+                        help=f"examples attacked with Square (default: the set, capped at {SQUARE_SAMPLES_CAP}; "
+                             f"--strict: capped at {SQUARE_STRICT_CAP})")
+    parser.add_argument("--square-p-init", type=float, default=SQUARE_P_INIT,
+                        help=f"Square initial square fraction (default {SQUARE_P_INIT}, AutoAttack's)")
+    parser.add_argument("--square-restarts", type=int, default=1,
+                        help="Square runs; each reruns the still-robust examples with a new seed and the full budget")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"AutoAttack-strength Square: {SQUARE_STRICT_QUERIES} queries on every example of the "
+                             f"set (up to {SQUARE_STRICT_CAP}) unless --square-queries/--square-samples say otherwise")
     parser.add_argument("--seed", type=int, default=0, help="Square attack seed")
     parser.add_argument("--max-robust-drop", type=float, default=2.0,
                         help="max points reference PGD robust acc - runtime worst-case robust acc (default 2.0)")
@@ -101,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.min_agreement, args.max_clean_drop, args.max_robust_drop)
     report = run_verify(args.artifact, set_dir, args.out, backend=args.backend, thresholds=thresholds,
                         square_queries=args.square_queries, square_samples=args.square_samples,
-                        square_p_init=args.square_p_init, seed=args.seed, threads=args.threads, raise_on_fail=False)
+                        square_p_init=args.square_p_init, square_restarts=args.square_restarts, strict=args.strict,
+                        seed=args.seed, threads=args.threads, raise_on_fail=False)
     print(summary_line(report))
     if not report["passed"]:
         raise GateFailure(f"verify on {report['backend']} failed: {', '.join(report['failed_checks'])} "
@@ -111,13 +131,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """One line: pass/fail and the headline runtime metrics."""
+    """One line: pass/fail, the worst-case robust accuracy (the headline), clean, then each attack as detail."""
     run = report["metrics"]["runtime"]
     square = (run.get("square") or {}).get("robust_acc")
-    transfer = " ".join(f"{k}={v:.4f}" for k, v in run["transfer"].items())
+    transfer = " ".join(f"{k}={v:.4f}" for k, v in sorted(run["transfer"].items()))
     sq = "-" if square is None else f"{square:.4f}"
-    return (f"verify {report['backend']}: {'PASSED' if report['passed'] else 'FAILED'} clean={run['clean_acc']:.4f} "
-            f"agreement={run['agreement']:.4f} {transfer} square={sq} worst={run['worst_case_robust_acc']:.4f}")
+    return (f"verify {report['backend']}: {'PASSED' if report['passed'] else 'FAILED'} "
+            f"robust(worst case)={run['worst_case_robust_acc']:.4f} clean={run['clean_acc']:.4f} "
+            f"| detail: {transfer} square={sq} agreement={run['agreement']:.4f}")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -229,20 +250,47 @@ def _reference_metrics(attack_set: AttackSet) -> dict[str, Any]:
             "worst_case_robust_acc": _mean(worst), "n": attack_set.n}
 
 
-def _square_block(runner: Any, attack_set: AttackSet, eps: float, norm: str, queries: int, samples: int | None,
-                  p_init: float, seed: int) -> tuple[dict[str, Any] | None, np.ndarray | None, np.ndarray | None]:
-    """Square on the runtime: (metrics block, subset indices, per-example robust mask) or Nones when skipped."""
-    if queries <= 0 or norm != "linf":
+def square_plan(n: int, queries: int | None, samples: int | None, strict: bool) -> tuple[int, int]:
+    """(queries per example, examples attacked) for a set of n: explicit values win, else the default
+    (1000 queries on up to 200 examples) or --strict plan (5000 on up to 1000)."""
+    queries = (SQUARE_STRICT_QUERIES if strict else SQUARE_QUERIES) if queries is None else queries
+    samples = (SQUARE_STRICT_CAP if strict else SQUARE_SAMPLES_CAP) if samples is None else samples
+    return queries, max(min(n, samples), 0)
+
+
+def _square_block(runner: Any, attack_set: AttackSet, eps: float, norm: str, transfer_worst: np.ndarray,
+                  clean: np.ndarray, queries: int, samples: int | None, p_init: float, seed: int, restarts: int = 1,
+                  strict: bool = False) -> tuple[dict[str, Any] | None, np.ndarray | None, np.ndarray | None]:
+    """Square on the runtime: (metrics block, subset indices, per-example robust mask) or Nones when skipped.
+
+    Examples a transfer attack already breaks on this runtime count as broken: Square started from that
+    transfer example is misclassified at its first query. Every other example is attacked from the best
+    of Square's own start and the transfer examples. On the transfer-broken ones Square also runs from
+    its own start alone (`alone_check`): examples known to be breakable that the black-box attack
+    cannot break show it stalled (the stall warning), which transfer-started Square can no longer show.
+    """
+    queries, samples = square_plan(attack_set.n, queries, samples, strict)
+    if queries <= 0 or samples <= 0 or norm not in SQUARE_NORMS:
         return None, None, None
-    cap = min(attack_set.n, SQUARE_SAMPLES_CAP) if samples is None else min(samples, attack_set.n)
-    if cap <= 0:
-        return None, None, None
-    subset = stratified_subset(attack_set.labels, cap, seed)
-    result = square_attack(runner.predict, attack_set.x[subset], attack_set.labels[subset], eps,
-                           n_queries=queries, p_init=p_init, seed=seed)
-    robust = ~result.success
+    started = time.perf_counter()
+    subset = stratified_subset(attack_set.labels, samples, seed)
+    x, y = attack_set.x[subset], attack_set.labels[subset]
+    known = (clean & ~transfer_worst)[subset]
+    rest = ~known
+    starts = [attack_set.adv[a][subset][rest] for a in sorted(attack_set.adv)]
+    options: dict[str, Any] = {"n_queries": queries, "p_init": p_init, "seed": seed, "norm": norm}
+    main = square_attack(runner.predict, x[rest], y[rest], eps, n_restarts=restarts, x_init=starts or None, **options)
+    alone = square_attack(runner.predict, x[known], y[known], eps, **options)
+    robust = np.zeros(subset.size, dtype=bool)
+    robust[rest] = ~main.success
+    survivors = transfer_worst[subset]
     block = {"queries": int(queries), "robust_acc": _mean(robust), "n": int(subset.size),
-             "mean_queries": result.mean_queries, "p_init": p_init, "seed": seed}
+             "mean_queries": main.mean_queries, "p_init": p_init, "restarts": restarts, "seed": seed, "strict": strict,
+             "norm": norm, "started_from_transfer": bool(starts),
+             "transfer_survivors": int(survivors.sum()), "broke_transfer_survivors": int((survivors & ~robust).sum()),
+             "alone_check": {"n": int(known.sum()), "broken": int(alone.success.sum()),
+                             "mean_queries": alone.mean_queries},
+             "flat_fraction": round(main.flat_fraction, 4), "seconds": round(time.perf_counter() - started, 3)}
     return block, subset, robust
 
 
@@ -253,12 +301,12 @@ def _runtime_metrics(runner: Any, attack_set: AttackSet, eps: float, norm: str, 
     logits = runner.predict(attack_set.x)
     clean = _correct(logits, y)
     transfer = {a: _correct(runner.predict(adv), y) for a, adv in attack_set.adv.items()}
-    square, subset, square_robust = _square_block(runner, attack_set, eps, norm, **square_args)
-    if subset is None:
-        subset = np.arange(attack_set.n)
     transfer_worst = clean.copy()
     for mask in transfer.values():
         transfer_worst &= mask
+    square, subset, square_robust = _square_block(runner, attack_set, eps, norm, transfer_worst, clean, **square_args)
+    if subset is None:
+        subset = np.arange(attack_set.n)
     worst = transfer_worst[subset].copy()
     if square_robust is not None:
         worst &= square_robust
@@ -276,19 +324,23 @@ def _runtime_metrics(runner: Any, attack_set: AttackSet, eps: float, norm: str, 
     return metrics, {"subset": subset, "transfer": transfer}
 
 
-def _warnings(runtime: dict[str, Any], masks: dict[str, Any]) -> list[str]:
+def _warnings(runtime: dict[str, Any]) -> list[str]:
+    """Square vs transfer on the runtime, from the square block (see `_square_block`)."""
     square = runtime.get("square")
-    if not square or not masks["transfer"]:
+    if not square or not square.get("n"):
         return []
-    subset = masks["subset"]
-    weakest = min(_mean(mask[subset]) for mask in masks["transfer"].values())
-    if (weakest - square["robust_acc"]) * 100 > 1.0:
-        return [f"{GRADIENT_MASKING_WARNING}: square {100 * square['robust_acc']:.1f}% < transfer "
-                f"{100 * weakest:.1f}% on the same {subset.size} examples"]
-    if (square["robust_acc"] - weakest) * 100 > SQUARE_STALL_POINTS:
-        return [f"{SQUARE_STALLED_WARNING}: square {100 * square['robust_acc']:.1f}% > transfer "
-                f"{100 * weakest:.1f}% on the same {subset.size} examples"]
-    return []
+    n, out = square["n"], []
+    broke = square.get("broke_transfer_survivors", 0)
+    if square.get("started_from_transfer") and 100 * broke / n > GRADIENT_MASKING_POINTS:
+        out.append(f"{GRADIENT_MASKING_WARNING}: Square broke {broke} of the {square.get('transfer_survivors')} "
+                   f"examples that survive every transfer attack ({100 * broke / n:.1f} points of {n})")
+    check = square.get("alone_check") or {}
+    missed = check.get("n", 0) - check.get("broken", 0)
+    if 100 * missed / n > SQUARE_STALL_POINTS:
+        out.append(f"{SQUARE_STALLED_WARNING}: from its own start it missed {missed} of the {check['n']} examples "
+                   f"the transfer attacks break on this runtime ({100 * missed / n:.1f} points of {n}; "
+                   f"{100 * square.get('flat_fraction', 0.0):.0f}% of its queries saw an unchanged score)")
+    return out
 
 
 def gate_checks(reference: dict[str, Any], runtime: dict[str, Any], attack_set: AttackSet, subset: np.ndarray,
@@ -320,37 +372,42 @@ def run_verify(
     out: str | Path,
     backend: str | None = None,
     thresholds: Thresholds | None = None,
-    square_queries: int = 100,
+    square_queries: int | None = None,
     square_samples: int | None = None,
-    square_p_init: float = 0.05,
+    square_p_init: float = SQUARE_P_INIT,
+    square_restarts: int = 1,
+    strict: bool = False,
     seed: int = 0,
     threads: int | None = None,
     raise_on_fail: bool = True,
 ) -> dict[str, Any]:
     """Verify an artifact on a runtime against a transfer set; write report.{json,md,png}.
 
-    Raises GateFailure (after writing the report) when a check fails and `raise_on_fail`.
+    Square: `square_queries` None = 1000 (5000 with `strict`), on `square_samples` examples (None = the set
+    capped at 200, 1000 with `strict`). Raises GateFailure (after writing the report) when a check fails
+    and `raise_on_fail`.
     """
     from deploy.artifact import load_artifact, open_runner
 
     started = time.perf_counter()
     thresholds = thresholds or Thresholds()
-    if square_queries < 0 or (square_samples is not None and square_samples < 0):
-        raise CstarError("--square-queries and --square-samples must be >= 0", "pass 0 to skip the Square attack")
+    _check_square_args(square_queries, square_samples, square_p_init, square_restarts, seed)
     attack_set = load_attackset(set_dir)
+    square_queries, square_samples = square_plan(attack_set.n, square_queries, square_samples, strict)
     artifact = load_artifact(artifact_dir)
     warnings = check_compatible(artifact, attack_set)
     backend = resolve_backend(artifact, backend)
     eps = float(attack_set.manifest.get("eps", artifact.eps or 0.0))
     norm = str(attack_set.manifest.get("norm", artifact.norm or "linf"))
-    if norm != "linf" and square_queries > 0:
-        warnings.append(f"the Square attack here is Linf only; skipped for norm '{norm}'")
-    square_args = {"queries": square_queries, "samples": square_samples, "p_init": square_p_init, "seed": seed}
+    if norm not in SQUARE_NORMS and square_queries > 0:
+        warnings.append(f"the Square attack supports {', '.join(SQUARE_NORMS)}; skipped for norm '{norm}'")
+    square_args = {"queries": square_queries, "samples": square_samples, "p_init": square_p_init,
+                   "restarts": square_restarts, "seed": seed, "strict": strict}
     with open_runner(artifact, backend, **runner_options(backend, threads)) as runner:
         runtime, masks = _runtime_metrics(runner, attack_set, eps, norm, square_args)
         runner_info = runner.describe()
     reference = _reference_metrics(attack_set)
-    warnings += _warnings(runtime, masks)
+    warnings += _warnings(runtime)
     checks = gate_checks(reference, runtime, attack_set, masks["subset"], thresholds)
     failed = [c["name"] for c in checks if not c["passed"]]
     report = _assemble(artifact, backend, attack_set, eps, norm, thresholds, checks, failed,
@@ -359,6 +416,18 @@ def run_verify(
     if failed and raise_on_fail:
         raise GateFailure(f"verify on {backend} failed: {', '.join(failed)}", f"see {Path(out) / 'report.md'}")
     return report
+
+
+def _check_square_args(queries: int | None, samples: int | None, p_init: float, restarts: int, seed: int) -> None:
+    """User errors in the Square options, before any work."""
+    if (queries is not None and queries < 0) or (samples is not None and samples < 0):
+        raise CstarError("--square-queries and --square-samples must be >= 0", "pass 0 to skip the Square attack")
+    if not 0 < p_init <= 1:
+        raise CstarError(f"--square-p-init must be in (0, 1], got {p_init}", f"use {SQUARE_P_INIT} (AutoAttack's)")
+    if restarts < 1:
+        raise CstarError(f"--square-restarts must be >= 1, got {restarts}", "pass 1 for a single Square run")
+    if seed < 0:
+        raise CstarError(f"--seed must be >= 0, got {seed}", "pass a non-negative seed")
 
 
 def _assemble(artifact: Any, backend: str, attack_set: AttackSet, eps: float, norm: str, thresholds: Thresholds,

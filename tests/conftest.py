@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from cstar.checkpoint import save_checkpoint
+from cstar.cli import apply_thread_limit
 from cstar.data import DataBundle, load_dataset, to_tensors
 from cstar.models import build_model
 
-torch.set_num_threads(2)
+# torch threads in the test process: $CSTAR_THREADS as the CLI reads it, else at most 2 (fewer when
+# OMP_NUM_THREADS says so). Every test must pass with 1 and with 2.
+if apply_thread_limit() is None:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
 requires_tensorrt = pytest.mark.skipif(

@@ -12,22 +12,24 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration.calib_set import build_calibration_set, select_calibration_indices
-from calibration.calibrate import INT8_NAME, run_calibrate
+from calibration.calib_set import build_calibration_set, craft_pgd, load_reference, select_calibration_indices
+from calibration.calibrate import EVAL_PGD_STEPS, INT8_NAME, run_calibrate
 from calibration.quantize import quantize_int8
 from calibration.trt_check import preflight
 from cstar.data import DataBundle, to_tensors
 from cstar.errors import CstarError
 from cstar.manifest import read_manifest, sha256_file
+from tests.logit_checks import assert_int8_tracks_fp32
 
 N_TEST = 360  # the whole digits test split
 
 
 @pytest.fixture(scope="module")
 def calibrated(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """minmax INT8 of the fixture model, calibrated on 256 train images, checked on all 360 test images."""
+    """minmax S8S8 INT8 (--target tensorrt) of the fixture model, 256 train images, checked on all 360 test images."""
     out = tmp_path_factory.mktemp("calibrated") / "int8"
-    manifest = run_calibrate(export_dir, out, data="digits", samples=256, parity_samples=N_TEST, verbose=False)
+    manifest = run_calibrate(export_dir, out, data="digits", samples=256, parity_samples=N_TEST, verbose=False,
+                             target="tensorrt")
     return out, manifest
 
 
@@ -47,19 +49,35 @@ def _calib_images(digits: DataBundle, n: int = 128) -> np.ndarray:
     return to_tensors(digits.train, limit=n)[0].numpy()
 
 
-def test_int8_matches_fp32_on_ort_cpu(calibrated: tuple[Path, dict[str, Any]], digits: DataBundle) -> None:
+def _ort_logits(path: Path, images: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(1) == labels).mean())
+
+
+def test_int8_matches_fp32_on_ort_cpu(calibrated: tuple[Path, dict[str, Any]], export_dir: Path,
+                                      digits: DataBundle) -> None:
     out, manifest = calibrated
     assert manifest["stage"] == "calibrate" and manifest["precision"] == "int8"
     parity, metrics = manifest["parity"], manifest["metrics"]
     assert parity["n"] == N_TEST
-    assert parity["agreement"] >= 0.98
-    assert abs(metrics["clean_acc"] - metrics["fp32_clean_acc"]) <= 0.01
     assert metrics["fp32_clean_acc"] >= 0.8  # the fixture model is a real classifier
     # the recorded numbers are reproducible from the artifact itself
     images, labels = to_tensors(digits.test)
     session = ort.InferenceSession(str(out / INT8_NAME), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": images.numpy()})[0]
     assert float((logits.argmax(1) == labels.numpy()).mean()) == pytest.approx(metrics["clean_acc"], abs=1e-9)
+    # INT8 tracks FP32 within a bound relative to the logit spread (measured: RMS 0.013, max 0.05 x spread),
+    # top-1 kept wherever FP32 is decided. Agreement itself is not gated: near-tied examples flip under
+    # any CPU's INT8 kernels (the count differs between Intel and AMD).
+    error = assert_int8_tracks_fp32(_ort_logits(export_dir / "model.onnx", images.numpy()), logits,
+                                    max_rel_rms=0.05, confident_margin=0.25)
+    assert parity["agreement"] == pytest.approx(error.agreement, abs=1.0 / N_TEST)  # batching: one tie may move
+    assert parity["max_abs_diff"] == pytest.approx(error.rel_max * error.spread, rel=1e-2)
+    # accuracy can only change on the examples whose top-1 changed
+    assert abs(metrics["clean_acc"] - metrics["fp32_clean_acc"]) <= 1.0 - parity["agreement"] + 1e-9
     # dynamic batch survives quantization
     assert manifest["onnx"]["dynamic_batch"] is True
     for batch in (1, 7):
@@ -68,8 +86,10 @@ def test_int8_matches_fp32_on_ort_cpu(calibrated: tuple[Path, dict[str, Any]], d
     assert manifest["onnx"]["quant_format"] == "QDQ" and manifest["onnx"]["file"] == INT8_NAME
 
 
-def test_manifest_records_calibration_and_robustness(calibrated: tuple[Path, dict[str, Any]], export_dir: Path) -> None:
-    _, manifest = calibrated
+def test_manifest_records_calibration_and_robustness(calibrated: tuple[Path, dict[str, Any]],
+                                                     export_dir: Path, robust_digits_dir: Path,
+                                                     digits: DataBundle) -> None:
+    out, manifest = calibrated
     calib = manifest["calibration"]
     assert calib["samples"] == 256 and len(calib["indices"]) == 256
     assert calib["method"] == "minmax" and calib["n_adversarial"] == 0 and calib["adversarial_fraction"] == 0.0
@@ -77,7 +97,16 @@ def test_manifest_records_calibration_and_robustness(calibrated: tuple[Path, dic
     assert 0.0 <= metrics["robust_acc"] <= metrics["clean_acc"]
     assert 0.0 <= metrics["fp32_robust_acc"] <= metrics["fp32_clean_acc"]
     assert metrics["attack"]["name"] == "pgd" and metrics["attack"]["eps"] == pytest.approx(0.2)
-    assert abs(metrics["robust_acc"] - metrics["fp32_robust_acc"]) <= 0.05
+    # the robust numbers come from calibrate's transfer PGD set (crafted on the PyTorch reference): craft it
+    # again and check INT8 tracks FP32 there too, where inputs sit near decision boundaries (measured: RMS
+    # 0.016, max 0.09 x spread); robust accuracy can only move on the examples whose top-1 INT8 changed
+    images, labels = (t.numpy() for t in to_tensors(digits.test))
+    adv = craft_pgd(load_reference(robust_digits_dir)[0], images, labels, 0.2, "linf", EVAL_PGD_STEPS, seed=0)
+    fp32, int8 = _ort_logits(export_dir / "model.onnx", adv), _ort_logits(out / INT8_NAME, adv)
+    assert metrics["fp32_robust_acc"] == pytest.approx(_accuracy(fp32, labels), abs=1.0 / N_TEST)
+    assert metrics["robust_acc"] == pytest.approx(_accuracy(int8, labels), abs=1.0 / N_TEST)
+    error = assert_int8_tracks_fp32(fp32, int8, max_rel_rms=0.06, confident_margin=0.5)
+    assert abs(metrics["robust_acc"] - metrics["fp32_robust_acc"]) <= 1.0 - error.agreement + 2.0 / N_TEST
     assert manifest["trt_preflight"]["ok"] is True and manifest["trt_preflight"]["problems"] == []
     inputs = {Path(i["path"]).name for i in manifest["inputs"]}
     assert {"model.onnx", "manifest.json"} <= inputs
@@ -218,7 +247,8 @@ def test_cli_half_adversarial(export_dir: Path, tmp_path: Path) -> None:
 
     out = tmp_path / "adv"
     code = main(["calibrate", "--from", str(export_dir), "--data", "digits", "--samples", "64",
-                 "--include-adversarial", "0.5", "--method", "percentile", "--parity-samples", "120", "--out", str(out)])
+                 "--include-adversarial", "0.5", "--method", "percentile", "--parity-samples", "120", "--out", str(out),
+                 "--target", "tensorrt"])
     assert code == 0
     manifest = read_manifest(out, ("calibrate",))
     calib = manifest["calibration"]

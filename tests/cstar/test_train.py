@@ -163,3 +163,54 @@ def test_frobenius_decay_moves_factor_decay_out_of_the_optimizer() -> None:
     assert len(decay) == sum(1 for _ in net.parameters())  # every parameter still trained
     assert all(decay[i] == 0.0 for i in factors)
     assert all(w == 1e-3 for i, w in decay.items() if i not in factors)  # BN, biases: plain decay
+
+
+def _one_sgd_step(factor_decay: str, lr: float = 0.1, weight_decay: float = 0.05
+                  ) -> tuple[torch.nn.Sequential, torch.nn.Sequential, torch.Tensor, torch.Tensor]:
+    """(net before, net after) one step of `fit`: one full batch, plain SGD (no momentum), clean inputs."""
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    net = _factorized_net()
+    before = copy.deepcopy(net)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.rand(8, 3, 4, 4, generator=generator), torch.arange(8) % 5
+    cfg = _config(epochs=1, batch_size=8, optimizer="sgd", momentum=0.0, lr=lr, weight_decay=weight_decay,
+                  eps=0.0, factor_decay=factor_decay)
+    fit(net, TensorDataset(x, y), None, cfg, progress=False)
+    return before, net, x, y
+
+
+def test_frobenius_decay_one_step_update_is_the_predicted_one() -> None:
+    """fit with factor_decay='frobenius': factors take the gradient of CE + wd/2 sum ||W||^2 and no L2 decay,
+    other parameters take plain L2 decay; with 'factors' every parameter takes plain L2 decay."""
+    from cstar.train import frobenius_penalty
+
+    lr, wd = 0.1, 0.05
+    before, plain, x, y = _one_sgd_step("factors", lr, wd)
+    _, frob, _, _ = _one_sgd_step("frobenius", lr, wd)
+    # gradients of the clean CE loss at the starting point, in train mode (batch statistics), by hand
+    net = before.train()
+    ce = dict(zip([n for n, _ in net.named_parameters()],
+                  torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters())),
+                  strict=True))
+    penalty = frobenius_penalty(net, wd)
+    assert penalty is not None
+    pen = dict(zip([n for n, _ in net.named_parameters()],
+                   torch.autograd.grad(penalty(), list(net.parameters()), allow_unused=True), strict=True))
+    factors = {f"{i}.{n}" for i in (0, 3) for n, _ in net[i].named_parameters() if n != "bias"}
+    assert factors == {"0.u_in", "0.core", "0.u_out", "3.u", "3.v"}
+    moved = 0.0
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    for name, p in params.items():
+        expected_plain = p - lr * (ce[name] + wd * p)
+        assert torch.allclose(dict(plain.named_parameters())[name], expected_plain, atol=1e-6), name
+        if name in factors:
+            assert pen[name] is not None
+            expected_frob = p - lr * (ce[name] + pen[name])
+            moved = max(moved, float((expected_frob - expected_plain).abs().max()))
+        else:
+            expected_frob = expected_plain
+        assert torch.allclose(dict(frob.named_parameters())[name], expected_frob, atol=1e-6), name
+    assert moved > 1e-4  # the two decays differ measurably (well above the 1e-6 tolerance)

@@ -34,7 +34,11 @@ def images() -> np.ndarray:
 
 
 def _direct_ort(model: Path, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    """A plain session with the build's thread count (1): bit-equal outputs are then expected on any CPU
+    (another intra-op thread count may split float sums differently)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x})[0]
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cstar.errors import CstarError
 from deploy.pipeline import load_config, run_pipeline
+from tests.logit_checks import assert_fp32_parity, assert_int8_tracks_fp32
 
 TINY = """
 [train]
@@ -25,7 +27,10 @@ samples = 64
 [verify]
 samples = 60
 square_queries = 20
+# The 2-epoch model is near-random: its INT8 agreement and accuracy count near-ties, which differ between
+# CPUs. The gates are opened; the test bounds the runtimes' logit errors instead.
 max_robust_drop = 100.0
+extra_args = ["--min-agreement", "0", "--max-clean-drop", "100"]
 
 [bench]
 batch_sizes = [1, 8]
@@ -53,6 +58,32 @@ def test_yaml_and_toml_agree(tmp_path: Path) -> None:
     assert load_config(None).compress.ratio == 8.0
 
 
+def _check_runtime_logits(run_dir: Path, reports: dict[str, dict]) -> None:
+    """FP32 builds match the PyTorch reference to 1e-4; INT8 stays within a bound relative to the logit spread.
+
+    Near-random model: top-1 margins of ~0.01 against INT8 errors of ~0.05, so INT8 agreement is a
+    CPU-dependent count of near-ties. A correct quantization bounds the logit error: RMS 0.024-0.047 x spread
+    measured over 8 training seeds (up to 0.10 with 7-bit weights, reduce_range); u8s8 kernels saturating on a
+    CPU without VNNI gave 0.18-1.6 (OpenVINO, AVX2).
+    """
+    import deploy
+
+    with np.load(run_dir / "attackset" / "attackset.npz") as data:
+        x, reference = data["x_clean"], data["ref_logits_clean"]
+    logits = {}
+    for precision in reports:
+        with deploy.load(run_dir / f"build-{precision}-ort-cpu") as predictor:
+            logits[precision] = predictor.predict(x)
+    assert_fp32_parity(reference, logits["fp32"], atol=1e-4)
+    assert_int8_tracks_fp32(reference, logits["int8"], max_rel_rms=0.15, confident_margin=0.5)
+    for precision, report in reports.items():  # verify reported these runtimes' numbers
+        run, got = report["metrics"]["runtime"], logits[precision]
+        assert run["n"] == x.shape[0] == 60
+        assert run["max_abs_diff"] == pytest.approx(float(np.abs(got - reference).max()), rel=1e-2, abs=1e-6)
+        agreement = float((got.argmax(1) == reference.argmax(1)).mean())
+        assert run["agreement"] == pytest.approx(agreement, abs=1.5 / 60)
+
+
 def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     config_file = tmp_path / "tiny.toml"
     config_file.write_text(TINY)
@@ -66,15 +97,17 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     for name in ("report.md", "report.html", "summary.json"):
         assert (run_dir / name).is_file()
     report = json.loads((run_dir / "verify-fp32-ort-cpu" / "report.json").read_text())
-    assert report["metrics"]["runtime"]["agreement"] >= 0.99
-    assert report["metrics"]["runtime"]["max_abs_diff"] <= 1e-4
     int8 = json.loads((run_dir / "verify-int8-ort-cpu" / "report.json").read_text())
-    assert int8["metrics"]["runtime"]["agreement"] >= 0.9
+    _check_runtime_logits(run_dir, {"fp32": report, "int8": int8})
     bench = json.loads((run_dir / "bench-fp32-ort-cpu" / "bench.json").read_text())
     assert [r["batch_size"] for r in bench["results"]] == [1, 8] and all(r["p50_ms"] > 0 for r in bench["results"])
     assert summary.artifacts and all(a["clean_acc"] is not None for a in summary.artifacts if a["artifact"] != "dense")
     markdown = (run_dir / "report.md").read_text()
     assert "ranks" in markdown.lower() and "p50" in markdown
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings[0].startswith("## Verdict: gate ") and headings[-1] == "## Stage log"
+    worst = {a["path"]: a["robust_acc"] for a in summary.artifacts if a["passed"] is not None}
+    assert worst["build-int8-ort-cpu"] == int8["metrics"]["runtime"]["worst_case_robust_acc"]
 
     again = run_pipeline(config, run_dir)
     assert {s.status for s in again} == {"skipped"}

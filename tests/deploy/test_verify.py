@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -21,9 +22,11 @@ from deploy.verify import (
     AttackSet,
     Thresholds,
     _warnings,
+    add_arguments,
     gate_checks,
     load_attackset,
     run_verify,
+    square_plan,
     stratified_subset,
 )
 
@@ -78,15 +81,26 @@ def test_attackset_contents(attack_set: Path, robust_digits_dir: Path) -> None:
 
 def test_verify_passes_on_fp32_export(robust_export: Path, attack_set: Path, work: Path) -> None:
     out = work / "report-fp32"
-    report = run_verify(robust_export, attack_set, out, backend="ort-cpu", square_queries=50)
+    report = run_verify(robust_export, attack_set, out, backend="ort-cpu", square_queries=300)
     assert report["passed"] and report["failed_checks"] == []
     run = report["metrics"]["runtime"]
     ref = report["metrics"]["reference"]
     assert run["agreement"] >= 0.98 and run["max_abs_diff"] < 1e-3
     assert abs(run["clean_acc"] - ref["clean_acc"]) <= 0.01
     assert abs(run["transfer"]["pgd"] - ref["transfer"]["pgd"]) <= 0.02
-    assert run["square"]["queries"] == 50 and run["square"]["n"] == 100
-    assert run["worst_case_robust_acc"] <= min(run["transfer"].values()) + 1e-9
+    square = run["square"]
+    assert square["queries"] == 300 and square["n"] == 100 and square["p_init"] == 0.8 and square["restarts"] == 1
+    assert square["seed"] == 0 and square["started_from_transfer"] is True and square["strict"] is False
+    assert 0 < square["mean_queries"] <= 300 and square["flat_fraction"] < 0.05  # FP32 logits: no plateaus
+    # started from the transfer examples, Square is never weaker than transfer on its subset (here: the whole set)
+    assert square["robust_acc"] <= run["transfer_worst_case_robust_acc"] + 1e-9
+    assert square["broke_transfer_survivors"] == round(
+        100 * (run["transfer_worst_case_robust_acc"] - square["robust_acc"])) == square["transfer_survivors"] - round(
+        100 * square["robust_acc"])
+    assert square["alone_check"]["n"] == round(100 * (run["clean_acc"] - run["transfer_worst_case_robust_acc"]))
+    assert square["alone_check"]["broken"] >= 0.85 * square["alone_check"]["n"]  # Square alone finds them too
+    assert run["worst_case_robust_acc"] == square["robust_acc"]
+    assert report["warnings"] == []
     assert ref["square"] is None
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
@@ -95,6 +109,30 @@ def test_verify_passes_on_fp32_export(robust_export: Path, attack_set: Path, wor
     assert (out / "report.png").stat().st_size > 1000
     text = (out / "report.md").read_text()
     assert "| check | value | threshold | result |" in text and "worst-case robust" in text
+
+
+def test_square_options_defaults_strict_and_validation(robust_export: Path, attack_set: Path, work: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--artifact", "a", "--set", "s", "--out", "o"])
+    assert (args.square_queries, args.square_samples, args.square_p_init, args.square_restarts, args.strict) == (
+        None, None, 0.8, 1, False)
+    assert square_plan(360, None, None, False) == (1000, 200) and square_plan(150, None, None, False) == (1000, 150)
+    assert square_plan(5000, None, None, True) == (5000, 1000) and square_plan(360, None, None, True) == (5000, 360)
+    assert square_plan(360, 30, 50, True) == (30, 50) and square_plan(20, 0, 50, False) == (0, 20)
+    for bad in (["--square-p-init", "0"], ["--square-p-init", "1.5"], ["--square-restarts", "0"],
+                ["--square-queries", "-1"], ["--square-samples", "-3"], ["--seed", "-2"]):
+        out = work / "bad-square"
+        code = cli_main(["verify", "--artifact", str(robust_export), "--set", str(attack_set), "--out", str(out), *bad])
+        assert code == 2 and "error:" in capsys.readouterr().err and not out.exists(), bad
+    report = run_verify(robust_export, attack_set, work / "strict", strict=True, square_queries=20, square_samples=40,
+                        square_restarts=2, seed=3)
+    square = report["metrics"]["runtime"]["square"]
+    assert (square["strict"], square["queries"], square["n"], square["restarts"], square["seed"]) == (True, 20, 40, 2, 3)
+    assert report["metrics"]["runtime"]["worst_case_n"] == 40
+    # 20 queries is far too few for Square alone to find what transfer finds: the stall warning says so
+    assert any(w.startswith(SQUARE_STALLED_WARNING) for w in report["warnings"]), report["warnings"]
 
 
 def test_gate_failure_exit_code_and_report(robust_build: Path, attack_set: Path, work: Path) -> None:
@@ -182,19 +220,23 @@ def test_bench_writes_results(robust_build: Path, robust_export: Path, work: Pat
     assert "| batch | p50 ms |" in (out / "bench.md").read_text()
 
 
-def test_gate_math_and_gradient_masking_warning() -> None:
+def test_gate_math_and_square_warnings() -> None:
     y = np.array([0, 1, 0, 1])
     logits = np.eye(2)[y] * 5
     attack_set = AttackSet(Path("."), {}, "0" * 64, np.zeros((4, 1, 2, 2), np.float32), y, logits,
                            {"pgd": np.zeros((4, 1, 2, 2), np.float32)}, {"pgd": logits})
-    runtime = {"clean_acc": 0.75, "agreement": 0.75, "worst_case_robust_acc": 0.5, "square": {"robust_acc": 0.5},
+    square = {"robust_acc": 0.3, "n": 100, "started_from_transfer": True, "transfer_survivors": 45,
+              "broke_transfer_survivors": 15, "alone_check": {"n": 45, "broken": 44}, "flat_fraction": 0.05}
+    runtime = {"clean_acc": 0.75, "agreement": 0.75, "worst_case_robust_acc": 0.5, "square": square,
                "transfer_worst_case_robust_acc": 0.5}
     reference = {"clean_acc": 1.0, "worst_case_robust_acc": 1.0}
-    masks = {"subset": np.arange(4), "transfer": {"pgd": np.ones(4, dtype=bool)}}
-    assert _warnings(runtime, masks)[0].startswith(GRADIENT_MASKING_WARNING)
-    assert _warnings({**runtime, "square": {"robust_acc": 0.995}}, masks) == []
-    half = {"subset": np.arange(4), "transfer": {"pgd": np.array([True, True, False, False])}}
-    assert _warnings({**runtime, "square": {"robust_acc": 0.9}}, half)[0].startswith(SQUARE_STALLED_WARNING)
+    assert _warnings(runtime) == []  # what a correct default run looks like (digits 8x: 12 points, 0-1 missed)
+    masked = _warnings({"square": {**square, "broke_transfer_survivors": 25}})
+    assert len(masked) == 1 and masked[0].startswith(GRADIENT_MASKING_WARNING) and "25 of the 45" in masked[0]
+    assert _warnings({"square": {**square, "broke_transfer_survivors": 25, "started_from_transfer": False}}) == []
+    stalled = _warnings({"square": {**square, "alone_check": {"n": 45, "broken": 30}, "flat_fraction": 0.6}})
+    assert len(stalled) == 1 and stalled[0].startswith(SQUARE_STALLED_WARNING) and "missed 15 of the 45" in stalled[0]
+    assert _warnings({"square": None}) == [] and _warnings({"square": {**square, "n": 0}}) == []
     checks = {c["name"]: c for c in gate_checks(reference, runtime, attack_set, np.arange(4), Thresholds())}
     assert checks["agreement"]["passed"] is False
     assert checks["clean_drop"]["value"] == 25.0 and not checks["clean_drop"]["passed"]
