@@ -338,6 +338,23 @@ def _cleanup(out: Path, written: list[Path], created_dir: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def ort_trt_timing_cache_dir(timing_cache: str | Path) -> Path:
+    """The folder ORT's TensorRT EP keeps its timing cache in, from `--timing-cache`.
+
+    `--timing-cache` names a FILE for the native tensorrt backend; ORT's `trt_timing_cache_path` is a
+    folder (ORT names the file inside it). An existing folder is used as is, otherwise the file's folder.
+    """
+    path = Path(timing_cache).resolve()
+    return path if path.is_dir() else path.parent
+
+
+def ort_execution_precision(backend: str, precision: str) -> str:
+    """What the execution provider really computes in: the CUDA EP runs Q/DQ INT8 as fake-quantized FP32."""
+    if backend == "ort-cuda" and precision == "int8":
+        return "fp32 (Q/DQ fake-quantized: the CUDA EP has no INT8 conv kernels; use ort-trt or tensorrt)"
+    return precision
+
+
 def _build_ort(
     model: Path, out: Path, backend: str, precision: str, low: int, opt: int, high: int,
     threads: int | None, workspace_mb: int, timing_cache: str | Path | None, written: list[Path],
@@ -359,16 +376,20 @@ def _build_ort(
         options["trt_engine_cache_path"] = TRT_CACHE_DIR  # relative: resolved against the build directory
         provider_options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": TRT_CACHE_DIR})
         if timing_cache is not None:
-            options["trt_timing_cache_path"] = str(Path(timing_cache).resolve())
+            options["trt_timing_cache_path"] = str(ort_trt_timing_cache_dir(timing_cache))
             provider_options.update({"trt_timing_cache_enable": True,
                                      "trt_timing_cache_path": options["trt_timing_cache_path"]})
         if precision == "fp16":
             options["trt_fp16_enable"] = True
             provider_options["trt_fp16_enable"] = True
+        if precision == "int8":  # explicit Q/DQ: the TensorRT EP refuses INT8 layers unless int8 is enabled
+            options["trt_int8_enable"] = True
+            provider_options["trt_int8_enable"] = True
         options["workspace_mb"] = int(workspace_mb)
         provider_options["trt_max_workspace_size"] = int(workspace_mb) << 20
     build_info: dict[str, Any] = {
         "backend": backend,
+        "executes_as": ort_execution_precision(backend, precision),
         "provider": ORT_PROVIDERS[backend],
         "provider_options": provider_options,
         "session_options": session_options,

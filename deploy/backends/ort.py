@@ -190,7 +190,7 @@ class OrtTensorrtRunner(OrtRunner):
             Path(self.options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
             opts["trt_engine_cache_enable"] = True
             opts["trt_engine_cache_path"] = str(self.options["trt_engine_cache_path"])
-        if self.options.get("trt_timing_cache_path"):
+        if self.options.get("trt_timing_cache_path"):  # a folder: ORT names the cache file inside it
             Path(self.options["trt_timing_cache_path"]).mkdir(parents=True, exist_ok=True)
             opts["trt_timing_cache_enable"] = True
             opts["trt_timing_cache_path"] = str(self.options["trt_timing_cache_path"])

@@ -214,3 +214,32 @@ def test_cli_build(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["build", "--from", str(export_dir), "--backend", "ort-cpu", "--out", str(tmp_path / "x"),
                  "--precision", "int8"]) == 2
     assert "fix:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_ort_trt_build_record_without_a_gpu(export_dir: Path, tmp_path: Path, precision: str) -> None:
+    """ORT-TRT options are decided before any GPU is touched: int8 enabled for Q/DQ, the timing cache a folder."""
+    from deploy.build import _build_ort
+
+    out = tmp_path / "build"
+    out.mkdir()
+    cache_file = tmp_path / "caches" / "trt.timing"  # what --timing-cache names for the native backend
+    info, options, _ = _build_ort(export_dir / "model.onnx", out, "ort-trt", precision, 1, 8, 64, None, 256,
+                                  cache_file, [])
+    provider = info["provider_options"]
+    assert provider.get("trt_int8_enable", False) is (precision == "int8")
+    assert options.get("trt_int8_enable", False) is (precision == "int8")
+    assert provider.get("trt_fp16_enable", False) is (precision == "fp16")
+    assert provider["trt_timing_cache_path"] == str(cache_file.parent.resolve()) == options["trt_timing_cache_path"]
+    assert provider["trt_max_workspace_size"] == 256 << 20
+    assert info["executes_as"] == precision
+
+
+def test_ort_cuda_int8_is_labelled_fake_quantized(export_dir: Path, tmp_path: Path) -> None:
+    from deploy.build import _build_ort, ort_trt_timing_cache_dir
+
+    out = tmp_path / "build"
+    out.mkdir()
+    info, _, _ = _build_ort(export_dir / "model.onnx", out, "ort-cuda", "int8", 1, 1, 8, None, 256, None, [])
+    assert info["executes_as"].startswith("fp32 (Q/DQ fake-quantized")
+    assert ort_trt_timing_cache_dir(tmp_path) == tmp_path.resolve()  # an existing folder is used as is
