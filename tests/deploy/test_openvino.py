@@ -188,11 +188,7 @@ def test_verify_on_openvino(robust_digits_dir: Path, tmp_path: Path) -> None:
 
 def test_openvino_build_verify_predict_without_torch(tmp_path: Path) -> None:
     """The OpenVINO device path (build, verify, predict) never needs torch."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.deploy.test_torch_free import REPO, _attack_set, _blocker
+    from tests.deploy.test_torch_free import _attack_set, run_cli_without_torch
 
     export = make_export_dir(tmp_path / "export")
     attack_set = _attack_set(tmp_path / "set")
@@ -204,16 +200,7 @@ def test_openvino_build_verify_predict_without_torch(tmp_path: Path) -> None:
          "--max-robust-drop", "100", "--out", str(tmp_path / "report")],
         ["predict", "--artifact", str(build), "--json", str(tmp_path / "x.npy")],
     ]
-    script = (
-        "import json, sys\n"
-        "from cstar.cli import main\n"
-        f"codes = [main(argv) for argv in {commands!r}]\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "print('CODES', json.dumps(codes))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_blocker(tmp_path)), str(REPO)]), "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_cli_without_torch(commands, tmp_path)
     assert proc.returncode == 0 and "CODES [0, 0, 0]" in proc.stdout, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["backend"] == "openvino-cpu" and report["passed"]

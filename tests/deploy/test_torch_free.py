@@ -48,6 +48,24 @@ def _attack_set(directory: Path, n: int = 30) -> Path:
     return directory
 
 
+def run_cli_without_torch(commands: list[list[str]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `cstar` subcommands in a fresh Python where `import torch` fails; fails if torch got imported.
+
+    Prints 'CODES [..]' with the exit code of each command.
+    """
+    script = (
+        "import json, sys\n"
+        "from cstar.cli import main\n"
+        f"codes = [main(argv) for argv in {commands!r}]\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('CODES', json.dumps(codes))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_blocker(tmp_path)), str(REPO)]),
+           "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_verify_predict_bench_without_torch(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -64,17 +82,7 @@ def test_verify_predict_bench_without_torch(tmp_path: Path) -> None:
         ["bench", "--artifact", str(export), "--batch-sizes", "1,4", "--iters", "3", "--warmup", "1",
          "--out", str(tmp_path / "bench")],
     ]
-    script = (
-        "import json, sys\n"
-        "from cstar.cli import main\n"
-        f"codes = [main(argv) for argv in {commands!r}]\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "print('CODES', json.dumps(codes))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_blocker(tmp_path)), str(REPO)]),
-           "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_cli_without_torch(commands, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CODES [0, 0, 0]" in proc.stdout, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
