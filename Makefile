@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cstar-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -qq --disable-pip-version-check -e ".[train,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

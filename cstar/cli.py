@@ -55,6 +55,24 @@ def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 THREADS_ENV = "CSTAR_THREADS"
 
+# import names that only `pip install 'cstar[train]'` brings (the base install is the device side)
+TRAIN_ONLY_MODULES = frozenset({
+    "torch", "torchvision", "sklearn", "tqdm", "matplotlib", "safetensors", "onnxscript", "onnxslim", "onnxsim",
+    "sympy", "yaml",
+})
+
+
+def missing_train_dependency(exc: ImportError) -> CstarError | None:
+    """The clear error for a host-side command run on the device-only install; None for other import errors."""
+    root = (exc.name or "").split(".")[0]
+    if root not in TRAIN_ONLY_MODULES:
+        return None
+    return CstarError(
+        f"this command needs '{root}', which the device-only install (plain `pip install cstar`) does not bring",
+        "pip install 'cstar[train]' (host stages: train, compress, export, calibrate, attackset, pipeline); "
+        "verify, bench and predict run without it",
+    )
+
 
 def apply_thread_limit(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
     """torch.set_num_threads($CSTAR_THREADS) when set and torch is already loaded; returns the count.
@@ -93,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GateFailure as exc:
         print(f"FAILED: {exc.message}", file=sys.stderr)
         return 1
+    except ImportError as exc:
+        error = missing_train_dependency(exc)
+        if error is None:
+            raise
+        print(f"error: {error.message}\n  fix: {error.hint}", file=sys.stderr)
+        return 2
     except CstarError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -24,6 +24,13 @@ from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
 
 STATE_DIR = ".pipeline"
 
+# backend -> the `cstar calibrate --target` whose INT8 format that backend runs fast and correctly
+CALIBRATE_TARGETS: dict[str, str] = {
+    "ort-cpu": "ort-cpu", "ort-cuda": "tensorrt", "ort-trt": "tensorrt", "tensorrt": "tensorrt",
+    "openvino-cpu": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino",
+    "executorch-xnnpack": "executorch",
+}
+
 
 # ------------------------------------------------------------------------------------------ config
 
@@ -80,6 +87,8 @@ class BenchSection:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     iters: int = 50
     threads: int | None = None
+    # batch size whose p50 picks the deployed precision per runtime (default: the first of batch_sizes)
+    select_batch: int | None = None
 
 
 @dataclass
@@ -170,27 +179,32 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
                                                         *export_common], d["export-dense"], "dense FP32 ONNX"))
     stages.append(Stage("export", "export", ["--from", str(d["compress"]), "--out", str(d["export"]), *export_common],
                         d["export"], "compressed FP32 ONNX"))
-    artifacts = {"fp32": d["export"]}
+    builds: list[tuple[str, str, Path]] = [
+        ("fp32", backend, run_dir / f"build-fp32-{backend}") for backend in config.verify.backends]
+    targets = calibrate_dirs(config.verify.backends, run_dir)
     if config.calibrate.enabled:
-        stages.append(Stage("calibrate", "calibrate", [
-            "--from", str(d["export"]), "--data", data, "--samples", str(config.calibrate.samples),
-            "--method", config.calibrate.method, "--include-adversarial", str(config.calibrate.include_adversarial),
-            "--out", str(d["calibrate"]),
-        ], d["calibrate"], "compressed INT8 Q/DQ ONNX"))
-        artifacts["int8"] = d["calibrate"]
-    builds: list[tuple[str, str, Path]] = []
+        for target, calibrate_dir in targets.items():
+            stages.append(Stage(calibrate_dir.name, "calibrate", [
+                "--from", str(d["export"]), "--data", data, "--samples", str(config.calibrate.samples),
+                "--method", config.calibrate.method, "--include-adversarial", str(config.calibrate.include_adversarial),
+                "--target", target, "--out", str(calibrate_dir),
+            ], calibrate_dir, f"compressed INT8 for {target}"))
     for backend in config.verify.backends:
-        for precision, source in artifacts.items():
+        sources = {"fp32": d["export"]}
+        if config.calibrate.enabled:
+            sources["int8"] = targets[CALIBRATE_TARGETS.get(backend, "ort-cpu")]
+            builds.append(("int8", backend, run_dir / f"build-int8-{backend}"))
+        for precision, source in sources.items():
             out = run_dir / f"build-{precision}-{backend}"
             stages.append(Stage(f"build-{precision}-{backend}", "build",
                                 ["--from", str(source), "--backend", backend, "--out", str(out)],
                                 out, f"{precision} on {backend}"))
-            builds.append((precision, backend, out))
+    builds.sort(key=lambda b: (config.verify.backends.index(b[1]), b[0] != "fp32"))
+    dense_builds = [("dense", backend, run_dir / f"build-dense-{backend}") for backend in config.verify.backends]
     if config.export.export_dense:
-        out = run_dir / f"build-dense-{config.verify.backends[0]}"
-        stages.append(Stage(f"build-dense-{config.verify.backends[0]}", "build",
-                            ["--from", str(d["export-dense"]), "--backend", config.verify.backends[0], "--out", str(out)],
-                            out, f"dense fp32 on {config.verify.backends[0]}"))
+        for _, backend, out in dense_builds:
+            stages.append(Stage(out.name, "build", ["--from", str(d["export-dense"]), "--backend", backend,
+                                                    "--out", str(out)], out, f"dense fp32 on {backend}"))
     stages.append(Stage("attackset", "attackset", [
         "--reference", str(d["compress"]), "--data", data, "--samples", str(config.verify.samples),
         "--out", str(d["attackset"]),
@@ -202,9 +216,7 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
             "--square-queries", str(config.verify.square_queries),
             "--max-robust-drop", str(config.verify.max_robust_drop), "--out", str(out), *config.verify.extra_args,
         ], out, f"verify {precision} on {backend}"))
-    bench_targets = list(builds)
-    if config.export.export_dense:
-        bench_targets.append(("dense", config.verify.backends[0], run_dir / f"build-dense-{config.verify.backends[0]}"))
+    bench_targets = builds + (dense_builds if config.export.export_dense else [])
     for precision, backend, build_dir in bench_targets:
         out = run_dir / f"bench-{precision}-{backend}"
         argv = ["--artifact", str(build_dir), "--backend", backend, "--batch-sizes",
@@ -213,6 +225,16 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
             argv += ["--threads", str(config.bench.threads)]
         stages.append(Stage(f"bench-{precision}-{backend}", "bench", argv, out, f"latency {precision} on {backend}"))
     return stages
+
+
+def calibrate_dirs(backends: list[str], run_dir: Path) -> dict[str, Path]:
+    """calibrate target -> its directory: `calibrate` for the first backend's target, `calibrate-<target>` else."""
+    first_target = CALIBRATE_TARGETS.get(backends[0], "ort-cpu")
+    dirs: dict[str, Path] = {}
+    for backend in backends:
+        target = CALIBRATE_TARGETS.get(backend, "ort-cpu")
+        dirs[target] = run_dir / ("calibrate" if target == first_target else f"calibrate-{target}")
+    return dirs
 
 
 def _state_path(run_dir: Path, stage: Stage) -> Path:
@@ -306,11 +328,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from deploy.pipeline_report import summary_table, write_pipeline_report
+    from deploy.selection import materialize
 
     config = load_config(args.config)
     started = time.perf_counter()
     stages = run_pipeline(config, args.out, force=args.force)
     summary = write_pipeline_report(args.out, config, stages)
+    materialize(args.out, summary.deployed)
     print()
     print(summary_table(summary))
     failed = [s.key for s in stages if s.status == "failed"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, atomic_write_text
+from deploy.selection import select_deployments
 
 ROBUST_NOTE = ("robust = per-example worst case: an image counts only if it survives every attack run on the runtime "
                "(transfer attacks crafted on the PyTorch reference, and the black-box Square attack against the runtime "
@@ -35,6 +36,7 @@ class PipelineSummary:
     plots: list[str] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     verdict: dict[str, Any] = field(default_factory=dict)
+    deployed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -211,8 +213,18 @@ def _verdict_blocks(summary: PipelineSummary) -> list[Block]:
     blocks: list[Block] = [("verdict", _verdict_heading(summary.verdict))]
     if verified:
         blocks.append(("ul", [_verdict_item(a, summary.batch_sizes) for a in verified]))
+    if summary.deployed:
+        blocks.append(("ul", [deployed_line(d) for d in summary.deployed.values()]))
     blocks += [("p", _reference_line(summary)), ("p", f"{_sentence(ROBUST_NOTE)}. {_sentence(SPEEDUP_NOTE)}.")]
     return blocks
+
+
+def deployed_line(record: dict[str, Any]) -> str:
+    """What ships on one runtime and why (the fastest precision that passed verification)."""
+    if record["precision"] is None:
+        return f"Deployed on **{record['backend']}**: {record['reason']}"
+    return (f"Deployed on **{record['backend']}**: compressed **{record['precision']}** in `{record['path']}/` "
+            f"(speedup vs dense {_times(record.get('speedup_vs_dense'))} at b{record['batch']}): {record['reason']}")
 
 
 def _artifact_table(summary: PipelineSummary) -> tuple[list[str], list[list[str]]]:
@@ -465,6 +477,8 @@ def summarize(run_dir: Path, config: Any, stages: list[Any], plots: bool = True)
         batch_sizes=batch_sizes,
     )
     summary.verdict = make_verdict(summary.artifacts)
+    select_batch = getattr(getattr(config, "bench", None), "select_batch", None) or (batch_sizes or [1])[0]
+    summary.deployed = select_deployments(summary.artifacts, select_batch)
     if plots:
         summary.plots = _plots(run_dir, summary)
     return summary
@@ -478,7 +492,8 @@ def write_pipeline_report(run_dir: Path, config: Any, stages: list[Any]) -> Pipe
     atomic_write_text(run_dir / "report.html", render_html(blocks, summary.verdict["passed"]))
     atomic_write_json(run_dir / "summary.json", {
         "verdict": summary.verdict, "robust_acc_definition": ROBUST_NOTE, "speedup_definition": SPEEDUP_NOTE,
-        "stages": summary.stages, "models": summary.models, "artifacts": summary.artifacts})
+        "stages": summary.stages, "models": summary.models, "artifacts": summary.artifacts,
+        "deployed": summary.deployed})
     return summary
 
 
@@ -504,4 +519,5 @@ def summary_table(summary: PipelineSummary) -> str:
     lines += ["", "robust% = per-example worst case over every attack run (PyTorch rows: PGD only); "
               f"speedup = dense p50 / artifact p50, same backend, batch {batch}",
               _verdict_heading(summary.verdict)]
+    lines += [deployed_line(d).replace("**", "").replace("`", "") for d in summary.deployed.values()]
     return "\n".join(lines)

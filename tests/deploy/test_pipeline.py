@@ -108,6 +108,13 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     assert headings[0].startswith("## Verdict: gate ") and headings[-1] == "## Stage log"
     worst = {a["path"]: a["robust_acc"] for a in summary.artifacts if a["passed"] is not None}
     assert worst["build-int8-ort-cpu"] == int8["metrics"]["runtime"]["worst_case_robust_acc"]
+    deployed = summary.deployed["ort-cpu"]
+    p50 = {a["precision"]: a["p50_b1"] for a in summary.artifacts if a["artifact"] != "dense"}
+    assert deployed["precision"] == min(p50, key=lambda k: p50[k]) and deployed["batch"] == 1
+    assert json.loads((run_dir / "summary.json").read_text())["deployed"]["ort-cpu"]["build"] == deployed["build"]
+    calibrate = json.loads((run_dir / "calibrate" / "manifest.json").read_text())
+    assert calibrate["quantization"]["target"] == "ort-cpu"
+    assert (run_dir / "bench-dense-ort-cpu" / "bench.json").is_file()
 
     again = run_pipeline(config, run_dir)
     assert {s.status for s in again} == {"skipped"}

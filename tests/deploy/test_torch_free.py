@@ -1,4 +1,8 @@
-"""verify, predict and bench run in a Python where `import torch` fails (the device-side promise)."""
+"""verify, predict and bench run where only the base (device) dependencies import: the device-side promise.
+
+Every module of the `train` extra (torch, torchvision, sklearn, tqdm, matplotlib, ...) is blocked, which is
+what `pip install cstar` without extras gives an edge box.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tomllib
 
 from cstar.manifest import sha256_file, write_manifest
 from tests.deploy.test_backends import make_export_dir, tiny_reference
@@ -17,12 +22,36 @@ REPO = Path(__file__).resolve().parents[2]
 EPS = 0.1
 
 
-def _blocker(tmp_path: Path) -> Path:
-    """A directory whose `torch` package raises ImportError; first on PYTHONPATH it hides the real one."""
-    package = tmp_path / "blocker" / "torch"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('raise ImportError("torch is blocked in this test")\n')
-    return package.parent
+# pip name -> module name where they differ
+_MODULE_NAMES = {"scikit-learn": "sklearn", "pyyaml": "yaml", "pillow": "PIL"}
+
+
+def _requirement_name(requirement: str) -> str:
+    return requirement.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def train_only_modules() -> list[str]:
+    """Import names of the `train` extra's packages that the base install does not bring."""
+    project = pyproject()["project"]
+    base = {_requirement_name(r) for r in project["dependencies"]}
+    train = [_requirement_name(r) for r in project["optional-dependencies"]["train"]]
+    return sorted(_MODULE_NAMES.get(name, name).replace("-", "_") for name in train if name not in base)
+
+
+def _blocker(tmp_path: Path, modules: list[str]) -> Path:
+    """A directory whose packages `modules` raise ImportError; first on PYTHONPATH it hides the real ones."""
+    root = tmp_path / "blocker"
+    for module in modules:
+        package = root / module
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {module!r} (blocked: not a device dependency)", '
+            f'name={module!r})\n')
+    return root
 
 
 def _attack_set(directory: Path, n: int = 30) -> Path:
@@ -49,18 +78,20 @@ def _attack_set(directory: Path, n: int = 30) -> Path:
 
 
 def run_cli_without_torch(commands: list[list[str]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    """Run `cstar` subcommands in a fresh Python where `import torch` fails; fails if torch got imported.
+    """Run `cstar` subcommands in a fresh Python where no `train`-extra module imports; fails if one got imported.
 
     Prints 'CODES [..]' with the exit code of each command.
     """
+    blocked = train_only_modules()
     script = (
         "import json, sys\n"
         "from cstar.cli import main\n"
         f"codes = [main(argv) for argv in {commands!r}]\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        f"leaked = sorted(m for m in {blocked!r} if m in sys.modules)\n"
+        "assert not leaked, f'train-only modules were imported: {leaked}'\n"
         "print('CODES', json.dumps(codes))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_blocker(tmp_path)), str(REPO)]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_blocker(tmp_path, blocked)), str(REPO)]),
            "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -96,3 +127,24 @@ def test_verify_predict_bench_without_torch(tmp_path: Path) -> None:
     assert predictions[0]["top"][0]["class"] == f"class{expected}"
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert [r["batch_size"] for r in bench["results"]] == [1, 4] and all(r["p50_ms"] > 0 for r in bench["results"])
+
+
+def test_base_install_is_the_device_side() -> None:
+    """`pip install cstar` brings numpy + onnx + onnxruntime (+ Pillow for images), never torch."""
+    project = pyproject()["project"]
+    base = {_requirement_name(r) for r in project["dependencies"]}
+    assert base == {"numpy", "onnx", "onnxruntime", "pillow"}
+    blocked = train_only_modules()
+    assert {"torch", "torchvision", "sklearn", "matplotlib", "tqdm", "safetensors", "yaml"} <= set(blocked)
+    assert "train" in project["optional-dependencies"] and "torch==2.14.1" in project["optional-dependencies"]["train"]
+    makefile = (REPO / "Makefile").read_text()
+    assert '".[train,dev]"' in makefile, "make demo / make test must install the train extra"
+
+
+def test_host_command_on_device_install_names_the_extra(tmp_path: Path) -> None:
+    """`cstar train` where torch is absent: exit 2 with error/fix naming cstar[train], no traceback."""
+    proc = run_cli_without_torch([["train", "--data", "digits", "--out", str(tmp_path / "t")]], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CODES [2]" in proc.stdout
+    assert "error: this command needs 'torch'" in proc.stderr and "pip install 'cstar[train]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
