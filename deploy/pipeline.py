@@ -158,7 +158,7 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     data = config.data.name
     size = ["--image-size", str(config.data.image_size)] if config.data.image_size else []
     d = {name: run_dir / name for name in (
-        "train", "compress", "export-dense", "export", "calibrate", "attackset")}
+        "train", "compress", "export-dense", "export", "calibrate", "attackset", "attackset-dense")}
     train_argv = ["--data", data, *size, "--method", config.train.method, "--out", str(d["train"])]
     if config.train.model:
         train_argv += ["--model", config.train.model]
@@ -209,10 +209,18 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         "--reference", str(d["compress"]), "--data", data, "--samples", str(config.verify.samples),
         "--out", str(d["attackset"]),
     ], d["attackset"], "transfer attack set (PyTorch reference)"))
-    for precision, backend, build_dir in builds:
+    verify_targets = list(builds)
+    if config.export.export_dense:
+        stages.append(Stage("attackset-dense", "attackset", [
+            "--reference", str(d["train"]), "--data", data, "--samples", str(config.verify.samples),
+            "--out", str(d["attackset-dense"]),
+        ], d["attackset-dense"], "attack set on the dense reference (the robustness baseline)"))
+        verify_targets += dense_builds
+    for precision, backend, build_dir in verify_targets:
+        attack_set = d["attackset-dense"] if precision == "dense" else d["attackset"]
         out = run_dir / f"verify-{precision}-{backend}"
         stages.append(Stage(f"verify-{precision}-{backend}", "verify", [
-            "--artifact", str(build_dir), "--backend", backend, "--set", str(d["attackset"]),
+            "--artifact", str(build_dir), "--backend", backend, "--set", str(attack_set),
             "--square-queries", str(config.verify.square_queries),
             "--max-robust-drop", str(config.verify.max_robust_drop), "--out", str(out), *config.verify.extra_args,
         ], out, f"verify {precision} on {backend}"))

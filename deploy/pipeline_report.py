@@ -123,7 +123,10 @@ def _attacks_run(runtime: dict[str, Any]) -> list[str]:
 def _artifact_rows(run_dir: Path, batch_sizes: list[int]) -> list[dict[str, Any]]:
     """Verified artifacts (verify-*) and the dense reference benchmarks (bench-dense-*), with speedups."""
     rows = []
-    for verify_dir in sorted(run_dir.glob("verify-*")) + sorted(run_dir.glob("bench-dense-*")):
+    verified = sorted(run_dir.glob("verify-*"), key=lambda d: (d.name.startswith("verify-dense-"), d.name))
+    benched_dense = [d for d in sorted(run_dir.glob("bench-dense-*"))
+                     if not (run_dir / d.name.replace("bench-", "verify-", 1)).is_dir()]
+    for verify_dir in verified + benched_dense:
         kind = verify_dir.name.split("-", 1)[1]  # e.g. fp32-ort-cpu
         precision, backend = kind.split("-", 1)
         report = _read_json(verify_dir / "report.json") if verify_dir.name.startswith("verify") else None
@@ -158,12 +161,22 @@ def _artifact_rows(run_dir: Path, batch_sizes: list[int]) -> list[dict[str, Any]
             row[f"p50_b{batch}"] = _bench_p50(bench, batch)
             row["speedup_vs_dense"][str(batch)] = speedup(_bench_p50(dense_bench, batch), row[f"p50_b{batch}"])
         rows.append(row)
+    _add_robust_vs_dense(rows)
     return rows
 
 
+def _add_robust_vs_dense(rows: list[dict[str, Any]]) -> None:
+    """Each compressed row's worst-case robust accuracy minus the dense model's on the same runtime."""
+    dense = {r["backend"]: r["robust_acc"] for r in rows if r["artifact"] == "dense" and r["robust_acc"] is not None}
+    for row in rows:
+        reference = dense.get(row["backend"])
+        row["robust_vs_dense"] = (None if row["artifact"] == "dense" or reference is None or row["robust_acc"] is None
+                                  else row["robust_acc"] - reference)
+
+
 def make_verdict(artifacts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Overall gate result over every verified artifact: passed (None when nothing was verified)."""
-    verified = [a for a in artifacts if a["passed"] is not None]
+    """Overall gate result over every verified compressed artifact (dense is the reference, not shipped)."""
+    verified = [a for a in artifacts if a["passed"] is not None and a["artifact"] != "dense"]
     failed = [f"{a['artifact']} on {a['backend']}" for a in verified if not a["passed"]]
     return {"passed": (not failed) if verified else None, "verified": len(verified), "failed": failed}
 
@@ -191,8 +204,14 @@ def _verdict_item(a: dict[str, Any], batch_sizes: list[int]) -> str:
     speed = ", ".join(speeds) if any(a["speedup_vs_dense"].get(str(b)) for b in batch_sizes) else \
         f"- (no dense benchmark on {a['backend']})"
     return (f"**{a['artifact']}** on **{a['backend']}** (`{a['path']}`, {a['precision']}): gate {gate}; "
-            f"robust **{_pct(a['robust_acc'])}%** (worst case over {attacks}; n={a['robust_n'] or '-'}), "
+            f"robust **{_pct(a['robust_acc'])}%** (worst case over {attacks}; n={a['robust_n'] or '-'}"
+            f"{_vs_dense(a)}), "
             f"clean {_pct(a['clean_acc'])}%; speedup vs dense on {a['backend']}: {speed}")
+
+
+def _vs_dense(row: dict[str, Any]) -> str:
+    delta = row.get("robust_vs_dense")
+    return "" if delta is None else f"; {100 * delta:+.1f} points vs dense on the runtime"
 
 
 def _reference_line(summary: PipelineSummary) -> str:
@@ -204,12 +223,13 @@ def _reference_line(summary: PipelineSummary) -> str:
     for a in summary.artifacts:
         if a["artifact"] == "dense":
             latency = ", ".join(f"{_fmt(a.get(f'p50_b{b}'), 3)} ms (b{b})" for b in summary.batch_sizes)
-            parts.append(f"dense FP32 on {a['backend']} p50 {latency}")
+            robust = "" if a["robust_acc"] is None else f", worst-case robust {_pct(a['robust_acc'])}% on the runtime"
+            parts.append(f"dense FP32 on {a['backend']} p50 {latency}{robust}")
     return "Reference: " + ("; ".join(parts) if parts else "-") + "."
 
 
 def _verdict_blocks(summary: PipelineSummary) -> list[Block]:
-    verified = [a for a in summary.artifacts if a["passed"] is not None]
+    verified = [a for a in summary.artifacts if a["passed"] is not None and a["artifact"] != "dense"]
     blocks: list[Block] = [("verdict", _verdict_heading(summary.verdict))]
     if verified:
         blocks.append(("ul", [_verdict_item(a, summary.batch_sizes) for a in verified]))

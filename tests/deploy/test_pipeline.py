@@ -115,6 +115,14 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     calibrate = json.loads((run_dir / "calibrate" / "manifest.json").read_text())
     assert calibrate["quantization"]["target"] == "ort-cpu"
     assert (run_dir / "bench-dense-ort-cpu" / "bench.json").is_file()
+    dense_report = json.loads((run_dir / "verify-dense-ort-cpu" / "report.json").read_text())
+    dense_set = json.loads((run_dir / "attackset-dense" / "manifest.json").read_text())
+    assert any(i["path"].endswith("train/model.safetensors") for i in dense_set["inputs"])  # crafted on dense
+    dense_row = next(a for a in summary.artifacts if a["artifact"] == "dense")
+    assert dense_row["robust_acc"] == dense_report["metrics"]["runtime"]["worst_case_robust_acc"]
+    fp32_row = next(a for a in summary.artifacts if a["path"] == "build-fp32-ort-cpu")
+    assert fp32_row["robust_vs_dense"] == pytest.approx(fp32_row["robust_acc"] - dense_row["robust_acc"])
+    assert summary.verdict["verified"] == 2  # dense is the reference, not a deployed artifact
 
     again = run_pipeline(config, run_dir)
     assert {s.status for s in again} == {"skipped"}

@@ -144,7 +144,9 @@ def test_summary_robust_column_is_the_worst_case(passing_run: tuple[Path, Any]) 
     row = next(line for line in lines if line.startswith("compressed fp32 @ort-cpu")).split()
     assert row[3:8] == ["250", "90.0", "50.0", "80.0", "70.0"] and row[-2:] == ["3.00x", "pass"]
     assert next(line for line in lines if line.startswith("dense (PyTorch, PGD only)"))
-    assert lines[-1].startswith("Verdict: gate PASSED")
+    assert lines[-2].startswith("Verdict: gate PASSED")
+    assert lines[-1] == ("Deployed on ort-cpu: compressed fp32 in deploy-ort-cpu/ (speedup vs dense 3.00x at b1): "
+                         "fastest of the precisions that passed verification at batch 1: fp32 0.100 ms vs int8 0.150 ms")
 
 
 def test_report_opens_with_the_verdict_and_ends_with_the_stage_log(passing_run: tuple[Path, Any]) -> None:
@@ -175,7 +177,10 @@ def test_failed_gate_is_the_first_thing_said(tmp_path: Path) -> None:
     assert first == "## Verdict: gate FAILED (1 of 2 deployed artifacts: compressed int8 on ort-cpu)"
     assert "gate **FAILED** (robust_drop)" in md
     assert "<div class='verdict fail'>" in (root / "report.html").read_text()
-    assert summary_table(summary).splitlines()[-1].startswith("Verdict: gate FAILED")
+    lines = summary_table(summary).splitlines()
+    assert lines[-2].startswith("Verdict: gate FAILED")
+    assert "the only precision that passed verification" in lines[-1] and "int8 failed its gate (robust_drop)" in lines[-1]
+    assert summary.deployed["ort-cpu"]["precision"] == "fp32"  # the failed INT8 is never shipped
 
 
 def _overlaps(a: Any, b: Any) -> bool:
