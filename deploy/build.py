@@ -264,9 +264,11 @@ def run_build(
     low, opt, high = _batch_range(tuple(batch_sizes), opt_batch)
     require_backend(backend)  # MissingDependencyError before any file is written
     if backend == "tensorrt":
-        from deploy.backends.tensorrt import _import_trt
+        from deploy.backends.tensorrt import _import_trt, require_fp16_converter
 
         _import_trt()
+        if chosen == "fp16":  # a strongly typed network takes FP16 from a converted ONNX
+            require_fp16_converter()
     created_dir = _prepare_out(out, source_dir)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +296,9 @@ def run_build(
         build_info["input"] = smoke["input"]
         if backend in OPENVINO_DEVICES:
             build_info["execution_precisions"] = smoke["runner"].get("execution_precisions", {})
+        if "node_providers" in smoke["runner"]:  # ort-cuda/ort-trt: where each node really ran
+            build_info["node_providers"] = smoke["runner"]["node_providers"]
+            build_info["fallback_nodes"] = smoke["runner"].get("fallback_nodes", [])
         build_info["versions"] = library_versions(VERSION_PACKAGES)
         atomic_write_json(out / BUILD_INFO_NAME, build_info)
         written.append(out / BUILD_INFO_NAME)

@@ -19,6 +19,21 @@ import numpy as np
 
 from cstar.errors import CstarError
 
+LOGITS_NAME = "logits"  # the export contract's output name (export/onnx_export.py OUTPUT_NAME; no torch here)
+
+
+def logits_output(outputs: list[str], model_name: str) -> str:
+    """The output holding the logits: the export contract's name, or the only output."""
+    if LOGITS_NAME in outputs:
+        return LOGITS_NAME
+    if len(outputs) == 1:
+        return outputs[0]
+    raise CstarError(
+        f"{model_name} has outputs {outputs} and none is named '{LOGITS_NAME}'",
+        f"re-export with `cstar export` (the export contract names the logits output '{LOGITS_NAME}')",
+    )
+
+
 DEFAULT_PREDICT_BATCH = 256
 RANGE_TOLERANCE = 1e-3
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cstar.errors import CstarError, MissingDependencyError
 from cstar.manifest import sha256_file, write_manifest
 from deploy.backends import InputSpec, backend_available, backend_names, create_runner
-from deploy.backends.ort import OrtCudaRunner
+from deploy.backends.ort import OrtCpuRunner, OrtCudaRunner
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 requires_tensorrt = pytest.mark.skipif(
@@ -367,3 +367,124 @@ def test_bench_times_the_runtime_call_alone(tiny_model: Path, images: np.ndarray
     assert times.shape == (7,) and (times > 0).all()
     assert len(validations) == 1, "validation must run once, outside the timed loop"
     assert runtime_calls == [4] * (3 + 7)
+
+
+# ------------------------------------------------------------------------ node-level provider fallback
+
+
+def _cpu_profile(model: Path, tmp_path: Path) -> list[dict[str, object]]:
+    """A real ONNX Runtime profile of one CPU run (graph optimizations off: one event per ONNX node)."""
+    from deploy.backends.ort import profile_events
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "prof")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    session.run(None, {"input": np.zeros((2, 1, 8, 8), dtype=np.float32)})
+    return profile_events(session.end_profiling())
+
+
+def test_fallback_nodes_from_a_real_profile(tiny_model: Path, tmp_path: Path) -> None:
+    from deploy.backends.ort import fallback_nodes, node_placements
+
+    events = _cpu_profile(tiny_model, tmp_path)
+    placed = node_placements(events)
+    assert sorted(p.op for p in placed) == ["Conv", "Flatten", "Gemm", "GlobalAveragePool", "Relu"]
+    assert {p.provider for p in placed} == {"CPUExecutionProvider"}
+    fallen = fallback_nodes(events, "CUDAExecutionProvider")
+    assert sorted(p.op for p in fallen) == ["Conv", "Flatten", "Gemm", "GlobalAveragePool", "Relu"]
+    assert fallback_nodes(events, "CPUExecutionProvider") == []
+    assert fallback_nodes(events, ("TensorrtExecutionProvider", "CPUExecutionProvider")) == []
+
+
+def test_shape_arithmetic_on_the_cpu_is_not_fallback(tmp_path: Path) -> None:
+    """ONNX Runtime keeps int64 shape ops on the CPU next to a GPU provider on purpose; only compute counts."""
+    from deploy.backends.ort import fallback_nodes
+
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="shape"),
+             helper.make_node("Reshape", ["r", "s"], ["logits"], name="reshape")]
+    graph = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "shapes.onnx"))
+    fallen = fallback_nodes(_cpu_profile(tmp_path / "shapes.onnx", tmp_path), "CUDAExecutionProvider")
+    assert sorted((p.node, p.op) for p in fallen) == [("relu", "Relu"), ("reshape", "Reshape")]
+
+
+class _CpuCheckedAsCuda(OrtCudaRunner):
+    """Runs on the CPU provider but checks placement as ort-cuda would: every compute node 'fell back'."""
+
+    provider = "CPUExecutionProvider"
+
+
+@pytest.fixture()
+def cpu_as_cuda(monkeypatch: pytest.MonkeyPatch) -> type[OrtCudaRunner]:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    return _CpuCheckedAsCuda
+
+
+def test_node_fallback_warns_and_strict_raises(tiny_model: Path, images: np.ndarray,
+                                               cpu_as_cuda: type[OrtCudaRunner]) -> None:
+    with pytest.warns(UserWarning, match=r"ran \d compute node\(s\) of model.onnx outside CPUExecutionProvider"):
+        runner = cpu_as_cuda(tiny_model, intra_op_threads=1)
+        runner.activate()
+    info = runner.describe()
+    assert info["node_providers"] == {"CPUExecutionProvider": len(info["fallback_nodes"])}
+    assert {"Conv", "Gemm"} <= {n["op"] for n in info["fallback_nodes"]}
+    assert runner._session.end_profiling() == ""  # profiling ended after the one check run: no hot-path cost
+    np.testing.assert_allclose(runner.infer(images), tiny_reference(images), atol=1e-5, rtol=1e-5)
+    runner.deactivate()
+    with pytest.raises(CstarError, match="outside CPUExecutionProvider") as err:
+        cpu_as_cuda(tiny_model, provider_check="strict").activate()
+    assert "provider_check" in (err.value.hint or "")
+
+
+def test_provider_check_off_and_ort_cpu_do_not_profile(tiny_model: Path, cpu_as_cuda: type[OrtCudaRunner],
+                                                       recwarn: pytest.WarningsRecorder) -> None:
+    with cpu_as_cuda(tiny_model, provider_check="off") as runner:
+        assert "node_providers" not in runner.describe()
+    cpu = OrtCpuRunner(tiny_model)
+    with cpu:
+        assert cpu.session_options().enable_profiling is False
+        assert "node_providers" not in cpu.describe()
+    assert not [w for w in recwarn if "compute node" in str(w.message)]
+    with pytest.raises(CstarError, match="provider_check"):
+        create_runner("ort-cpu", tiny_model, provider_check="loud")
+
+
+def _two_output_model(path: Path, logits_name: str) -> Path:
+    """x (N,1,2,2) -> outputs 'features' (Identity, listed first) and `logits_name` (Flatten)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 2, 2])
+    features = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 1, 2, 2])
+    logits = helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["features"]),
+                               helper.make_node("Flatten", ["x"], [logits_name])], "two", [x], [features, logits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_ort_runner_returns_the_logits_output_of_a_multi_output_model(tmp_path: Path) -> None:
+    from deploy.backends import create_runner
+
+    model = _two_output_model(tmp_path / "two.onnx", "logits")
+    x = np.arange(8, dtype=np.float32).reshape(2, 1, 2, 2) / 8
+    with create_runner("ort-cpu", model) as runner:
+        out = runner.infer(x)
+    np.testing.assert_array_equal(out, x.reshape(2, 4))  # not the first-listed 'features' output
+
+
+def test_ort_runner_refuses_an_ambiguous_multi_output_model(tmp_path: Path) -> None:
+    from deploy.backends import create_runner
+
+    model = _two_output_model(tmp_path / "two.onnx", "scores")
+    with pytest.raises(CstarError, match="none is named 'logits'"), create_runner("ort-cpu", model) as runner:
+        runner.infer(np.zeros((1, 1, 2, 2), dtype=np.float32))

@@ -243,3 +243,20 @@ def test_ort_cuda_int8_is_labelled_fake_quantized(export_dir: Path, tmp_path: Pa
     info, _, _ = _build_ort(export_dir / "model.onnx", out, "ort-cuda", "int8", 1, 1, 8, None, 256, None, [])
     assert info["executes_as"].startswith("fp32 (Q/DQ fake-quantized")
     assert ort_trt_timing_cache_dir(tmp_path) == tmp_path.resolve()  # an existing folder is used as is
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxconverter_common") is not None,
+                    reason="onnxconverter-common is installed here")
+def test_build_tensorrt_fp16_without_converter_writes_nothing(export_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP16 engines need onnxconverter-common: refused before any file is written, naming the extra."""
+    import deploy.backends.tensorrt as trt_backend
+    import deploy.build as build
+
+    monkeypatch.setattr(build, "require_backend", lambda name: None)  # as if tensorrt were installed
+    monkeypatch.setattr(trt_backend, "_import_trt", lambda: object())
+    out = tmp_path / "build-fp16"
+    with pytest.raises(MissingDependencyError) as info:
+        run_build(export_dir, "tensorrt", out, precision="fp16")
+    assert info.value.package == "onnxconverter-common" and "cstar[tensorrt]" in (info.value.hint or "")
+    assert not out.exists()
