@@ -2,9 +2,10 @@
 
 Two passes over a deep copy in eval mode:
 
-1. Replacement rules (`register_deploy_rule`): each module whose type has a rule is swapped for the
-   rule's result. Built in: `LowRankConv2d` -> Sequential(1x1 Conv, kxk Conv, 1x1 Conv),
-   `LowRankLinear` -> Sequential(Linear, Linear), dropout -> Identity.
+1. Replacement: each `LowRankConv2d` becomes its deploy form (export/forms.py: three-conv, merge-input,
+   merge-output or dense; given per layer, by default the fewest-MACs one), then each module whose type
+   has a rule (`register_deploy_rule`) is swapped for the rule's result. Built in: `LowRankLinear` ->
+   Sequential(Linear, Linear), dropout -> Identity (and `LowRankConv2d` -> three convs for any left).
 2. BatchNorm folding: a BatchNorm2d that directly follows a conv in the forward pass is folded into
    that conv's weight and bias (for a factorized conv, into its last 1x1 conv) and replaced by
    `nn.Identity`. Two kinds of knowledge say where this is safe:
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from cstar.lowrank import LowRankConv2d, LowRankLinear
+from export.forms import apply_forms, choose_forms
 
 DeployRule = Callable[[nn.Module], nn.Module]
 FoldRule = Callable[[nn.Module], int]
@@ -145,10 +147,17 @@ def _replace(module: nn.Module) -> nn.Module:
     return module
 
 
-def to_deploy(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` in eval mode with plain ops only and BatchNorms folded where possible."""
+def to_deploy(model: nn.Module, forms: dict[str, str] | None = None,
+              input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A deep copy of `model` in eval mode with plain ops only and BatchNorms folded where possible.
+
+    `forms` maps factorized-conv paths to deploy forms (`export.forms.choose_forms`); layers it does not
+    name, or all of them when it is None, take the fewest-MACs form (counted at `input_shape` if given).
+    """
     deployed = copy.deepcopy(model).eval()
-    deployed = _replace(deployed)
+    chosen = choose_forms(deployed, None, input_shape=input_shape)
+    chosen.update(forms or {})
+    deployed = _replace(apply_forms(deployed, chosen))
     fold_batchnorms(deployed)
     for parameter in deployed.parameters():
         parameter.requires_grad_(False)

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"test images for the parity check, class-stratified (default {DEFAULT_PARITY_SAMPLES})")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help=f"max |logit difference| allowed against PyTorch (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--latency-table", default=None, metavar="TABLE",
+                        help="latency table (cstar profile) choosing each factorized layer's deploy form "
+                             "(default: fewest MACs)")
+    parser.add_argument("--latency-batch", type=int, default=None, metavar="N",
+                        help="batch size whose latencies decide (default: the table's first)")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -49,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
         args.from_dir, args.out, opset=args.opset, simplifier=args.simplifier,
         dynamic_batch=args.static_batch is None, static_batch=args.static_batch,
         parity_samples=args.parity_samples, tolerance=args.tolerance, progress=not args.quiet,
+        latency_table=args.latency_table, latency_batch=args.latency_batch,
     )
     parity = manifest["parity"]
     print(f"exported {Path(args.out) / MODEL_FILE}: opset {manifest['onnx']['opset']}, "
@@ -94,14 +101,18 @@ def run_export(
     tolerance: float = DEFAULT_TOLERANCE,
     progress: bool = True,
     parity_data: tuple[Any, Any] | None = None,
+    latency_table: str | Path | None = None,
+    latency_batch: int | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint in `from_dir` to `out_dir/model.onnx` + manifest; returns the manifest.
 
     `parity_data` = (images, labels) replaces the checkpoint's test set for the parity check (used
-    for datasets that cannot be reloaded here, e.g. synthetic specs in tests).
+    for datasets that cannot be reloaded here, e.g. synthetic specs in tests). `latency_table` (a
+    `cstar profile` table) picks each factorized layer's deploy form at `latency_batch`.
     """
     from_path, out_path = Path(from_dir), Path(out_dir)
     _validate(from_path, out_path, simplifier, opset, static_batch, parity_samples, tolerance)
+    table = _load_table(latency_table, latency_batch)
     log = _logger(progress)
     from cstar.checkpoint import load_checkpoint
 
@@ -112,7 +123,7 @@ def run_export(
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_path))
     try:
         body = _export_into(work, model, source, from_path, opset, simplifier, dynamic_batch, static_batch,
-                            parity_samples, tolerance, parity_data, log)
+                            parity_samples, tolerance, parity_data, log, table)
         _publish(work, out_path, body)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -125,6 +136,46 @@ def run_export(
     from cstar.manifest import read_manifest
 
     return read_manifest(out_path, ("export",))
+
+
+@dataclass
+class _Table:
+    """A loaded latency table, where it came from, and the batch size whose latencies decide."""
+
+    table: Any
+    path: Path
+    batch: int
+
+
+def _load_table(path: str | Path | None, batch: int | None) -> _Table | None:
+    """Load `--latency-table` up front (before any long work); check `--latency-batch` against it."""
+    if path is None:
+        if batch is not None:
+            raise CstarError("--latency-batch needs --latency-table", "pass --latency-table TABLE (cstar profile)")
+        return None
+    from cstar.latency_table import LatencyTable
+
+    table = LatencyTable.load(path)
+    sizes = tuple(int(b) for b in table.batch_sizes)
+    chosen = sizes[0] if batch is None and sizes else batch
+    if chosen is None or chosen < 1 or (sizes and chosen not in sizes):
+        raise CstarError(f"--latency-batch {chosen} is not a batch size of the table {path} "
+                         f"(it has {', '.join(map(str, sizes)) or 'none'})",
+                         "pass one of the table's batch sizes, or profile that batch size (cstar profile)")
+    return _Table(table, Path(path), int(chosen))
+
+
+def _forms_record(choices: dict[str, Any], table: _Table | None) -> dict[str, Any]:
+    """Manifest block: each factorized layer's deploy form, why, and its cost per form."""
+    from cstar.manifest import sha256_file
+
+    record: dict[str, Any] = {"chosen_by": "table" if table is not None else "macs",
+                              "layers": {name: choice.to_dict() for name, choice in choices.items()}}
+    if table is not None:
+        record["table"] = {"path": str(table.path.resolve()), "sha256": sha256_file(table.path),
+                           "backend": table.table.backend, "machine": table.table.machine,
+                           "threads": table.table.threads, "batch": table.batch}
+    return record
 
 
 def _publish(work: Path, out_path: Path, body: dict[str, Any]) -> None:
@@ -162,14 +213,22 @@ def _parity_set(spec: Any, n: int, parity_data: tuple[Any, Any] | None) -> tuple
 
 def _export_into(work: Path, model: Any, source: dict[str, Any], from_path: Path, opset: int, simplifier: str,
                  dynamic_batch: bool, static_batch: int | None, parity_samples: int, tolerance: float,
-                 parity_data: tuple[Any, Any] | None, log: Callable[[str], None]) -> dict[str, Any]:
+                 parity_data: tuple[Any, Any] | None, log: Callable[[str], None],
+                 table: _Table | None = None) -> dict[str, Any]:
     """Do all the work inside `work`; leaves `work/model.onnx` and returns the manifest body."""
     from cstar.data import DatasetSpec
     from export.deploy_form import to_deploy
+    from export.forms import FORMS, choose_form_details
     from export.onnx_export import export_onnx, op_counts
 
     spec = DatasetSpec.from_dict(source["dataset"])
-    deployed = to_deploy(model)
+    choices = choose_form_details(model, table.table if table else None, table.batch if table else 1,
+                                  tuple(spec.input_shape))
+    deployed = to_deploy(model, {name: choice.form for name, choice in choices.items()})
+    if choices:
+        counts = {form: sum(c.form == form for c in choices.values()) for form in FORMS}
+        log("deploy forms" + (f" (table, batch {table.batch})" if table else " (fewest MACs)") + ": "
+            + ", ".join(f"{form} {n}" for form, n in counts.items() if n))
     raw = export_onnx(deployed, spec.input_shape, work / "raw.onnx", opset, dynamic_batch, static_batch)
     log(f"exported with the {raw.exporter} exporter" + (f" (dynamo failed: {raw.fallback_reason})"
                                                          if raw.fallback_reason else ""))
@@ -181,6 +240,8 @@ def _export_into(work: Path, model: Any, source: dict[str, Any], from_path: Path
     used_simplifier = simplifier if fallback is None else "none"
     body = _manifest_body(source, from_path, deployed, spec, parity, work / MODEL_FILE, raw, used_simplifier,
                           op_counts(work / MODEL_FILE))
+    if choices or table is not None:
+        body["deploy_forms"] = _forms_record(choices, table)
     if fallback is not None:
         body["simplifier_fallback"] = {"requested": simplifier, "reason": fallback}
     return body

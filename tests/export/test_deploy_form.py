@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from cstar.flops import count_flops
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.models import build_model
 from export.deploy_form import count_modules, fold_bn_into_conv, register_deploy_rule, to_deploy
+from export.forms import CONVS_PER_FORM, choose_forms
 from tests.export.helpers import random_factorize, randomize_batchnorms, synthetic_spec
 
 # (registry name, options, input size, BatchNorms left after folding)
@@ -51,7 +53,11 @@ def test_factorized_deploy_equals_original(name: str, options: dict[str, object]
     deployed = to_deploy(model)
     assert _max_diff(model, deployed, size) <= 1e-5
     assert count_modules(deployed, LowRankConv2d) == 0 and count_modules(deployed, LowRankLinear) == 0
-    assert count_modules(deployed, nn.Conv2d) == 3 * n_lowrank_conv
+    forms = choose_forms(model, input_shape=(3, size, size))  # the default: fewest MACs per layer
+    assert len(forms) == n_lowrank_conv and forms == choose_forms(model)
+    assert count_modules(deployed, nn.Conv2d) == sum(CONVS_PER_FORM[form] for form in forms.values())
+    assert set(forms.values()) != {"three-conv"}  # 1x1 shortcuts / the stem merge at half ranks
+    assert count_flops(deployed, (3, size, size)) < count_flops(model, (3, size, size))
     assert count_modules(deployed, nn.Linear) == 2 * n_lowrank_linear
     assert count_modules(deployed, nn.BatchNorm2d) == bn_left
 

@@ -16,12 +16,14 @@ from cstar.admm import rank_map
 from cstar.checkpoint import load_checkpoint, save_checkpoint
 from cstar.cli import main as cli_main
 from cstar.errors import CstarError, GateFailure
+from cstar.flops import count_params
 from cstar.lowrank import LowRankConv2d
 from cstar.manifest import read_manifest, sha256_file
 from cstar.models import build_model
 from export import onnx_export
 from export.deploy_form import to_deploy
 from export.exporter import run_export
+from export.forms import CONVS_PER_FORM
 from export.parity import ort_logits
 from tests.export.helpers import factorize_all, random_factorize, randomize_batchnorms, synthetic_spec
 from tests.logit_checks import assert_fp32_parity
@@ -93,9 +95,12 @@ def test_factorized_graph_has_only_standard_ops(dense_export: Path, factorized_e
     assert set(dense_nodes) <= STANDARD_OPS
     model, _ = load_checkpoint(factorized_digits_dir)
     n_factorized = sum(isinstance(m, LowRankConv2d) for m in model.modules())
-    # small-resnet: stem + 3 blocks x 2 convs + 2 shortcut 1x1 convs; 1x1 convs factorize like kxk (3 convs)
-    assert dense_nodes["Conv"] == 9 and n_factorized == 9
-    assert factorized_nodes["Conv"] == dense_nodes["Conv"] - n_factorized + 3 * n_factorized == 27
+    # small-resnet: stem + 3 blocks x 2 convs + 2 shortcut 1x1 convs; each exports in its fewest-MACs form:
+    # at half ranks the 1-channel stem merges its input factor (2 convs), the 1x1 shortcuts go dense (1 conv)
+    forms = {name: entry["form"] for name, entry in read_manifest(factorized_export)["deploy_forms"]["layers"].items()}
+    assert dense_nodes["Conv"] == 9 and n_factorized == 9 == len(forms)
+    assert sorted(forms.values()) == ["dense"] * 2 + ["merge-input"] + ["three-conv"] * 6
+    assert factorized_nodes["Conv"] == sum(CONVS_PER_FORM[form] for form in forms.values()) == 22
     assert dense_nodes.get("Gemm", 0) + dense_nodes.get("MatMul", 0) == 1
     assert factorized_nodes.get("Gemm", 0) + factorized_nodes.get("MatMul", 0) == 2  # LowRankLinear -> 2
     assert "BatchNormalization" not in dense_nodes and "BatchNormalization" not in factorized_nodes  # all folded
@@ -118,8 +123,16 @@ def test_manifest_contract(factorized_export: Path, factorized_digits_dir: Path)
     assert manifest["ranks"] == source["ranks"] and manifest["metrics"] == source["metrics"]
     model, _ = load_checkpoint(factorized_digits_dir)
     bn_features = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert manifest["params"] == source["params"] - bn_features  # BN (scale, shift) -> one conv bias each
-    assert manifest["flops"] == source["flops"]  # MACs of 3 convs == MACs of the factorized layer
+    forms = {name: entry["form"] for name, entry in manifest["deploy_forms"]["layers"].items()}
+    unmerged = to_deploy(model, dict.fromkeys(forms, "three-conv"))
+    assert count_params(unmerged) == source["params"] - bn_features  # BN (scale, shift) -> one conv bias each
+    assert manifest["params"] == count_params(to_deploy(model, forms))  # merged forms change the count
+    layers = manifest["deploy_forms"]["layers"]  # MACs of 3 convs == MACs of the factorized layer; the rest save
+    assert manifest["deploy_forms"]["chosen_by"] == "macs" and "table" not in manifest["deploy_forms"]
+    assert all(entry["reason"] == "macs" and entry["macs"][entry["form"]] == min(entry["macs"].values())
+               for entry in layers.values())
+    saved = sum(entry["macs"]["three-conv"] - entry["macs"][entry["form"]] for entry in layers.values())
+    assert saved > 0 and manifest["flops"] == source["flops"] - saved
     graph = onnx.load(str(factorized_export / "model.onnx"))
     assert graph.ir_version <= 10  # lowered to what opset 20 needs: older runtimes accept it
     assert [i.name for i in graph.graph.input] == ["input"] and [o.name for o in graph.graph.output] == ["logits"]
@@ -305,6 +318,8 @@ def test_factorized_tv_resnet50(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                                           parity_data=(images, labels), progress=False)
     nodes = manifest["onnx"]["nodes"]
     assert set(nodes) <= STANDARD_OPS, set(nodes) - STANDARD_OPS
-    assert nodes["Conv"] == 3 * 53  # resnet50: 53 convs (incl. 4 downsample), each factorized into 3
+    forms = [entry["form"] for entry in manifest["deploy_forms"]["layers"].values()]
+    assert len(forms) == 53  # resnet50: 53 convs (incl. 4 downsample), each in its fewest-MACs form
+    assert nodes["Conv"] == sum(CONVS_PER_FORM[form] for form in forms)
     assert nodes["Gemm"] + nodes.get("MatMul", 0) == 2 and "BatchNormalization" not in nodes
     _assert_recorded_parity(manifest["parity"])
