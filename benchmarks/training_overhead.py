@@ -136,9 +136,12 @@ def phase_finetune(setup: Setup, epochs: int, model: Any) -> tuple[dict[str, Any
 def phase_prune(setup: Setup, epochs: int) -> tuple[dict[str, Any], None]:
     """Robust channel pruning to the same budget, then its fine-tune epochs."""
     from cstar.baselines import prune_to_budget
+    from cstar.ranks import first_and_last
 
     cfg = setup.cfg
-    pruned = prune_to_budget(copy.deepcopy(setup.dense), tuple(setup.spec.input_shape), cfg.ratio, cfg.by).model
+    keep = first_and_last(setup.dense) if cfg.keep_first_last else ()  # the ends stay dense, as compress does
+    pruned = prune_to_budget(copy.deepcopy(setup.dense), tuple(setup.spec.input_shape), cfg.ratio, cfg.by,
+                             keep_dense=keep).model
     return phase_finetune(setup, epochs, pruned)
 
 

@@ -10,6 +10,12 @@ conv's norms divided by their mean so convs are weighed equally); f is the large
 the params/FLOPs budget. Adversarial fine-tuning is done by the caller (cstar.compress) with the
 same recipe and epoch budget as CSTAR.
 
+Same budget as CSTAR (issue 15): layers CSTAR keeps dense (`keep_dense`, by default the stem conv and
+the classifier, cstar.ranks.first_and_last) keep their weights here too. A conv's output channels are
+tied to its channel group, so a group that a kept layer produces (the stem -> the first stage's residual
+stream) or consumes (the classifier <- the last stage's stream) is not pruned; the other groups share
+the fraction f. `--compress-ends` (no kept layers) prunes every group, as CSTAR then factorizes the ends.
+
 Uniform low-rank: every factorizable layer gets the same rank fraction (no ADMM, no global
 allocation), Tucker-2 by HOSVD + HOOI, then the same adversarial fine-tuning.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -26,6 +33,7 @@ from torch import nn
 
 from cstar.checkpoint import set_submodule
 from cstar.errors import CstarError
+from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.models import VGG, BasicBlock, CifarResNet
 from cstar.ranks import largest_fraction_within, model_cost
 
@@ -164,11 +172,22 @@ def _slice_module(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch
         return new.to(weight.device)
 
 
-def keep_indices(model: nn.Module, groups: list[ChannelGroup], fraction: float) -> dict[str, torch.Tensor]:
-    """Top-`fraction` channels of every group by importance (at least one), in original order."""
+def frozen_groups(groups: list[ChannelGroup], keep_dense: tuple[str, ...]) -> list[str]:
+    """Names of the groups a kept-dense layer produces or consumes: pruning them would reshape that layer."""
+    kept = set(keep_dense)
+    return [g.name for g in groups if kept & (set(g.producers) | set(g.consumers))]
+
+
+def keep_indices(model: nn.Module, groups: list[ChannelGroup], fraction: float,
+                 frozen: tuple[str, ...] | list[str] = ()) -> dict[str, torch.Tensor]:
+    """Top-`fraction` channels of every group by importance (at least one), in original order;
+    every channel of the `frozen` groups."""
     keep = {}
     for group in groups:
         score = channel_importance(model, group)
+        if group.name in frozen:
+            keep[group.name] = torch.arange(score.numel(), device=score.device)
+            continue
         count = max(1, min(score.numel(), math.ceil(fraction * score.numel())))
         keep[group.name] = torch.sort(torch.topk(score, count).indices).values
     return keep
@@ -176,46 +195,71 @@ def keep_indices(model: nn.Module, groups: list[ChannelGroup], fraction: float) 
 
 @dataclass
 class PruneResult:
-    """The pruned model, the fraction of channels kept, and {group: (kept, total)}."""
+    """The pruned model, the fraction of channels kept, {group: (kept, total)} and the unpruned groups."""
 
     model: nn.Module
     fraction: float
     kept: dict[str, tuple[int, int]]
+    frozen: list[str] = field(default_factory=list)  # groups left whole because a kept-dense layer touches them
 
 
-def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float, by: str = "params") -> PruneResult:
-    """Largest uniform keep fraction whose pruned network meets dense_cost / ratio (binary search)."""
+CostFn = Callable[[nn.Module], float]  # a model's budget cost (params, MACs, predicted latency, ...)
+
+
+def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float, by: str = "params",
+                    keep_dense: tuple[str, ...] = (), cost: CostFn | None = None) -> PruneResult:
+    """Largest uniform keep fraction whose pruned network meets dense_cost / ratio (binary search).
+
+    `keep_dense`: layers whose weights must keep their shape (their groups are not pruned);
+    `cost`: the budget's cost of a model (default: params or MACs as `by` says), so any cost model plugs in.
+    """
+    measure: CostFn = cost if cost is not None else (lambda m: model_cost(m, input_shape, by))
     groups = channel_groups(model)
-    dense = model_cost(model, input_shape, by)
+    frozen = frozen_groups(groups, keep_dense)
+    dense = measure(model)
     target = dense / ratio
 
-    def cost(fraction: float) -> tuple[int, nn.Module]:
-        pruned = prune_channels(model, keep_indices(model, groups, fraction), groups)
-        return model_cost(pruned, input_shape, by), pruned
+    def pruned_at(fraction: float) -> nn.Module:
+        return prune_channels(model, keep_indices(model, groups, fraction, frozen), groups)
 
-    smallest, _ = cost(0.0)
+    smallest = measure(pruned_at(0.0))
     if smallest > target:
+        ends = " with the first/last layers kept dense" if frozen else ""
         raise CstarError(
-            f"pruning cannot reach a {by} ratio of {ratio:g}: one channel per group gives at most {dense / smallest:.2f}x",
-            "pass a smaller --ratio or use --method cstar",
+            f"pruning cannot reach a {by} ratio of {ratio:g}{ends}: one channel per group gives at most "
+            f"{dense / smallest:.2f}x",
+            "pass a smaller --ratio" + (", or --compress-ends" if frozen else "") + ", or use --method cstar",
         )
-    low = largest_fraction_within(lambda fraction: cost(fraction)[0], target, iterations=20)
-    _, pruned = cost(low)
-    keep = keep_indices(model, groups, low)
+    low = largest_fraction_within(lambda fraction: measure(pruned_at(fraction)), target, iterations=20)
+    keep = keep_indices(model, groups, low, frozen)
     kept = {g.name: (int(keep[g.name].numel()), group_size(model, g)) for g in groups}
-    return PruneResult(pruned, low, kept)
+    return PruneResult(prune_channels(model, keep, groups), low, kept, frozen)
 
 
 def pruned_rank_map(dense: nn.Module, pruned: nn.Module) -> dict[str, dict]:
-    """Manifest `ranks` entries for a pruned model: kind 'pruned' (kept out/in channels) or 'dense'."""
+    """Manifest `ranks` entries of a pruned (or pruned then factorized) model, keyed by the dense layer names.
+
+    kind 'pruned' (ranks = kept out/in channels) or 'dense' (shape unchanged) for plain layers; 'tucker2' /
+    'svd' (ranks as cstar.admm.rank_map) for factorized ones, with `channels` = their kept [out, in]
+    channels where pruning narrowed them. `shape` is always the dense layer's.
+    """
     before = dict(dense.named_modules())
     entries: dict[str, dict] = {}
     for name, module in pruned.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        if name not in before or not isinstance(before[name], (nn.Conv2d, nn.Linear)):
             continue
-        original = before[name]
-        shape = list(original.weight.shape)
-        kept = [int(module.weight.shape[0]), int(module.weight.shape[1])]
-        kind = "dense" if kept == shape[:2] else "pruned"
-        entries[name] = {"kind": kind, "ranks": kept, "shape": shape}
+        shape = list(cast(torch.Tensor, before[name].weight).shape)
+        if isinstance(module, (LowRankConv2d, LowRankLinear)):
+            factorized = isinstance(module, LowRankConv2d)
+            channels = ([module.out_channels, module.in_channels] if isinstance(module, LowRankConv2d)
+                        else [module.out_features, module.in_features])
+            entry: dict = {"kind": "tucker2" if factorized else "svd",
+                           "ranks": list(module.ranks) if isinstance(module, LowRankConv2d) else [module.rank],
+                           "shape": shape}
+            if channels != shape[:2]:
+                entry["channels"] = channels
+            entries[name] = entry
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            kept = [int(module.weight.shape[0]), int(module.weight.shape[1])]
+            entries[name] = {"kind": "dense" if kept == shape[:2] else "pruned", "ranks": kept, "shape": shape}
     return entries

@@ -1,12 +1,17 @@
 """`cstar compress`: a robust dense checkpoint -> a factorized (CSTAR, uniform low-rank) or pruned robust model.
 
-    cstar compress --from DENSE_DIR --ratio 8 [--by params|flops] [--method cstar|prune|lowrank-uniform] --out DIR
+    cstar compress --from DENSE_DIR --ratio 8 [--by params|flops] [--method cstar|prune|lowrank-uniform|hybrid] --out DIR
 
 Every method gets the same adversarial training recipe and epoch budget (ADMM epochs + fine-tune
 epochs for CSTAR; the baselines fine-tune for the sum), so their comparison is fair. The output is
 a compress-stage checkpoint (cstar.checkpoint.save_checkpoint) whose manifest records the source,
 the threat model, test metrics (PGD-20), the compression ratios counted on the saved model and the
 per-layer rank map. See docs/method.md for the method.
+
+Same budget for every method: the layers CSTAR keeps dense (stem conv and classifier, unless
+`--compress-ends`) keep their weights in every method; for pruning that leaves whole the channel groups
+those layers produce or consume (cstar.baselines). The manifest's `dense_layers` records what each
+method left dense. `hybrid` (cstar.hybrid) prunes to a share of the budget, then runs CSTAR on the rest.
 
 Scale-out: under `torchrun --nproc_per_node N -m cstar compress ...` the ADMM W-steps and the
 fine-tuning are DDP training over DistributedSampler shards (per-rank batch `batch_size`), the rank
@@ -27,7 +32,7 @@ from typing import Any
 
 from cstar.errors import CstarError
 
-METHODS = ("cstar", "prune", "lowrank-uniform")  # the names of COMPRESSION_METHODS (a test checks they agree)
+METHODS = ("cstar", "prune", "lowrank-uniform", "hybrid")  # the names of COMPRESSION_METHODS (a test checks they agree)
 BUDGETS = ("params", "flops")
 FACTOR_DECAYS = ("factors", "frobenius")  # cstar.train.FACTOR_DECAYS, repeated so this module stays torch-free
 
@@ -47,7 +52,8 @@ class CompressConfig:
     sweeps: int = 2
     realloc_epochs: int = 2
     rank_step: int = 1
-    keep_first_last: bool = True
+    keep_first_last: bool = True  # every method keeps the stem conv and classifier dense (False: --compress-ends)
+    hybrid_prune_share: float = 0.5  # hybrid: share of the log-ratio spent on pruning (0.5: prune sqrt(ratio))
     train_method: str | None = None  # None: the source's training method (pgd-at or trades), else pgd-at
     train_steps: int | None = None  # None: the source's PGD steps while training, else 5
     lr: float = 0.02
@@ -87,6 +93,9 @@ class CompressConfig:
         if self.factor_decay not in FACTOR_DECAYS:
             raise CstarError(f"unknown factor decay '{self.factor_decay}'",
                              f"pass --factor-decay {' or '.join(FACTOR_DECAYS)}")
+        if not 0.0 < self.hybrid_prune_share < 1.0:
+            raise CstarError(f"--hybrid-prune-share must be in (0, 1), got {self.hybrid_prune_share}",
+                             "pass e.g. --hybrid-prune-share 0.5 (use --method prune or cstar for the ends)")
         if not self.distill_temperature > 0.0:
             raise CstarError(f"--distill-temperature must be > 0, got {self.distill_temperature}",
                              "pass e.g. --distill-temperature 1")
@@ -127,7 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "they form (Frobenius decay)")
     parser.add_argument("--rank-step", type=int, default=defaults.rank_step,
                         help="round ranks to multiples of this (e.g. 8 for SIMD-friendly channel counts)")
-    parser.add_argument("--factorize-all", action="store_true", help="also factorize the first conv and classifier")
+    parser.add_argument("--compress-ends", "--factorize-all", dest="compress_ends", action="store_true",
+                        help="every method also compresses the stem conv and the classifier (default: all keep them "
+                             "dense; pruning then leaves their channel groups whole)")
+    parser.add_argument("--hybrid-prune-share", type=float, default=defaults.hybrid_prune_share,
+                        help="--method hybrid: share of the log-ratio spent on channel pruning before CSTAR "
+                             "(0.5: prune to sqrt(ratio))")
     parser.add_argument("--eval-steps", type=int, default=defaults.eval_steps, help="PGD steps for test metrics")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified test subset")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -145,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs, train_method=args.train_method, train_steps=args.train_steps,
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
         distill=args.distill, distill_temperature=args.distill_temperature, factor_decay=args.factor_decay,
-        keep_first_last=not args.factorize_all,
+        keep_first_last=not args.compress_ends, hybrid_prune_share=args.hybrid_prune_share,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,
     )
@@ -333,11 +347,29 @@ def _lowrank_uniform_method(model: Any, budget: Any, cfg: CompressConfig, traine
 def _prune_method(model: Any, budget: Any, cfg: CompressConfig, trainer: _Trainer, log: Any) -> MethodResult:
     """Baseline: robust channel pruning to the same budget, all epochs fine-tuning."""
     from cstar.baselines import prune_to_budget
+    from cstar.hybrid import budget_cost
 
-    pruned = prune_to_budget(model, budget.input_shape, cfg.ratio, cfg.by)
-    details = {"pruning": {"fraction": pruned.fraction, "kept": {k: list(v) for k, v in pruned.kept.items()}},
-               "history": {}}
-    return MethodResult(pruned.model, details, cfg.total_epochs)
+    pruned = prune_to_budget(model, budget.input_shape, cfg.ratio, cfg.by, budget.keep_dense, budget_cost(budget))
+    return MethodResult(pruned.model, {"pruning": _pruning_summary(pruned), "history": {}}, cfg.total_epochs)
+
+
+def _hybrid_method(model: Any, budget: Any, cfg: CompressConfig, trainer: _Trainer, log: Any) -> MethodResult:
+    """Hybrid: channel pruning to ratio**share, then CSTAR (ADMM + Tucker-2) to the full ratio of the dense cost."""
+    from cstar.hybrid import prune_stage, residual_error, stage_summary
+
+    stage = prune_stage(model, budget, cfg.hybrid_prune_share)
+    log(f"hybrid: pruned {stage.prune_ratio:.2f}x, CSTAR {stage.residual.ratio:.2f}x on the pruned model")
+    try:
+        result = _cstar_method(stage.pruned.model, stage.residual, cfg, trainer, log)
+    except CstarError as error:
+        raise residual_error(stage, cfg.ratio, error) from None
+    result.details.update(pruning=_pruning_summary(stage.pruned), hybrid=stage_summary(stage, cfg.hybrid_prune_share))
+    return result
+
+
+def _pruning_summary(pruned: Any) -> dict[str, Any]:
+    return {"fraction": pruned.fraction, "kept": {k: list(v) for k, v in pruned.kept.items()},
+            "unpruned_groups": list(pruned.frozen)}
 
 
 MethodFn = Callable[[Any, Any, CompressConfig, "_Trainer", Any], MethodResult]
@@ -346,6 +378,7 @@ COMPRESSION_METHODS: dict[str, MethodFn] = {
     "cstar": _cstar_method,
     "prune": _prune_method,
     "lowrank-uniform": _lowrank_uniform_method,
+    "hybrid": _hybrid_method,
 }
 
 
@@ -380,8 +413,15 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
     log(f"{cfg.method}: factorized/pruned to {cfg.by} budget 1/{cfg.ratio:g}; fine-tuning {epochs} epochs")
     if epochs > 0:
         compressed, details["history"]["finetune"], details["finetune_best_epoch"] = trainer.finetune(compressed, epochs)
-    details["ranks"] = pruned_rank_map(dense, compressed) if cfg.method == "prune" else rank_map(compressed)
+    details["ranks"] = pruned_rank_map(dense, compressed) if cfg.method in ("prune", "hybrid") else rank_map(compressed)
+    details["dense_layers"] = _dense_layers(details["ranks"], first_and_last(dense), cfg.keep_first_last)
     return compressed, details
+
+
+def _dense_layers(ranks: dict[str, Any], ends: tuple[str, ...], keep_ends: bool) -> dict[str, Any]:
+    """Manifest `dense_layers`: the ends policy, the end layers, and every conv/linear left at its dense shape."""
+    return {"ends": "dense" if keep_ends else "compressed", "end_layers": list(ends),
+            "layers": [name for name, entry in ranks.items() if entry["kind"] == "dense"]}
 
 
 def _teacher(dense: Any, cfg: CompressConfig) -> Any:

@@ -1,0 +1,104 @@
+"""Hybrid compression (issue 15): robust channel pruning first, then CSTAR Tucker-2 on what remains.
+
+Why: Tucker-2 never narrows the activations between layers (its 1x1 factors read and write the full
+width; ReLU, Add and the stem run at full width), so on small spatial sizes its measured speed stalls
+while pruning keeps narrowing. Pruning alone, on the other hand, removes whole channels from every
+layer alike. The hybrid spends ONE global budget in two steps, both measured against the DENSE model:
+
+    prune ratio  p = ratio ** share          (share of the log-ratio, `--hybrid-prune-share`, default 0.5)
+    prune        cost(pruned) <= cost(dense) / p           (cstar.baselines.prune_to_budget)
+    CSTAR        cost(final)  <= cost(dense) / ratio       (allocation on the pruned model at the residual
+                                                             ratio cost(pruned) / (cost(dense) / ratio))
+
+`cost` is one function of a model (params, MACs, or a predicted latency), so the same code serves
+every budget. The layers CSTAR keeps dense (stem and classifier unless --compress-ends) are kept whole
+by both steps. `hybrid_compress` is the structural part alone (no training); `cstar compress --method
+hybrid` runs the pruning, then CSTAR's ADMM on the pruned model, then the shared fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torch import nn
+
+from cstar.admm import Budget, allocate_for, factorize_model
+from cstar.baselines import CostFn, PruneResult, prune_to_budget
+from cstar.errors import CstarError
+from cstar.ranks import Allocation, model_cost
+
+
+def budget_cost(budget: Budget) -> CostFn:
+    """The budget's cost of a whole model (what the ratio divides): params, MACs, ...
+
+    TODO(issue 15, `--by latency`): return the predicted latency (cstar.latency.predicted_latency_ms with
+    the budget's table and batch) once Budget carries the latency table; everything below already takes
+    this function, so nothing else changes.
+    """
+    if budget.by in ("params", "flops"):
+        return lambda model: float(model_cost(model, budget.input_shape, budget.by))
+    raise CstarError(f"--by {budget.by} has no whole-model cost for pruning or hybrid yet",
+                     "use --by params or --by flops")
+
+
+def prune_ratio(ratio: float, share: float) -> float:
+    """The pruning step's ratio against the dense model: `share` of the log-ratio (0.5 -> sqrt(ratio))."""
+    if not 0.0 < share < 1.0:
+        raise CstarError(f"--hybrid-prune-share must be in (0, 1), got {share}",
+                         "pass e.g. --hybrid-prune-share 0.5 (use --method prune or cstar for the ends)")
+    return float(ratio**share)
+
+
+@dataclass
+class PruneStage:
+    """The pruning step: its result, its ratio and the budget left for CSTAR on the pruned model."""
+
+    pruned: PruneResult
+    prune_ratio: float  # achieved, dense cost / pruned cost
+    residual: Budget  # ratio relative to the pruned model, so that its target is cost(dense) / ratio
+
+
+def prune_stage(model: nn.Module, budget: Budget, share: float, cost: CostFn | None = None) -> PruneStage:
+    """Prune `model` to ratio ** share of the budget; the residual CSTAR budget reaches the full ratio."""
+    measure = cost if cost is not None else budget_cost(budget)
+    dense_cost = measure(model)
+    pruned = prune_to_budget(model, budget.input_shape, prune_ratio(budget.ratio, share), budget.by,
+                             keep_dense=budget.keep_dense, cost=measure)
+    pruned_cost = measure(pruned.model)
+    residual = max(1.0, budget.ratio * pruned_cost / dense_cost)
+    return PruneStage(pruned, dense_cost / pruned_cost, dataclasses.replace(budget, ratio=residual))
+
+
+def residual_error(stage: PruneStage, ratio: float, error: CstarError) -> CstarError:
+    """The allocator's error on the pruned model, restated against the dense model."""
+    return CstarError(
+        f"hybrid: after pruning {stage.prune_ratio:.2f}x, Tucker-2 cannot reach the remaining "
+        f"{stage.residual.ratio:.2f}x (total {ratio:g}x): {error.message}",
+        "pass a larger --hybrid-prune-share (prune more), or a smaller --ratio",
+    )
+
+
+@dataclass
+class HybridResult:
+    """The pruned-then-factorized model, the pruning step and the rank allocation on the pruned model."""
+
+    model: nn.Module
+    stage: PruneStage
+    allocation: Allocation
+
+
+def hybrid_compress(model: nn.Module, budget: Budget, share: float = 0.5, cost: CostFn | None = None,
+                    sweeps: int = 2) -> HybridResult:
+    """Structural hybrid compression (no training): prune, allocate ranks on the pruned model, factorize."""
+    stage = prune_stage(model, budget, share, cost)
+    try:
+        allocation = allocate_for(stage.pruned.model, stage.residual)
+    except CstarError as error:
+        raise residual_error(stage, budget.ratio, error) from None
+    return HybridResult(factorize_model(stage.pruned.model, allocation.ranks, sweeps), stage, allocation)
+
+
+def stage_summary(stage: PruneStage, share: float) -> dict[str, object]:
+    """Manifest `hybrid` entry: the split of the budget between pruning and CSTAR."""
+    return {"prune_share": share, "prune_ratio": stage.prune_ratio, "cstar_ratio": stage.residual.ratio}
