@@ -7,7 +7,9 @@ TensorRT preflight; see calibration.quantize), then measures INT8 against the FP
 stratified subset of the TEST split (on ONNX Runtime CPU): agreement, logit difference, clean accuracy
 and robust accuracy under PGD crafted on the PyTorch reference (transfer). Writes
 DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
-target, which `cstar build` checks against the backend.
+target, which `cstar build` checks against the backend. `--target executorch` instead quantizes the
+PyTorch reference with PT2E (XNNPACKQuantizer) and writes DIR/model.pte (format xnnpack-pt2e-int8,
+measured the same way on the ExecuTorch runtime; see calibration.executorch_lower).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from cstar.manifest import (
 )
 
 INT8_NAME = "model.int8.onnx"
+EXECUTORCH_TARGET = "executorch"  # INT8 .pte via PT2E + XNNPACK (calibration.executorch_lower), not ONNX Q/DQ
+TARGET_CHOICES = (*TARGETS, EXECUTORCH_TARGET)
 METHODS = ("minmax", "entropy", "percentile")
 REFERENCE_STAGES = ("train", "compress")
 EVAL_PGD_STEPS = 20
@@ -47,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset the model was exported for (name or name:path)")
     parser.add_argument("--samples", type=int, required=True, help="calibration images from the TRAIN split")
     parser.add_argument("--method", choices=METHODS, default="minmax", help="activation range calibration")
-    parser.add_argument("--target", choices=TARGETS, default=DEFAULT_TARGET,
+    parser.add_argument("--target", choices=TARGET_CHOICES, default=DEFAULT_TARGET,
                         help="runtime the INT8 model is for: ort-cpu and openvino get U8S8 Q/DQ, tensorrt "
-                             f"symmetric S8S8 Q/DQ (default {DEFAULT_TARGET})")
+                             "symmetric S8S8 Q/DQ, executorch an XNNPACK PT2E INT8 model.pte "
+                             f"(default {DEFAULT_TARGET})")
     parser.add_argument("--include-adversarial", dest="include_adversarial", type=float, default=0.0,
                         metavar="FRACTION", help="fraction of calibration images replaced by PGD examples (0..1)")
     parser.add_argument("--reference", default=None, metavar="CKPT_DIR",
@@ -76,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}, transfer PGD)"
                    if robust is not None else "")
     quant = manifest["quantization"]
-    print(f"wrote {Path(args.out) / INT8_NAME} ({quant['format']} for {quant['target']}): clean {metrics['clean_acc']:.4f} "
+    written = (manifest.get("onnx") or manifest.get("artifact") or {}).get("file", INT8_NAME)
+    print(f"wrote {Path(args.out) / written} ({quant['format']} for {quant['target']}): clean {metrics['clean_acc']:.4f} "
           f"(fp32 {metrics['fp32_clean_acc']:.4f}){robust_text}; agreement {parity['agreement']:.4f}, "
           f"max |dlogit| {parity['max_abs_diff']:.4g} on {parity['n']} test images")
     return 0
@@ -208,7 +214,12 @@ def run_calibrate(
     from_dir, out = Path(from_dir), Path(out_dir)
     if method not in METHODS:
         raise CstarError(f"unknown calibration method '{method}'", f"use one of: {', '.join(METHODS)}")
-    target_format(target)  # unknown target: clear error before any work
+    if target != EXECUTORCH_TARGET:
+        target_format(target)  # unknown target: clear error before any work
+    else:
+        from calibration.executorch_lower import require_executorch
+
+        require_executorch("`cstar calibrate --target executorch`")  # before any work
     if strict_trt and target != "tensorrt":
         raise CstarError(f"--strict-trt checks the TensorRT format, but --target is {target}",
                          "add --target tensorrt, or drop --strict-trt")
@@ -234,13 +245,21 @@ def run_calibrate(
     else:
         reference_dir, why = find_reference(export)
         if reference_dir is None:
-            if include_adversarial > 0:
-                raise CstarError(f"--include-adversarial needs the PyTorch reference, but {why}",
+            if include_adversarial > 0 or target == EXECUTORCH_TARGET:
+                needs = "--target executorch quantizes" if target == EXECUTORCH_TARGET else "--include-adversarial needs"
+                raise CstarError(f"{needs} the PyTorch reference, but {why}",
                                  "pass --reference DIR (the train/compress directory exported)")
             warnings.append(f"no PyTorch reference ({why}): robust accuracy not measured; pass --reference DIR")
 
     calib = build_calibration_set(spec, samples, include_adversarial, reference_dir, seed, eps=eps, norm=norm)
     eval_images, eval_labels, eval_indices = _eval_set(spec, parity_samples, seed)
+    if target == EXECUTORCH_TARGET:
+        from calibration.executorch_lower import CalibrationJob, calibrate_executorch
+
+        assert reference_dir is not None  # refused above
+        return calibrate_executorch(CalibrationJob(
+            from_dir, out, export, fp32_path, spec, eps, norm, reference_dir, calib, eval_images, eval_labels,
+            eval_indices, method, seed, include_adversarial, warnings, pgd_steps=EVAL_PGD_STEPS), verbose)
 
     out.mkdir(parents=True, exist_ok=True)
     stale = out / MANIFEST_NAME

@@ -19,6 +19,7 @@ from deploy.backends.registry import backend_names, create_runner
 ARTIFACT_STAGES = ("export", "calibrate", "build")
 BUILD_INFO_NAME = "build.json"
 DEFAULT_BACKEND = "ort-cpu"
+PTE_SUFFIX, PTE_BACKEND = ".pte", "executorch-xnnpack"  # ExecuTorch programs (calibrate --target executorch)
 
 
 @dataclass
@@ -42,13 +43,21 @@ class Artifact:
         return None if self.build is None else self.build.get("backend")
 
     @property
+    def default_backend(self) -> str:
+        """Where it runs when no backend is named: its build's, executorch-xnnpack for a .pte, else ort-cpu."""
+        if self.backend:
+            return str(self.backend)
+        return PTE_BACKEND if self.model_path.suffix == PTE_SUFFIX else DEFAULT_BACKEND
+
+    @property
     def sha256(self) -> str:
         """sha256 of the model file (from the verified manifest)."""
         return str(_model_entry(self.manifest, self.directory)["sha256"])
 
 
 def _model_entry(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
-    key = "artifact" if manifest["stage"] == "build" else "onnx"
+    # build dirs and ExecuTorch calibrate dirs (model.pte) name their model file under 'artifact'
+    key = "artifact" if manifest["stage"] == "build" or ("artifact" in manifest and "onnx" not in manifest) else "onnx"
     entry = manifest.get(key)
     if not isinstance(entry, dict) or "file" not in entry or "sha256" not in entry:
         raise CstarError(
@@ -120,7 +129,7 @@ def runner_options_from_build(build: dict[str, Any], directory: Path) -> dict[st
 
 
 def open_runner(artifact: Artifact, backend: str | None = None, **options: Any) -> Runner:
-    """An inactive runner for `artifact` (build dirs: their own backend; others: ort-cpu by default)."""
+    """An inactive runner for `artifact` (build dirs: their own backend; others: `default_backend`)."""
     if backend is not None and backend not in backend_names():
         raise CstarError(f"unknown backend '{backend}'", f"use one of: {', '.join(backend_names())}")
     if artifact.build is not None:
@@ -133,7 +142,15 @@ def open_runner(artifact: Artifact, backend: str | None = None, **options: Any) 
         merged = runner_options_from_build(artifact.build, artifact.directory)
         merged.update(options)
         return create_runner(built_for, artifact.model_path, **merged)
-    chosen = backend or DEFAULT_BACKEND
+    chosen = backend or artifact.default_backend
+    is_pte = artifact.model_path.suffix == PTE_SUFFIX
+    if is_pte != (chosen == PTE_BACKEND):
+        what = "an ExecuTorch program (.pte)" if is_pte else "an ONNX model"
+        fix = (f"use --backend {PTE_BACKEND} or leave --backend out" if is_pte else
+               "run `cstar calibrate --from EXPORT_DIR --target executorch ...` (INT8) and use its directory"
+               if artifact.stage == "calibrate" else
+               f"run `cstar build --from {artifact.directory} --backend {PTE_BACKEND} --out DIR` and use DIR")
+        raise CstarError(f"{artifact.directory} holds {what}, which the '{chosen}' backend does not run", fix)
     if chosen == "tensorrt":
         raise CstarError(
             f"{artifact.directory} is a '{artifact.stage}' directory (ONNX), but the tensorrt backend runs engines",

@@ -2,10 +2,13 @@
 
 ONNX Runtime and OpenVINO backends get a copy of the ONNX model plus `build.json` (provider or device,
 provider/compile and session options, batch range, versions); TensorRT gets `model.engine` built for
-this GPU. Either way the build opens the result once and runs a smoke inference, so a broken artifact
-fails here and not on the device. An INT8 source must be in the format the backend runs correctly and
-fast (the calibrate manifest's `quantization.format`): U8S8 is refused for TensorRT (it takes symmetric
-int8 only), S8S8 for ort-cpu (ONNX Runtime's x86 kernels run it 2.4x slower than U8S8).
+this GPU; executorch-xnnpack gets `model.pte` (FP32 lowered from the export's checkpoint, INT8 copied
+from a `cstar calibrate --target executorch` directory). Either way the build opens the result once
+and runs a smoke inference, so a broken artifact fails here and not on the device. An INT8 source
+must be in the format the backend runs correctly and fast (the calibrate manifest's
+`quantization.format`): U8S8 is refused for TensorRT (it takes symmetric int8 only), S8S8 for ort-cpu
+(ONNX Runtime's x86 kernels run it 2.4x slower than U8S8), Q/DQ ONNX for executorch-xnnpack and
+xnnpack-pt2e-int8 (a .pte) for every other backend.
 `manifest.json` (stage `build`) is written last; on any error no file is left behind.
 """
 
@@ -48,12 +51,17 @@ COPY_THROUGH = (
     "input", "classes", "onnx", "calibration", "quantization",
 )
 VERSION_PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cuda-bindings",
-                    "openvino")
+                    "openvino", "executorch")
 # backend -> the `cstar calibrate --target` whose INT8 format it runs
 BACKEND_TARGETS = {
     "ort-cpu": "ort-cpu", "ort-cuda": "tensorrt", "ort-trt": "tensorrt", "tensorrt": "tensorrt",
     "openvino-cpu": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino",
+    "executorch-xnnpack": "executorch",
 }
+EXECUTORCH_BACKEND, XNNPACK_FORMAT, PTE_NAME = "executorch-xnnpack", "xnnpack-pt2e-int8", "model.pte"
+_PTE_ONLY_EXECUTORCH = ("cannot run it: it is an ExecuTorch program (model.pte, PT2E INT8 for XNNPACK) that only "
+                        "executorch-xnnpack runs")
+_EXECUTORCH_NEEDS_PTE = "runs ExecuTorch programs (.pte) quantized with PT2E for XNNPACK, not ONNX Q/DQ models"
 _TRT_ONLY_SYMMETRIC = "needs symmetric int8 Q/DQ (int8 activations, every zero point 0): TensorRT takes nothing else"
 _ORT_CPU_S8S8_SLOW = ("would run it far slower than U8S8, on small models slower than FP32: ONNX Runtime's fast "
                       "x86 INT8 kernels are U8S8 (1 thread, batch 1: ResNet-18 S8S8 8.4 ms, U8S8 3.5 ms, FP32 "
@@ -131,6 +139,8 @@ def int8_format(manifest: dict[str, Any]) -> str | None:
 
 def _format_problem(fmt: str, backend: str) -> str | None:
     """Why backend `backend` must not get an INT8 model in format `fmt` (None: fine)."""
+    if (fmt == XNNPACK_FORMAT) != (backend == EXECUTORCH_BACKEND):
+        return _PTE_ONLY_EXECUTORCH if fmt == XNNPACK_FORMAT else _EXECUTORCH_NEEDS_PTE
     if backend in ("tensorrt", "ort-trt") and fmt != "s8s8-qdq":
         return _TRT_ONLY_SYMMETRIC
     if backend == "ort-cpu" and fmt.startswith("s8s8"):
@@ -156,7 +166,8 @@ def check_int8_format(manifest: dict[str, Any], source_dir: Path, backend: str) 
         f"the INT8 model in {source_dir} is {fmt} ({made_for}), but backend '{backend}' {problem}",
         f"run `cstar calibrate --from {export_dir} --target {wanted} ...` and build from its directory, "
         f"or build this directory for a backend that runs {fmt}"
-        + (" (ort-cpu, openvino-cpu)" if fmt.startswith("u8s8") else " (tensorrt, ort-trt, openvino-cpu)"),
+        + (" (ort-cpu, openvino-cpu)" if fmt.startswith("u8s8") else f" ({EXECUTORCH_BACKEND})"
+           if fmt == XNNPACK_FORMAT else " (tensorrt, ort-trt, openvino-cpu)"),
     )
 
 
@@ -278,6 +289,10 @@ def run_build(
         if backend == "tensorrt":
             build_info, runner_options, model_name = _build_tensorrt(
                 source.model_path, out, chosen, low, opt, high, timing_cache, workspace_mb, written
+            )
+        elif backend == EXECUTORCH_BACKEND:
+            build_info, runner_options, model_name = _build_executorch(
+                source, source_dir, out, chosen, low, opt, high, threads, written
             )
         elif backend in OPENVINO_DEVICES:
             build_info, runner_options, model_name = _build_openvino(
@@ -436,6 +451,50 @@ def _build_openvino(
         "runner_options": options,
     }
     return build_info, options, name
+
+
+def _build_executorch(
+    source: Any, source_dir: Path, out: Path, precision: str, low: int, opt: int, high: int,
+    threads: int | None, written: list[Path],
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """model.pte: FP32 lowered from the export's checkpoint (needs torch), INT8 copied from a calibrate dir.
+
+    The program's batch dimension is dynamic in [min, max] (bounds stored in the .pte); an INT8 program
+    keeps the range calibrate exported, so a wider --max-batch is refused rather than silently cut.
+    """
+    dst = out / PTE_NAME
+    written.append(dst)
+    if precision == "int8":
+        lowering = dict(source.manifest.get("executorch") or {})
+        bounds = lowering.get("batch") or {}
+        pte_low, pte_high = int(bounds.get("min", 1)), int(bounds.get("max", high))
+        if low < pte_low or high > pte_high:
+            raise CstarError(
+                f"the INT8 program in {source_dir} takes batches {pte_low}..{pte_high}, not {low}..{high}",
+                f"pass --min-batch/--max-batch within {pte_low}..{pte_high}",
+            )
+        _copy_atomic(source.model_path, dst)
+        lowering["lowered_from"] = {"path": str(source_dir.resolve()), "stage": "calibrate"}
+    else:
+        from calibration.executorch_lower import build_fp32
+
+        lowering = build_fp32(source_dir, source.manifest, source.model_path, dst, source.input_shape, low, high)
+    options: dict[str, Any] = {"min_batch": low, "opt_batch": opt, "max_batch": high}
+    if threads is not None:
+        options["intra_op_threads"] = int(threads)
+    build_info: dict[str, Any] = {
+        "backend": EXECUTORCH_BACKEND,
+        "provider": "executorch:XnnpackBackend",
+        "provider_options": {},
+        "session_options": {"intra_op_threads": threads,
+                            "threadpool": "ExecuTorch's process-wide pool (XNNPACK runs on it)"},
+        "precision": precision,
+        "model_file": PTE_NAME,
+        "batch": {"min": low, "opt": opt, "max": high},
+        "runner_options": options,
+        "lowering": lowering,
+    }
+    return build_info, options, PTE_NAME
 
 
 def _build_tensorrt(

@@ -212,10 +212,10 @@ def runner_options(backend: str, threads: int | None) -> dict[str, Any]:
 
 
 def resolve_backend(artifact: Any, backend: str | None) -> str:
-    """The backend to run: explicit, else the artifact's build backend, else ort-cpu."""
+    """The backend to run: explicit, else the artifact's build backend (executorch-xnnpack for a .pte), else ort-cpu."""
     if backend:
         return backend
-    return str(artifact.backend or "ort-cpu")
+    return str(getattr(artifact, "default_backend", None) or artifact.backend or "ort-cpu")
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -19,6 +19,7 @@ BACKENDS: dict[str, tuple[str, str, str, str | None]] = {
     "openvino-cpu": ("deploy.backends.openvino", "OpenvinoCpuRunner", "openvino", "openvino"),
     "openvino-gpu": ("deploy.backends.openvino", "OpenvinoGpuRunner", "openvino", "openvino"),
     "openvino-npu": ("deploy.backends.openvino", "OpenvinoNpuRunner", "openvino", "openvino"),
+    "executorch-xnnpack": ("deploy.backends.executorch", "ExecutorchXnnpackRunner", "executorch", "executorch"),
 }
 
 # OpenVINO device each openvino-* backend needs
@@ -60,6 +61,8 @@ def backend_available(name: str) -> tuple[bool, str]:
         return True, f"onnxruntime {onnxruntime.__version__} with {provider}"
     if name in OPENVINO_DEVICES:
         return _openvino_available(OPENVINO_DEVICES[name])
+    if name == "executorch-xnnpack":
+        return _executorch_available()
     if importlib.util.find_spec("tensorrt") is None:
         return False, "the tensorrt Python package is not installed"
     from deploy.backends.tensorrt import device_buffer_library
@@ -82,6 +85,36 @@ def _openvino_available(device: str) -> tuple[bool, str]:
     return True, f"openvino {version} with {device}"
 
 
+def _executorch_available() -> tuple[bool, str]:
+    ok, reason, _ = _executorch_status()
+    return ok, reason
+
+
+def _executorch_status() -> tuple[bool, str, str]:
+    """(available, reason, pip package that fixes it): executorch, the torch its runtime links, XNNPACK."""
+    if importlib.util.find_spec("executorch") is None:
+        return False, "executorch is not installed (its Python runtime also needs torch)", "executorch"
+    from deploy.backends.executorch import executorch_version, xnnpack_registered
+
+    version = executorch_version()
+    torch_missing = (False, f"executorch {version} is installed but torch is not (the ExecuTorch Python runtime "
+                            "links libtorch)", "torch")
+    if importlib.util.find_spec("torch") is None:
+        return torch_missing
+    try:
+        import executorch.runtime as runtime
+    except ImportError as exc:
+        root: BaseException = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        if isinstance(root, ModuleNotFoundError) and (root.name or "").split(".")[0] == "torch":
+            return torch_missing
+        return False, f"executorch {version} is installed but its runtime does not import: {root}", "executorch"
+    if not xnnpack_registered(runtime):
+        return False, f"executorch {version} was built without the XnnpackBackend delegate", "executorch"
+    return True, f"executorch {version} with XnnpackBackend", "executorch"
+
+
 def require_backend(name: str) -> None:
     """Raise MissingDependencyError (with the pip extra) when backend `name` cannot run here.
 
@@ -95,6 +128,8 @@ def require_backend(name: str) -> None:
         from deploy.backends.openvino import check_device
 
         check_device(name, OPENVINO_DEVICES[name])
+    if name == "executorch-xnnpack":
+        package = _executorch_status()[2]  # torch when executorch is there but its runtime cannot load torch
     if name == "tensorrt" and importlib.util.find_spec("tensorrt") is not None:
         raise MissingDependencyError("cuda-python", None, f"the '{name}' backend ({reason})")
     raise MissingDependencyError(package, extra, f"the '{name}' backend ({reason})")
