@@ -16,7 +16,7 @@ from cstar.errors import CstarError
 from cstar.manifest import atomic_target, atomic_write_json, atomic_write_text, library_versions
 
 REPORT_SCHEMA_VERSION = 1
-DEVICE_VERSIONS = ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+DEVICE_VERSIONS = ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "executorch")
 
 _ACC = {"type": ["number", "null"], "minimum": 0, "maximum": 1}
 _SIDE_SCHEMA: dict[str, Any] = {
