@@ -272,8 +272,10 @@ def ensure_export(source: Path, out: Path) -> StageRun:
                         Expect(sources=(source / "manifest.json",)))
 
 
-def ensure_calibrate(export_dir: Path, out: Path, data: str, samples: int, parity_samples: int) -> StageRun:
-    """run_calibrate (minmax, per-channel Q/DQ) unless finished with the same sample counts."""
+def ensure_calibrate(export_dir: Path, out: Path, data: str, samples: int, parity_samples: int,
+                     target: str = "ort-cpu") -> StageRun:
+    """run_calibrate (minmax, per-channel, in the INT8 format of `target`: ort-cpu, openvino, tensorrt,
+    executorch) unless finished with the same sample counts and target."""
     from calibration.calibrate import run_calibrate
 
     sources = (export_dir / "manifest.json",)
@@ -281,19 +283,20 @@ def ensure_calibrate(export_dir: Path, out: Path, data: str, samples: int, parit
     if is_done(out):  # counts are capped by the dataset's splits
         dataset = read_json(out / "manifest.json").get("dataset") or {}
         expect = Expect(config={"calibration.samples": split_take(dataset, "train", samples),
-                                "calibration.per_channel": True,
+                                "calibration.per_channel": True, "quantization.target": target,
                                 "metrics.n": split_take(dataset, "test", parity_samples)}, sources=sources)
-    return run_or_reuse(out, f"calibrate {export_dir.parent.name}", lambda: run_calibrate(
-        export_dir, out, data, samples, parity_samples=parity_samples, verbose=False), expect)
+    return run_or_reuse(out, f"calibrate {export_dir.parent.name} for {target}", lambda: run_calibrate(
+        export_dir, out, data, samples, parity_samples=parity_samples, verbose=False, target=target), expect)
 
 
-def ensure_build(source: Path, out: Path, threads: int | None, max_batch: int = 64) -> StageRun:
-    """run_build(source, ort-cpu, out) unless finished from the same source."""
+def ensure_build(source: Path, out: Path, threads: int | None, max_batch: int = 64,
+                 backend: str = "ort-cpu") -> StageRun:
+    """run_build(source, backend, out) unless finished for that backend from the same source."""
     from deploy.build import run_build
 
-    expect = Expect(config={"backend": "ort-cpu"}, sources=(source / "manifest.json",))
-    return run_or_reuse(out, f"build ort-cpu {source.parent.name}/{source.name}", lambda: run_build(
-        source, "ort-cpu", out, batch_sizes=(1, max_batch), threads=threads), expect)
+    expect = Expect(config={"backend": backend}, sources=(source / "manifest.json",))
+    return run_or_reuse(out, f"build {backend} {source.parent.name}/{source.name}", lambda: run_build(
+        source, backend, out, batch_sizes=(1, max_batch), threads=threads), expect)
 
 
 def split_take(dataset: Mapping[str, Any], split: str, count: int) -> int:

@@ -1,4 +1,5 @@
-"""Run the four benchmarks in order: compression_table, deploy_speed, training_overhead, export_robustness.
+"""Run the benchmarks in order: compression_table, deploy_speed, training_overhead, export_robustness,
+cross_runtime.
 
     python benchmarks/run_all.py [--quick] [--data digits] [--dense-dir DIR] [--work DIR] [--results-dir DIR]
 
@@ -31,7 +32,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from cstar.errors import CstarError  # noqa: E402
 
-SCRIPTS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness")
+SCRIPTS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness", "cross_runtime")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness")
+BENCHMARKS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness", "cross_runtime")
 
 
 def _accuracies(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -117,6 +117,61 @@ def _check_refusals(work: Path, common: list[str]) -> None:
     gone = _run(str(REPO / "benchmarks" / "export_robustness.py"), *common)
     assert gone.returncode == 2, gone.stderr[-2000:]
     assert "was deleted" in gone.stderr and "prune-x8-e1+0" in gone.stderr and "fix: delete " in gone.stderr
+
+
+@pytest.mark.slow
+def test_cross_runtime_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cross_runtime --quick on ort-cpu plus a runtime this host lacks: every (model, runtime, precision)
+    verified and timed, the INT8 check, fastest and headline recomputed from the rows; a skip has its reason."""
+    results = tmp_path / "results"
+    done = _run(str(REPO / "benchmarks" / "cross_runtime.py"), "--quick", "--work", str(tmp_path / "work"),
+                "--results-dir", str(results), "--backends", "ort-cpu,openvino-npu", "--all-threads", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    payload, markdown = _load(results, "cross_runtime"), (results / "cross_runtime_digits.md").read_text()
+    ran = [name for name, entry in payload["backends"].items() if entry["available"]]
+    assert ran[0] == "ort-cpu"
+    for name, entry in payload["backends"].items():  # openvino-npu: skipped unless this host has an NPU
+        assert entry["available"] or (entry["reason"] and f"{name} ({entry['reason']})" in markdown)
+    for where, value in _accuracies(payload):
+        assert value is None or 0.0 <= value <= 1.0, f"{where} = {value!r}"
+    rows = {(r["model"], r["backend"], r["precision"]): r for r in payload["rows"]}
+    assert set(rows) == {(m, b, p) for m in ("dense", "cstar-x8", "prune-x8") for b in ran for p in ("fp32", "int8")}
+    for (model, backend, precision), row in rows.items():
+        for setting in ("1t", "all"):
+            for size in ("1", "64"):
+                assert row["p50_ms"][setting][size] > 0
+                dense = rows[("dense", backend, precision)]["p50_ms"][setting][size]
+                assert row["speedup_vs_dense"][setting][size] == pytest.approx(dense / row["p50_ms"][setting][size])
+        fp32 = rows[(model, backend, "fp32")]
+        drop = fp32["clean_acc"] - row["clean_acc"]
+        wanted = abs(drop) <= 0.01 + 1e-9 and row["agreement"] >= 0.98
+        assert row["int8_ok"] is (wanted if precision == "int8" else None), (model, backend, precision)
+    cifar = payload["cifar"]
+    assert cifar["random_weights"] is True and "random weights" in markdown.lower()
+    assert all(cifar["models"][k]["flops_ratio"] >= 8.0 * 0.99 for k in ("cstar-x8flops", "prune-x8flops"))
+    for size in ("1", "8"):
+        assert all(r["p50_ms"][size] > 0 for r in cifar["rows"])
+        dense = min((r for r in cifar["rows"] if r["model"] == "dense"), key=lambda r: r["p50_ms"][size])
+        best = min((r for r in cifar["rows"] if r["model"] != "dense"), key=lambda r: r["p50_ms"][size])
+        head = cifar["headline"][size]
+        assert head["speedup"] == pytest.approx(dense["p50_ms"][size] / best["p50_ms"][size], rel=1e-12)
+        assert (head["compressed"]["model"], head["compressed"]["backend"]) == (best["model"], best["backend"])
+        assert cifar["fastest"]["dense"][size]["p50_ms"] == head["dense"]["p50_ms"] == dense["p50_ms"][size]
+        assert f"**{head['speedup']:.2f}x**" in markdown
+        ort = {r["precision"]: r["p50_ms"][size] for r in cifar["rows"]
+               if r["model"] == "dense" and r["backend"] == "ort-cpu"}
+        assert cifar["ort_int8_vs_fp32"][size] == pytest.approx(ort["fp32"] / ort["int8"])
+    assert isinstance(cifar["cpu"]["avx512_vnni"], bool) and "vnni" in markdown
+
+    sys.path.insert(0, str(REPO))  # the skip path, whatever this host has installed
+    from benchmarks import cross_runtime
+    from deploy.backends import registry
+
+    monkeypatch.setattr(registry, "backend_available", lambda name: (name == "ort-cpu", f"{name}: not here"))
+    plan = cross_runtime.backend_plan(["ort-cpu", "executorch-xnnpack"])
+    assert plan["executorch-xnnpack"] == {"available": False, "reason": "executorch-xnnpack: not here"}
+    assert cross_runtime.skipped_line(plan) == (
+        "Skipped (not runnable here): executorch-xnnpack (executorch-xnnpack: not here).\n\n")
 
 
 def test_cifar10_gpu_plan_fits_the_budget() -> None:
