@@ -57,6 +57,8 @@ class Budget:
     keep_dense: tuple[str, ...] = ()
     rank_step: int = 1
     objective: str = "log"
+    latency_table: Any = None  # cstar.latency_table.LatencyTable when by == "latency"
+    latency_batch: int = 1  # the table's batch size whose latencies are the budget
 
 
 def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tensor] | None = None,
@@ -65,7 +67,7 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
 
     Distributed: rank 0's allocation is broadcast, so every rank factorizes to the same ranks.
     """
-    from cstar.ranks import model_cost
+    from cstar.ranks import cost_model_for, model_cost
 
     layers = candidate_layers(model, budget.keep_dense)
     budgets = layer_budgets(model, budget.input_shape, layers)
@@ -75,11 +77,13 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
         for item in budgets:
             if item.name in weights:
                 item.spectra = weight_spectra(weights[item.name])
-    dense_total = model_cost(model, budget.input_shape, budget.by)
+    dense_total = model_cost(model, budget.input_shape, budget.by, budget.latency_table, budget.latency_batch)
+    cost_model = cost_model_for(budget.by, budget.latency_table, budget.latency_batch)
     if uniform:
-        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by)
+        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by, cost_model)
     else:
-        allocation = allocate(budgets, dense_total, budget.ratio, budget.by, budget.rank_step, budget.objective)
+        allocation = allocate(budgets, dense_total, budget.ratio, budget.by, budget.rank_step, budget.objective,
+                              cost_model)
     return dist.broadcast_object(allocation)
 
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attackset": ("deploy.attackset", "craft the transfer attack set on the PyTorch reference (host side)"),
     "verify": ("deploy.verify", "re-check accuracy and robustness on the runtime (device side, torch-free)"),
     "bench": ("deploy.bench", "latency and throughput on the runtime (device side, torch-free)"),
+    "profile": ("deploy.profile", "per-layer latency table of a model measured on the runtime (for --by latency)"),
     "predict": ("deploy.predict", "classify images or .npy arrays on the runtime (device side, torch-free)"),
     "pipeline": ("deploy.pipeline", "run every stage from one config and write report.md/html"),
 }

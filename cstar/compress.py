@@ -1,6 +1,7 @@
 """`cstar compress`: a robust dense checkpoint -> a factorized (CSTAR, uniform low-rank) or pruned robust model.
 
     cstar compress --from DENSE_DIR --ratio 8 [--by params|flops] [--method cstar|prune|lowrank-uniform|hybrid] --out DIR
+    cstar compress --from DENSE_DIR --ratio 4 --by latency --latency-table TABLE [--latency-batch 1] --out DIR
 
 Every method gets the same adversarial training recipe and epoch budget (ADMM epochs + fine-tune
 epochs for CSTAR; the baselines fine-tune for the sum), so their comparison is fair. The output is
@@ -33,7 +34,7 @@ from typing import Any
 from cstar.errors import CstarError
 
 METHODS = ("cstar", "prune", "lowrank-uniform", "hybrid")  # the names of COMPRESSION_METHODS (a test checks they agree)
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "latency")  # cstar.ranks.BUDGETS; latency needs a `cstar profile` table
 FACTOR_DECAYS = ("factors", "frobenius")  # cstar.train.FACTOR_DECAYS, repeated so this module stays torch-free
 
 
@@ -68,6 +69,10 @@ class CompressConfig:
     eval_dense: bool = True
     distill: float = 0.0  # weight of the dense model's soft labels in every method's adversarial loss (0: off)
     distill_temperature: float = 1.0
+    latency_table: str | None = None  # `cstar profile` table: the budget for --by latency (else recorded only)
+    latency_batch: int = 1  # the table's batch size whose latencies count
+    latency_backend: str | None = None  # the deploy backend the table must come from (None: the table's own)
+    latency_threads: int | None = None  # warn when the table was profiled with another thread count
     seed: int = 0
     device: str = "auto"  # auto: CUDA when available, else CPU
     amp: bool = False  # CUDA mixed precision (bf16 where supported, else fp16 + GradScaler), PGD included
@@ -79,7 +84,13 @@ class CompressConfig:
         if self.method not in METHODS:
             raise CstarError(f"unknown compression method '{self.method}'", f"use one of: {', '.join(METHODS)}")
         if self.by not in BUDGETS:
-            raise CstarError(f"unknown budget '{self.by}'", "use --by params or --by flops")
+            raise CstarError(f"unknown budget '{self.by}'", "use --by params, --by flops or --by latency")
+        if self.by == "latency" and not self.latency_table:
+            raise CstarError("--by latency needs a latency table",
+                             "profile the dense model first: cstar profile --model-from DENSE_DIR --backend ort-cpu "
+                             "--out TABLE.json, then pass --latency-table TABLE.json")
+        if self.latency_batch < 1:
+            raise CstarError(f"--latency-batch must be >= 1, got {self.latency_batch}", "pass e.g. --latency-batch 1")
         if not self.ratio >= 1.0:
             raise CstarError(f"compression ratio must be >= 1, got {self.ratio}", "pass e.g. --ratio 4 or --ratio 8")
         if self.admm_epochs < 0 or self.finetune_epochs < 0:
@@ -114,7 +125,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="from_dir", required=True, help="train-stage directory (dense robust model)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--ratio", type=float, required=True, help="compression ratio, e.g. 8 (dense / compressed)")
-    parser.add_argument("--by", choices=BUDGETS, default=defaults.by, help="budget counted in params or FLOPs (MACs)")
+    parser.add_argument("--by", choices=BUDGETS, default=defaults.by,
+                        help="budget counted in params, FLOPs (MACs) or latency predicted by --latency-table")
+    parser.add_argument("--latency-table", default=None,
+                        help="latency table of the dense model on the deploy runtime (cstar profile); needed by "
+                             "--by latency, recorded (predicted latencies) otherwise")
+    parser.add_argument("--latency-batch", type=int, default=defaults.latency_batch,
+                        help="batch size of the table whose latencies count (default 1)")
+    parser.add_argument("--latency-backend", default=None,
+                        help="deploy backend the table must come from (default: the table's own backend)")
+    parser.add_argument("--latency-threads", type=int, default=None,
+                        help="runtime threads of the deployment: warn when the table used another count")
     parser.add_argument("--method", choices=METHODS, default=defaults.method)
     parser.add_argument("--admm-epochs", type=int, default=defaults.admm_epochs, help="CSTAR ADMM epochs")
     parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs,
@@ -160,6 +181,8 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, finetune_lr=args.finetune_lr, rho=args.rho, rank_step=args.rank_step,
         distill=args.distill, distill_temperature=args.distill_temperature, factor_decay=args.factor_decay,
         keep_first_last=not args.compress_ends, hybrid_prune_share=args.hybrid_prune_share,
+        latency_table=args.latency_table, latency_batch=args.latency_batch, latency_backend=args.latency_backend,
+        latency_threads=args.latency_threads,
         eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,
     )
@@ -176,7 +199,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(
         f"compressed ({config.method}) -> {args.out}: params x{ratios['params_ratio']:.2f}, "
-        f"flops x{ratios['flops_ratio']:.2f}, clean {metrics['clean_acc']:.3f}, "
+        f"flops x{ratios['flops_ratio']:.2f}, "
+        + (f"predicted latency x{ratios['latency_ratio']:.2f}, " if "latency_ratio" in ratios else "")
+        + f"clean {metrics['clean_acc']:.3f}, "
         f"robust {metrics['robust_acc']:.3f} (PGD-{metrics['attack'].get('steps')}), "
         f"{time.monotonic() - started:.0f}s"
     )
@@ -211,17 +236,19 @@ def run_compress(
     cfg = _resolve_config(config, ratio, by, method, config_from_dict)
     source = read_manifest(from_dir, ["train"])
     cfg = _inherit_recipe(cfg, source)
+    table = _latency_table(cfg, progress)
     dist.init_from_env(cfg.device)
     cfg = dataclasses.replace(cfg, device=str(_resolve_device(cfg.device)))
     dense, _ = load_checkpoint(from_dir, device=cfg.device)
     spec = DatasetSpec.from_dict(source["dataset"])
     eps, norm = float(source.get("eps", spec.default_eps)), str(source.get("norm", "linf"))
+    _check_table_layers(table, dense, cfg)
     torch.manual_seed(cfg.seed)
     bundle = load_dataset_from_spec(spec)
     log = _logger(progress)
-    compressed, details = _compress(dense, spec, bundle.train, cfg, eps, norm, log)
+    compressed, details = _compress(dense, spec, bundle.train, cfg, eps, norm, log, table=table)
     compressed = compressed.to(cfg.device).eval()
-    ratios = compression_ratios(dense, compressed, spec.input_shape)
+    ratios = compression_ratios(dense, compressed, spec.input_shape, table, cfg.latency_batch)
     _check_ratio(ratios, cfg)
     test_x, test_y = _test_tensors(bundle, cfg)
     metrics = _evaluate(compressed, test_x, test_y, eps, norm, cfg)
@@ -240,6 +267,10 @@ def run_compress(
         "ranks": details.pop("ranks"),
         **details,
     }
+    if table is not None:
+        from cstar.latency import latency_record
+
+        body["latency"] = latency_record(table, cfg.latency_batch, dense, compressed)
     if dist.is_main():
         save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
                         source["model"].get("options", {}), spec, body)
@@ -279,11 +310,13 @@ def _resolve_device(name: str) -> Any:
     return resolve_device(name)
 
 
-def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...]) -> dict[str, float]:
-    """params and FLOPs (MACs) ratios dense / compressed, counted on the real models."""
+def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...], table: Any = None,
+                       latency_batch: int = 1) -> dict[str, float]:
+    """params and FLOPs (MACs) ratios dense / compressed, counted on the real models (and the predicted
+    latency ratio when a latency table is given)."""
     from cstar.flops import count_flops, count_params
 
-    return {
+    ratios = {
         "params_ratio": count_params(dense) / count_params(compressed),
         "flops_ratio": count_flops(dense, input_shape) / count_flops(compressed, input_shape),
         "params": count_params(compressed),
@@ -291,6 +324,41 @@ def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...]
         "dense_params": count_params(dense),
         "dense_flops": count_flops(dense, input_shape),
     }
+    if table is not None:
+        from cstar.latency import predicted_latency_ms
+
+        dense_ms = predicted_latency_ms(dense, table, latency_batch)
+        compressed_ms = predicted_latency_ms(compressed, table, latency_batch)
+        ratios.update(latency_ratio=dense_ms / compressed_ms, latency_ms=compressed_ms, dense_latency_ms=dense_ms)
+    return ratios
+
+
+def _latency_table(cfg: CompressConfig, progress: bool) -> Any:
+    """Load --latency-table up front (before any long work): backend and batch checked, mismatches warned."""
+    if not cfg.latency_table:
+        return None
+    from cstar.latency_table import LatencyTable
+
+    table = LatencyTable.load(cfg.latency_table)
+    backend = cfg.latency_backend or table.backend
+    if backend != table.backend:
+        raise CstarError(f"the latency table {cfg.latency_table} was measured on backend '{table.backend}', "
+                         f"not on '{backend}' (--latency-backend)",
+                         f"profile on the deploy backend: cstar profile --backend {backend} ..., or drop "
+                         "--latency-backend to use the table's")
+    table.check_batch(cfg.latency_batch)
+    for warning in table.check_matches(backend, cfg.latency_threads):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return table
+
+
+def _check_table_layers(table: Any, dense: Any, cfg: CompressConfig) -> None:
+    """The table must price every conv/linear layer of the dense model (it was profiled on this model)."""
+    if table is None:
+        return
+    from cstar.latency import layer_latencies
+
+    layer_latencies(dense, table, cfg.latency_batch)
 
 
 def _check_ratio(ratios: dict[str, float], cfg: CompressConfig) -> None:
@@ -392,7 +460,7 @@ def compression_method(name: str) -> MethodFn:
 
 
 def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: float, norm: str,
-              log: Any) -> tuple[Any, dict[str, Any]]:
+              log: Any, table: Any = None) -> tuple[Any, dict[str, Any]]:
     """Run the registered method; returns (compressed model, manifest details incl. 'ranks')."""
     import copy
 
@@ -404,7 +472,8 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
     method = compression_method(cfg.method)
     model = copy.deepcopy(dense).to(cfg.device)
     keep = first_and_last(model) if cfg.keep_first_last else ()
-    budget = Budget(cfg.ratio, cfg.by, tuple(spec.input_shape), keep, cfg.rank_step)
+    budget = Budget(cfg.ratio, cfg.by, tuple(spec.input_shape), keep, cfg.rank_step,
+                    latency_table=table, latency_batch=cfg.latency_batch)
     trainer = _Trainer(train_set, cfg, eps, norm, progress=log.enabled, teacher=_teacher(dense, cfg))
     result = method(model, budget, cfg, trainer, log)
     compressed, details, epochs = result.model, result.details, result.finetune_epochs

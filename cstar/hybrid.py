@@ -30,16 +30,13 @@ from cstar.ranks import Allocation, model_cost
 
 
 def budget_cost(budget: Budget) -> CostFn:
-    """The budget's cost of a whole model (what the ratio divides): params, MACs, ...
+    """The budget's cost of a whole model (what the ratio divides): params, MACs or predicted latency.
 
-    TODO(issue 15, `--by latency`): return the predicted latency (cstar.latency.predicted_latency_ms with
-    the budget's table and batch) once Budget carries the latency table; everything below already takes
-    this function, so nothing else changes.
+    Latency is the latency table's prediction at the budget's batch (cstar.latency), so pruned and
+    factorized models are priced by the same measured table.
     """
-    if budget.by in ("params", "flops"):
-        return lambda model: float(model_cost(model, budget.input_shape, budget.by))
-    raise CstarError(f"--by {budget.by} has no whole-model cost for pruning or hybrid yet",
-                     "use --by params or --by flops")
+    return lambda model: float(model_cost(model, budget.input_shape, budget.by, budget.latency_table,
+                                          budget.latency_batch))
 
 
 def prune_ratio(ratio: float, share: float) -> float:

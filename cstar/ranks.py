@@ -1,4 +1,4 @@
-"""Global rank allocation: one params (or FLOPs) budget shared by every factorizable layer.
+"""Global rank allocation: one params, FLOPs or latency budget shared by every factorizable layer.
 
 Each candidate layer l has normalized mode spectra e_l,m(k) = s_k^2 / sum_j s_j^2 of its channel-mode
 unfoldings (m = out, in; a single spectrum for Linear). Keeping ranks (r_out, r_in) retains the
@@ -14,14 +14,23 @@ normalized energy). Energies are normalized per layer, so every layer is weighed
 its size; cost is exact (it matches `cstar.flops` on the built model). A layer whose rank-1 form is
 not cheaper than the dense layer stays dense. The greedy rule and objective are our choices (the
 paper allocates ranks globally; see docs/method.md).
+
+What a layer costs is ONE pluggable function (`CostModel.layer_cost(layer, ranks or None=dense)`):
+exact params or MACs (`analytic_cost_model`), or the latency a `cstar profile` table predicts on the
+target runtime (`cstar.latency.latency_cost_model`: the fastest deploy form of the factorized layer).
+Latency is not monotone in rank (SIMD widths: a conv with 117 channels can be slower than one with
+128), so a latency cost model also gives each layer's rank grid (the table's measured channel counts):
+ranks then move from grid point to grid point (those on the --rank-step grid), and each layer starts
+at its cheapest grid ranks rather than the smallest ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +40,8 @@ from cstar.flops import count_flops, count_params
 from cstar.tucker import singular_values, unfold
 
 Ranks = tuple[int, ...]
+ANALYTIC_BUDGETS = ("params", "flops")
+BUDGETS = (*ANALYTIC_BUDGETS, "latency")
 
 
 @dataclass
@@ -96,13 +107,48 @@ class Allocation:
     ranks: dict[str, Ranks | None]
     by: str
     target_cost: float
-    total_cost: int  # the whole model after allocation (fixed + candidate layers)
-    dense_total: int
+    total_cost: float  # the whole model after allocation (fixed + candidate layers): params, MACs or ms
+    dense_total: float
     energy: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
-        return self.dense_total / max(self.total_cost, 1)
+        return self.dense_total / self.total_cost if self.total_cost > 0 else math.inf
+
+
+LayerCost = Callable[["LayerBudget", "Ranks | None"], float]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What one candidate layer costs: `layer_cost(layer, ranks)` (ranks None = the dense layer).
+
+    `monotone`: the cost grows with every rank (params, MACs), so the smallest ranks are the cheapest;
+    a measured latency is not, and the allocator then starts each layer at its cheapest grid ranks.
+    `rank_grid(layer)`: per mode, the ascending ranks the cost is known at (None: every rank).
+    """
+
+    by: str
+    layer_cost: LayerCost
+    monotone: bool = True
+    rank_grid: Callable[[LayerBudget], tuple[list[int], ...]] | None = None
+
+    def __call__(self, layer: LayerBudget, ranks: Ranks | None) -> float:
+        return self.layer_cost(layer, ranks)
+
+
+def analytic_cost_model(by: str) -> CostModel:
+    """Exact params or MACs of the dense or factorized layer (LayerBudget.dense_cost / .cost)."""
+    if by not in ANALYTIC_BUDGETS:
+        hint = ("--by latency needs --latency-table TABLE (cstar profile)" if by == "latency"
+                else "use --by params or --by flops")
+        raise CstarError(f"unknown budget '{by}'" if by != "latency" else "a latency budget needs a latency table",
+                         hint)
+
+    def cost(layer: LayerBudget, ranks: Ranks | None) -> float:
+        return layer.dense_cost(by) if ranks is None else layer.cost(ranks, by)
+
+    return CostModel(by, cost)
 
 
 def normalized_spectrum(matrix: torch.Tensor) -> torch.Tensor:
@@ -170,26 +216,58 @@ def layer_budgets(
     return budgets
 
 
-def model_cost(model: nn.Module, input_shape: tuple[int, ...], by: str) -> int:
-    """Params or MACs of the whole model, as cstar.flops counts them."""
+def model_cost(model: nn.Module, input_shape: tuple[int, ...], by: str, table: Any = None, batch: int = 1) -> float:
+    """Params or MACs of the whole model as cstar.flops counts them, or its latency predicted by `table`."""
+    if by == "latency":
+        if table is None:
+            raise CstarError("a latency budget needs a latency table", "pass --latency-table TABLE (cstar profile)")
+        from cstar.latency import predicted_latency_ms
+
+        return predicted_latency_ms(model, table, batch)
     return count_params(model) if by == "params" else count_flops(model, input_shape)
 
 
-def _moves(
-    layer: LayerBudget, ranks: Ranks, step: int, by: str, objective: str
-) -> list[tuple[Ranks | None, float, int]]:
-    """Candidate moves from `ranks`: (new ranks or None=dense, objective gain, cost delta)."""
-    current_cost, current = layer.cost(ranks, by), layer.score(ranks, objective)
-    dense: tuple[Ranks | None, float, int] = (
-        None, layer.score(None, objective) - current, layer.dense_cost(by) - current_cost
-    )
-    moves: list[tuple[Ranks | None, float, int]] = []
-    for mode, full in enumerate(layer.full_ranks):
-        if ranks[mode] >= full:
+def cost_model_for(by: str, table: Any = None, batch: int = 1) -> CostModel:
+    """The layer cost model of budget `by`: exact params/MACs, or latency from `table` at `batch`."""
+    if by == "latency" and table is not None:
+        from cstar.latency import latency_cost_model
+
+        return latency_cost_model(table, batch)
+    return analytic_cost_model(by)
+
+
+Move = tuple["Ranks | None", float, float]  # (new ranks or None=dense, objective gain, cost delta)
+
+
+class _Costs:
+    """Memoized `cost_model(layer, ranks)` (a latency lookup interpolates; the greedy asks again and again)."""
+
+    def __init__(self, cost_model: CostModel, layers: list[LayerBudget]) -> None:
+        self.model = cost_model
+        self.by_name = {layer.name: layer for layer in layers}
+        self.cache: dict[tuple[str, Ranks | None], float] = {}
+
+    def __call__(self, layer: LayerBudget, ranks: Ranks | None) -> float:
+        key = (layer.name, ranks)
+        if key not in self.cache:
+            self.cache[key] = float(self.model(layer, ranks))
+        return self.cache[key]
+
+
+def _moves(layer: LayerBudget, ranks: Ranks, options: tuple[list[int], ...], objective: str,
+           cost: _Costs) -> list[Move]:
+    """Candidate moves from `ranks`: one mode to its next allowed rank, or dense; (new, gain, cost delta)."""
+    current_cost, current = cost(layer, ranks), layer.score(ranks, objective)
+    dense_cost = cost(layer, None)
+    dense: Move = (None, layer.score(None, objective) - current, dense_cost - current_cost)
+    moves: list[Move] = []
+    for mode, allowed in enumerate(options):
+        bigger = next((r for r in allowed if r > ranks[mode]), None)
+        if bigger is None:
             continue
-        new = tuple(next_rank(r, step, full) if m == mode else r for m, r in enumerate(ranks))
-        new_cost = layer.cost(new, by)
-        if new_cost >= layer.dense_cost(by):
+        new = tuple(bigger if m == mode else r for m, r in enumerate(ranks))
+        new_cost = cost(layer, new)
+        if new_cost >= dense_cost:
             moves.append(dense)
         else:
             moves.append((new, layer.score(new, objective) - current, new_cost - current_cost))
@@ -208,44 +286,55 @@ def start_ranks(layer: LayerBudget, step: int) -> Ranks:
     return tuple(min(step, full) for full in layer.full_ranks)
 
 
+def rank_options(layer: LayerBudget, step: int, cost_model: CostModel | None = None) -> tuple[list[int], ...]:
+    """Per mode, the ascending ranks the allocator may use: multiples of `step` and the full dimension,
+    restricted to the cost model's rank grid when it has one (a latency table's measured channel counts)."""
+    grid = cost_model.rank_grid(layer) if cost_model is not None and cost_model.rank_grid is not None else None
+    options = []
+    for mode, full in enumerate(layer.full_ranks):
+        if grid is None:
+            options.append(sorted({*range(step, full, step), full}))
+        else:
+            options.append(sorted({r for r in grid[mode] if r < full and r % step == 0} | {full}))
+    return tuple(options)
+
+
+def cheapest_start(layer: LayerBudget, options: tuple[list[int], ...], cost: _Costs) -> Ranks | None:
+    """Where the allocator starts a layer: the smallest allowed ranks (monotone cost model), else the cheapest
+    allowed ranks (smaller first among equals); None (dense) when even those are not cheaper than dense."""
+    if cost.model.monotone or max(len(o) for o in options) > 64:
+        candidates: list[Ranks] = [tuple(o[0] for o in options)]
+    else:
+        candidates = list(itertools.product(*options))
+    best = min(candidates, key=lambda ranks: cost(layer, ranks))
+    return best if cost(layer, best) < cost(layer, None) else None
+
+
 def allocate(
-    layers: list[LayerBudget], dense_total: int, ratio: float, by: str = "params", step: int = 1,
-    objective: str = "log",
+    layers: list[LayerBudget], dense_total: float, ratio: float, by: str = "params", step: int = 1,
+    objective: str = "log", cost_model: CostModel | None = None,
 ) -> Allocation:
     """Greedy global allocation so that fixed + sum(layer costs) <= dense_total / ratio.
 
-    `dense_total` is the dense model's params (or MACs); everything outside `layers` is fixed.
-    Raises CstarError naming the best achievable ratio when rank 1 everywhere is still too big.
+    `dense_total` is the dense model's params, MACs or predicted ms (by `cost_model`, which defaults to
+    the exact params/MACs of `by`); everything outside `layers` is fixed. Raises CstarError naming the
+    best reachable ratio when the cheapest ranks everywhere are still too costly.
     """
-    if by not in ("params", "flops"):
-        raise CstarError(f"unknown budget '{by}'", "use --by params or --by flops")
-    if ratio < 1:
-        raise CstarError(f"compression ratio must be >= 1, got {ratio}", "pass --ratio 2, 4, 8 ...")
-    if step < 1:
-        raise CstarError(f"rank step must be >= 1, got {step}", "pass --rank-step 1 (any rank) or e.g. 8")
+    cost_model = cost_model if cost_model is not None else analytic_cost_model(by)
+    _check_allocation_args(ratio, step)
+    cost = _Costs(cost_model, layers)
     target = dense_total / ratio
-    fixed = dense_total - sum(layer.dense_cost(by) for layer in layers)
-    state: dict[str, Ranks | None] = {}
-    for layer in layers:
-        smallest = start_ranks(layer, step)
-        state[layer.name] = smallest if layer.cost(smallest, by) < layer.dense_cost(by) else None
-    by_name = {layer.name: layer for layer in layers}
-    used = fixed + sum(_cost(by_name[n], r, by) for n, r in state.items())
-    if used > target + 1e-9:
-        best = dense_total / used
-        floor = "rank 1" if step == 1 else f"rank {step} (--rank-step {step})"
-        raise CstarError(
-            f"a {by} ratio of {ratio:g} is not reachable: {floor} in every factorizable layer gives at most "
-            f"{best:.2f}x",
-            f"pass --ratio {math.floor(best * 100) / 100:g} or less"
-            + (", or a smaller --rank-step" if step > 1 else "") + ", or let the first/last layers be factorized",
-        )
+    fixed = dense_total - sum(cost(layer, None) for layer in layers)
+    options = {layer.name: rank_options(layer, step, cost_model) for layer in layers}
+    state = {layer.name: cheapest_start(layer, options[layer.name], cost) for layer in layers}
+    used = fixed + sum(cost(cost.by_name[n], r) for n, r in state.items())
+    if used > target + 1e-9 * max(abs(target), 1.0):
+        raise _unreachable(cost_model, dense_total, used, ratio, step)
+    moves = {n: _moves(cost.by_name[n], r, options[n], objective, cost) for n, r in state.items() if r is not None}
     while True:
-        best_move: tuple[float, str, Ranks | None, int] | None = None
-        for name, ranks in state.items():
-            if ranks is None:
-                continue
-            for new, gain, delta in _moves(by_name[name], ranks, step, by, objective):
+        best_move: tuple[float, str, Ranks | None, float] | None = None
+        for name, candidates in moves.items():
+            for new, gain, delta in candidates:
                 if used + delta > target or gain <= 1e-12:
                     continue
                 score = gain / max(delta, 1e-9)
@@ -256,41 +345,70 @@ def allocate(
         _, name, new, delta = best_move
         state[name] = new
         used += delta
-    energy = {n: (1.0 if r is None else by_name[n].energy(r)) for n, r in state.items()}
-    return Allocation(state, by, target, int(used), dense_total, energy)
+        if new is None:
+            del moves[name]
+        else:
+            moves[name] = _moves(cost.by_name[name], new, options[name], objective, cost)
+    energy = {n: (1.0 if r is None else cost.by_name[n].energy(r)) for n, r in state.items()}
+    return Allocation(state, cost_model.by, target, float(used), dense_total, energy)
 
 
-def _cost(layer: LayerBudget, ranks: Ranks | None, by: str) -> int:
-    return layer.dense_cost(by) if ranks is None else layer.cost(ranks, by)
+def _check_allocation_args(ratio: float, step: int) -> None:
+    if ratio < 1:
+        raise CstarError(f"compression ratio must be >= 1, got {ratio}", "pass --ratio 2, 4, 8 ...")
+    if step < 1:
+        raise CstarError(f"rank step must be >= 1, got {step}", "pass --rank-step 1 (any rank) or e.g. 8")
+
+
+def _unreachable(cost_model: CostModel, dense_total: float, used: float, ratio: float, step: int) -> CstarError:
+    """The error for a ratio the cheapest ranks cannot reach: names the best reachable ratio."""
+    best = dense_total / used if used > 0 else math.inf
+    if cost_model.monotone:
+        floor = "rank 1" if step == 1 else f"rank {step} (--rank-step {step})"
+        where = f"{floor} in every factorizable layer gives at most"
+    else:
+        where = "the fastest measured ranks (or dense) of every factorizable layer give at most"
+    return CstarError(
+        f"a {cost_model.by} ratio of {ratio:g} is not reachable: {where} {best:.2f}x",
+        f"pass --ratio {math.floor(best * 100) / 100:g} or less"
+        + (", or a smaller --rank-step" if step > 1 else "") + ", or let the first/last layers be factorized",
+    )
 
 
 def uniform_allocation(
-    layers: list[LayerBudget], dense_total: int, ratio: float, by: str = "params"
+    layers: list[LayerBudget], dense_total: float, ratio: float, by: str = "params",
+    cost_model: CostModel | None = None,
 ) -> Allocation:
     """Baseline: the same rank fraction f in every layer (rank = ceil(f * dim)), largest f meeting the budget.
 
     A layer is kept dense when its factorized form at f would not be cheaper.
     """
+    cost_model = cost_model if cost_model is not None else analytic_cost_model(by)
+    cost = _Costs(cost_model, layers)
     target = dense_total / ratio
-    fixed = dense_total - sum(layer.dense_cost(by) for layer in layers)
+    fixed = dense_total - sum(cost(layer, None) for layer in layers)
 
-    def at(fraction: float) -> tuple[dict[str, Ranks | None], int]:
+    options = {layer.name: rank_options(layer, 1, cost_model) for layer in layers}
+
+    def at(fraction: float) -> tuple[dict[str, Ranks | None], float]:
         state: dict[str, Ranks | None] = {}
         for layer in layers:
-            ranks = tuple(max(1, math.ceil(fraction * d)) for d in layer.full_ranks)
-            state[layer.name] = ranks if layer.cost(ranks, by) < layer.dense_cost(by) else None
-        return state, fixed + sum(_cost(layer, state[layer.name], by) for layer in layers)
+            ranks = tuple(next(r for r in allowed if r >= max(1, math.ceil(fraction * d)))
+                          for d, allowed in zip(layer.full_ranks, options[layer.name], strict=True))
+            state[layer.name] = ranks if cost(layer, ranks) < cost(layer, None) else None
+        return state, fixed + sum(cost(layer, state[layer.name]) for layer in layers)
 
     state, used = at(0.0)
     if used > target:
         raise CstarError(
-            f"a {by} ratio of {ratio:g} is not reachable with uniform ranks (best {dense_total / used:.2f}x)",
+            f"a {cost_model.by} ratio of {ratio:g} is not reachable with uniform ranks "
+            f"(best {dense_total / used:.2f}x)",
             "pass a smaller --ratio",
         )
     low = largest_fraction_within(lambda fraction: at(fraction)[1], target, iterations=40)
     state, used = at(low)
-    energy = {n: (1.0 if r is None else next(x for x in layers if x.name == n).energy(r)) for n, r in state.items()}
-    return Allocation(state, by, target, int(used), dense_total, energy)
+    energy = {n: (1.0 if r is None else cost.by_name[n].energy(r)) for n, r in state.items()}
+    return Allocation(state, cost_model.by, target, float(used), dense_total, energy)
 
 
 def largest_fraction_within(cost: Callable[[float], float], target: float, iterations: int) -> float:

@@ -1,0 +1,182 @@
+"""Predicted latency of a (dense, pruned or factorized) model from a `cstar profile` table, and the
+latency cost model of the rank allocator.
+
+A model's predicted latency at batch b is the table's "rest" (the measured dense model minus its
+dense layers: activations, adds, pooling, the runtime call) plus, for each layer the table prices:
+
+- a plain Conv2d / Linear (dense, or pruned to fewer channels): the layer's op at its channel counts;
+- a LowRankConv2d: its fastest deploy form (dense, three-conv, merge-input, merge-output), the one
+  `cstar export --latency-table` picks;
+- a LowRankLinear: its two Gemms (cin -> r -> cout).
+
+Costs between the table's channel grid points are interpolated (cstar.latency_table). The "rest" is
+held at its dense value, so pruning that narrows activations is predicted a little slow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cstar.errors import CstarError
+from cstar.latency_table import DEPLOY_FORMS, LatencyTable
+from cstar.lowrank import LowRankConv2d, LowRankLinear
+from cstar.ranks import CostModel, LayerBudget, Ranks, candidate_layers
+
+MIN_PREDICTED_MS = 1e-6  # a prediction is never <= 0 (the rest can be negative: micro-graphs run cold)
+
+
+def module_form_ms(table: LatencyTable, name: str, module: nn.Module, batch: int) -> tuple[str, float] | None:
+    """(deploy form, ms) of one module as the table prices it; None for modules the table does not price."""
+    if isinstance(module, LowRankConv2d):
+        r_out, r_in = module.ranks
+        costs = [(table.form_ms(name, form, None if form == "dense" else (r_in, r_out), batch,
+                                module.in_channels, module.out_channels), i, form) for i, form in enumerate(DEPLOY_FORMS)]
+        ms, _, form = min(costs)
+        return form, ms
+    if isinstance(module, LowRankLinear):
+        ranks = (module.rank, module.rank)
+        return "three-conv", table.form_ms(name, "three-conv", ranks, batch, module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return "dense", table.conv_ms(name, module.in_channels, module.out_channels, batch)
+    if isinstance(module, nn.Linear):
+        return "dense", table.conv_ms(name, module.in_features, module.out_features, batch)
+    return None
+
+
+def layer_latencies(model: nn.Module, table: LatencyTable, batch: int) -> dict[str, tuple[str, float]]:
+    """{layer path: (deploy form, predicted ms)} for every layer the table prices.
+
+    CstarError when the model has a conv/linear layer the table lacks, or lacks a layer the table has
+    (the table was profiled on another model).
+    """
+    table.check_batch(batch)
+    known = set(table.layer_names())
+    priced: dict[str, tuple[str, float]] = {}
+    missing: list[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if not isinstance(module, (LowRankConv2d, LowRankLinear, nn.Conv2d, nn.Linear)):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            continue  # grouped / depthwise convs are not candidates: part of the measured rest
+        if name not in known:
+            missing.append(name)
+            continue
+        cost = module_form_ms(table, name, module, batch)
+        if cost is not None:
+            priced[name] = cost
+    if missing:
+        raise table.missing_error(missing)
+    absent = [name for name in table.layer_names() if name not in priced]
+    if absent:
+        raise CstarError(f"the model has no layer {', '.join(absent[:5])} that the latency table prices "
+                         f"(profiled on model '{table.model.get('name', '?')}')",
+                         "use the table profiled on this model's dense source (cstar profile --model-from DIR)")
+    return priced
+
+
+def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int) -> float:
+    """Predicted ms of one runtime call of `model` at `batch`: the table's rest + each layer's (fastest) form."""
+    total = table.rest_ms(batch) + sum(ms for _, ms in layer_latencies(model, table, batch).values())
+    return max(total, MIN_PREDICTED_MS)
+
+
+def latency_cost_model(table: LatencyTable, batch: int) -> CostModel:
+    """The allocator's cost model: a candidate layer's ms at `batch`, dense or in its fastest factorized form.
+
+    LayerBudget ranks are (r_out, r_in) (Linear: (r,)); the table takes (r_in, r_out). The dense layer is
+    priced at the LayerBudget's channel counts (a pruned model's narrower layers included). Ranks are
+    restricted to the table's measured channel grid: between grid points latency is not known (a channel
+    count off the SIMD width can fall off the fast kernel path).
+    """
+    table.check_batch(batch)
+
+    def cost(layer: LayerBudget, ranks: Ranks | None) -> float:
+        cin, cout = layer.in_channels, layer.out_channels
+        if ranks is None:
+            return table.form_ms(layer.name, "dense", None, batch, cin, cout)
+        if layer.linear:
+            (rank,) = ranks
+            return table.form_ms(layer.name, "three-conv", (rank, rank), batch, cin, cout)
+        r_out, r_in = ranks
+        return table.fastest_form(layer.name, (r_in, r_out), batch, cin, cout)[1]
+
+    def grid(layer: LayerBudget) -> tuple[list[int], ...]:
+        entry = table.layer(layer.name)
+        if layer.linear:
+            return (sorted({*entry.in_grid, *entry.out_grid}),)
+        return entry.out_grid, entry.in_grid  # (r_out, r_in)
+
+    return CostModel("latency", cost, monotone=False, rank_grid=grid)
+
+
+def latency_record(table: LatencyTable, batch: int, dense: nn.Module, compressed: nn.Module) -> dict[str, Any]:
+    """Manifest block: the table's provenance and the predicted dense / compressed latency at `batch`."""
+    dense_ms = predicted_latency_ms(dense, table, batch)
+    compressed_ms = predicted_latency_ms(compressed, table, batch)
+    forms = layer_latencies(compressed, table, batch)
+    return {
+        "table": table.describe(),
+        "batch": batch,
+        "predicted_dense_ms": dense_ms,
+        "predicted_ms": compressed_ms,
+        "predicted_speedup": dense_ms / compressed_ms if compressed_ms > 0 else None,
+        "layers": {name: {"form": form, "ms": round(ms, 5)} for name, (form, ms) in forms.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------ profiling
+
+
+def _explicit_padding(conv: nn.Conv2d) -> list[int]:
+    """[top, left, bottom, right] zero padding of `conv` (string paddings resolved as torch does)."""
+    if not isinstance(conv.padding, str):
+        ph, pw = (int(p) for p in conv.padding)
+        return [ph, pw, ph, pw]
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    totals = [conv.dilation[i] * (conv.kernel_size[i] - 1) for i in range(2)]  # 'same' at stride 1
+    return [totals[0] // 2, totals[1] // 2, totals[0] - totals[0] // 2, totals[1] - totals[1] // 2]
+
+
+def candidate_geometry(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Plain-data geometry of every candidate layer (cstar.ranks.candidate_layers, the ends included),
+    with input/output spatial sizes from one forward pass: what `cstar profile` times on the runtime."""
+    layers = candidate_layers(model)
+    sizes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if inputs[0].ndim == 4:
+                sizes[name] = ((int(inputs[0].shape[-2]), int(inputs[0].shape[-1])),
+                               (int(output.shape[-2]), int(output.shape[-1])))
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [_geometry(name, module, sizes.get(name, ((1, 1), (1, 1)))) for name, module in layers]
+
+
+def _geometry(name: str, module: nn.Module, hw: tuple[tuple[int, int], tuple[int, int]]) -> dict[str, Any]:
+    if isinstance(module, nn.Linear):
+        return {"name": name, "type": "linear", "in_channels": module.in_features,
+                "out_channels": module.out_features, "kernel": [1, 1], "stride": [1, 1], "padding": [0, 0, 0, 0],
+                "dilation": [1, 1], "input_hw": [1, 1], "output_hw": [1, 1]}
+    assert isinstance(module, nn.Conv2d)
+    return {"name": name, "type": "conv", "in_channels": module.in_channels, "out_channels": module.out_channels,
+            "kernel": list(module.kernel_size), "stride": list(module.stride),
+            "padding": _explicit_padding(module), "dilation": list(module.dilation),
+            "input_hw": list(hw[0]), "output_hw": list(hw[1])}
