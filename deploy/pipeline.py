@@ -23,6 +23,7 @@ from cstar.errors import CstarError, GateFailure
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
 
 STATE_DIR = ".pipeline"
+LATENCY_TABLE_FILE = "latency_table.json"
 
 # backend -> the `cstar calibrate --target` whose INT8 format that backend runs fast and correctly
 CALIBRATE_TARGETS: dict[str, str] = {
@@ -52,9 +53,11 @@ class TrainSection:
 
 @dataclass
 class CompressSection:
+    """Default: latency on the first verify backend, measured there by `cstar profile` (a stage of its own)."""
+
     method: str = "cstar"
-    ratio: float = 8.0
-    by: str = "params"
+    ratio: float = 1.5
+    by: str = "latency"
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -158,7 +161,7 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     data = config.data.name
     size = ["--image-size", str(config.data.image_size)] if config.data.image_size else []
     d = {name: run_dir / name for name in (
-        "train", "compress", "export-dense", "export", "calibrate", "attackset", "attackset-dense")}
+        "train", "profile", "compress", "export-dense", "export", "calibrate", "attackset", "attackset-dense")}
     train_argv = ["--data", data, *size, "--method", config.train.method, "--out", str(d["train"])]
     if config.train.model:
         train_argv += ["--model", config.train.model]
@@ -166,18 +169,26 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         train_argv += ["--epochs", str(config.train.epochs)]
     if config.train.eps is not None:
         train_argv += ["--eps", str(config.train.eps)]
-    stages = [
-        Stage("train", "train", train_argv + config.train.extra_args, d["train"], "dense robust model"),
-        Stage("compress", "compress", [
-            "--from", str(d["train"]), "--ratio", str(config.compress.ratio), "--by", config.compress.by,
-            "--method", config.compress.method, "--out", str(d["compress"]), *config.compress.extra_args,
-        ], d["compress"], f"{config.compress.method} {config.compress.ratio:g}x ({config.compress.by})"),
-    ]
+    stages = [Stage("train", "train", train_argv + config.train.extra_args, d["train"], "dense robust model")]
+    latency_args: list[str] = []
+    if config.compress.by == "latency":
+        backend, batch = config.verify.backends[0], select_batch(config)
+        table = d["profile"] / LATENCY_TABLE_FILE
+        threads = ["--threads", str(config.bench.threads)] if config.bench.threads else []
+        stages.append(Stage("profile", "profile", [
+            "--model-from", str(d["train"]), "--backend", backend, "--batch-sizes", str(batch), *threads,
+            "--out", str(table), "--quiet"], d["profile"], f"latency table on {backend} (b{batch})"))
+        latency_args = ["--latency-table", str(table), "--latency-batch", str(batch)]
+    stages.append(Stage("compress", "compress", [
+        "--from", str(d["train"]), "--ratio", str(config.compress.ratio), "--by", config.compress.by,
+        "--method", config.compress.method, *latency_args, "--out", str(d["compress"]), *config.compress.extra_args,
+    ], d["compress"], f"{config.compress.method} {config.compress.ratio:g}x ({config.compress.by})"))
     export_common = ["--opset", str(config.export.opset), "--simplifier", config.export.simplifier]
     if config.export.export_dense:
         stages.append(Stage("export-dense", "export", ["--from", str(d["train"]), "--out", str(d["export-dense"]),
                                                         *export_common], d["export-dense"], "dense FP32 ONNX"))
-    stages.append(Stage("export", "export", ["--from", str(d["compress"]), "--out", str(d["export"]), *export_common],
+    stages.append(Stage("export", "export", ["--from", str(d["compress"]), "--out", str(d["export"]), *export_common,
+                                             *latency_args],
                         d["export"], "compressed FP32 ONNX"))
     builds: list[tuple[str, str, Path]] = [
         ("fp32", backend, run_dir / f"build-fp32-{backend}") for backend in config.verify.backends]
@@ -235,6 +246,11 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     return stages
 
 
+def select_batch(config: PipelineConfig) -> int:
+    """The batch size whose latency picks what ships (and that a latency budget is spent at)."""
+    return config.bench.select_batch or (config.bench.batch_sizes or [1])[0]
+
+
 def calibrate_dirs(backends: list[str], run_dir: Path) -> dict[str, Path]:
     """calibrate target -> its directory: `calibrate` for the first backend's target, `calibrate-<target>` else."""
     first_target = CALIBRATE_TARGETS.get(backends[0], "ort-cpu")
@@ -280,9 +296,11 @@ def _record(run_dir: Path, stage: Stage, upstream: list[Path]) -> None:
 
 def _upstream_dirs(stage: Stage) -> list[Path]:
     dirs = []
-    for flag in ("--from", "--artifact", "--set", "--reference"):
+    for flag in ("--from", "--artifact", "--set", "--reference", "--model-from"):
         if flag in stage.argv:
             dirs.append(Path(stage.argv[stage.argv.index(flag) + 1]))
+    if "--latency-table" in stage.argv:
+        dirs.append(Path(stage.argv[stage.argv.index("--latency-table") + 1]).parent)
     return dirs
 
 

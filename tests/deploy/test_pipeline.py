@@ -19,6 +19,7 @@ extra_args = ["--width", "8", "--train-steps", "1", "--eval-steps", "2"]
 
 [compress]
 ratio = 4
+by = "params"
 extra_args = ["--admm-epochs", "1", "--finetune-epochs", "1", "--eval-steps", "2", "--eval-limit", "100", "--quiet"]
 
 [calibrate]
@@ -55,7 +56,7 @@ def test_yaml_and_toml_agree(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("[compress]\nratio = 16\nmethod = 'prune'\n")
     (tmp_path / "c.yaml").write_text("compress:\n  ratio: 16\n  method: prune\n")
     assert load_config(tmp_path / "c.toml") == load_config(tmp_path / "c.yaml")
-    assert load_config(None).compress.ratio == 8.0
+    assert (load_config(None).compress.ratio, load_config(None).compress.by) == (1.5, "latency")
 
 
 def _check_runtime_logits(run_dir: Path, reports: dict[str, dict]) -> None:
@@ -132,3 +133,28 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     third = run_pipeline(config, run_dir)
     status = {s.key: s.status for s in third}
     assert status["train"] == "skipped" and status["compress"] == "ran" and status["export"] == "ran"
+
+
+def test_latency_budget_profiles_the_first_backend_before_compress(tmp_path: Path) -> None:
+    """The default config compresses by latency: profile on the deploy backend at the select batch, then
+    compress and export with that table (export picks the deploy forms by it)."""
+    from deploy.pipeline import PipelineConfig, _stage_plan
+
+    config = PipelineConfig()
+    config.verify.backends = ["openvino-cpu", "ort-cpu"]
+    config.bench.batch_sizes = [8, 64]
+    stages = {s.key: s for s in _stage_plan(config, tmp_path)}
+    keys = list(stages)
+    assert config.compress.by == "latency" and keys.index("profile") < keys.index("compress")
+    table = str(tmp_path / "profile" / "latency_table.json")
+    profile = stages["profile"].argv
+    assert profile[profile.index("--backend") + 1] == "openvino-cpu" and profile[profile.index("--out") + 1] == table
+    assert profile[profile.index("--batch-sizes") + 1] == "8"
+    for key in ("compress", "export"):
+        argv = stages[key].argv
+        assert argv[argv.index("--latency-table") + 1] == table and argv[argv.index("--latency-batch") + 1] == "8"
+    assert "--latency-table" not in stages["export-dense"].argv
+    assert stages["calibrate"].argv[stages["calibrate"].argv.index("--target") + 1] == "openvino"
+    assert stages["calibrate-ort-cpu"].argv[stages["calibrate-ort-cpu"].argv.index("--target") + 1] == "ort-cpu"
+    assert stages["build-int8-ort-cpu"].argv[1] == str(tmp_path / "calibrate-ort-cpu")
+    assert {"verify-dense-openvino-cpu", "verify-dense-ort-cpu", "bench-dense-ort-cpu"} <= set(keys)
