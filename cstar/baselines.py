@@ -226,8 +226,8 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
     if smallest > target:
         ends = " with the first/last layers kept dense" if frozen else ""
         raise CstarError(
-            f"pruning cannot reach a {by} ratio of {ratio:g}{ends}: one channel per group gives at most "
-            f"{dense / smallest:.2f}x",
+            f"a {by} ratio of {ratio:g} is not reachable by pruning{ends}: one channel per group gives at most "
+            f"{dense / smallest:.2f}x (the best reachable ratio)",
             "pass a smaller --ratio" + (", or --compress-ends" if frozen else "") + ", or use --method cstar",
         )
     low = largest_fraction_within(lambda fraction: measure(pruned_at(fraction)), target, iterations=20)

@@ -21,7 +21,10 @@ longer inside the model than alone, each op adds `weight_ms_per_mb[batch]` per M
 `cache_bytes`; when they take less, every op is scaled by `op_scale[batch]` (< 1). What the table's
 layers do not cover ("rest": activations, adds, pooling, the call itself) is `rest_ms[batch]` when the
 profile measured it (ort-cpu: the call overhead plus every other node's kernel time inside the dense
-model), else the measured model minus its calibrated dense layers.
+model), else the measured model minus its calibrated dense layers. Kernel-timed tables (ort-cpu) also
+charge `node_ms[batch]`, what one more small node costs in a call, for every conv a deploy form runs
+beyond the dense layer's one: at batch 1 on a small model that dispatch cost decides whether
+factorizing pays.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ TABLE_KIND = "cstar-latency-table"
 TABLE_SCHEMA_VERSION = 1
 DEPLOY_FORMS = ("dense", "three-conv", "merge-input", "merge-output")
 FACTORIZED_FORMS = DEPLOY_FORMS[1:]
+# nodes a factorized form runs beyond the dense layer's one (a factorized Linear: two Gemms)
+EXTRA_NODES: dict[str, int] = {"three-conv": 2, "merge-input": 1, "merge-output": 1, "linear": 1}
 OPS = ("conv", "in_factor", "out_factor")
 LAYER_TYPES = ("conv", "linear")
 # Channel counts priced below a layer's full width: small ranks, then multiples of 8 and 16 spaced ~1.5x.
@@ -167,6 +172,9 @@ class LatencyTable:
     weight_ms_per_mb: dict[int, float] = field(default_factory=dict)  # batch -> ms per MiB beyond the cache
     op_scale: dict[int, float] = field(default_factory=dict)  # batch -> factor on every measured op (1: none)
     measured_rest_ms: dict[int, float] | None = None  # batch -> what the layers do not cover, when measured
+    # batch -> what one more node costs inside a model beyond its kernel (dispatch, intermediate tensor):
+    # kernel-timed tables (ort-cpu) charge it for every conv a deploy form adds over the dense layer
+    node_ms: dict[int, float] = field(default_factory=dict)
     path: Path | None = None
 
     # -------------------------------------------------------------- I/O
@@ -219,6 +227,8 @@ class LatencyTable:
             op_scale=_per_batch(data.get("op_scale", {str(b): 1.0 for b in batches}), batches, f"{where}: op_scale"),
             measured_rest_ms=(None if data.get("rest_ms") is None else
                               _per_batch(data["rest_ms"], batches, f"{where}: rest_ms", allow_zero=True)),
+            node_ms=_per_batch(data.get("node_ms", {str(b): 0.0 for b in batches}), batches, f"{where}: node_ms",
+                               allow_zero=True),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +243,7 @@ class LatencyTable:
             "weight_ms_per_mb": {str(b): v for b, v in self.weight_ms_per_mb.items()},
             "op_scale": {str(b): v for b, v in self.op_scale.items()},
             "rest_ms": None if self.measured_rest_ms is None else {str(b): v for b, v in self.measured_rest_ms.items()},
+            "node_ms": {str(b): v for b, v in self.node_ms.items()},
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
         }
 
@@ -306,13 +317,15 @@ class LatencyTable:
             raise CstarError(f"deploy form '{form}' of layer '{layer}' needs ranks (r_in, r_out)",
                              "pass the Tucker-2 ranks, or form 'dense'")
         r_in, r_out = ranks
+        extra_nodes = self.node_ms.get(batch, 0.0) * (EXTRA_NODES["linear" if entry.type == "linear" else form])
         if entry.type == "linear" or form == "three-conv":
             core = 0.0 if entry.type == "linear" else self.conv_ms(layer, r_in, r_out, batch)
             return (self.op_ms(layer, "in_factor", cin, r_in, batch) + core
-                    + self.op_ms(layer, "out_factor", r_out, cout, batch))
+                    + self.op_ms(layer, "out_factor", r_out, cout, batch)) + extra_nodes
         if form == "merge-input":
-            return self.conv_ms(layer, cin, r_out, batch) + self.op_ms(layer, "out_factor", r_out, cout, batch)
-        return self.op_ms(layer, "in_factor", cin, r_in, batch) + self.conv_ms(layer, r_in, cout, batch)
+            return (self.conv_ms(layer, cin, r_out, batch) + self.op_ms(layer, "out_factor", r_out, cout, batch)
+                    + extra_nodes)
+        return self.op_ms(layer, "in_factor", cin, r_in, batch) + self.conv_ms(layer, r_in, cout, batch) + extra_nodes
 
     def fastest_form(self, layer: str, ranks: tuple[int, int], batch: int, cin: int | None = None,
                      cout: int | None = None, forms: tuple[str, ...] = FACTORIZED_FORMS) -> tuple[str, float]:

@@ -194,6 +194,21 @@ def op_graph(spec: OpSpec, rng: np.random.Generator) -> Any:
     return _model([node], [x], [weight, bias], ["N", spec.cout, *spec.output_hw])
 
 
+def chain_graph(nodes: int, channels: int = 8, size: int = 4) -> Any:
+    """x (N, c, s, s) -> `nodes` tiny 1x1 Convs in a chain: the slope over `nodes` is what one node costs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])
+    weight = numpy_helper.from_array((rng.standard_normal((channels, channels, 1, 1)) * 0.1).astype(np.float32), "w")
+    names = ["x", *[f"h{i}" for i in range(1, nodes)], "y"]
+    convs = [helper.make_node("Conv", [names[i], "w"], [names[i + 1]]) for i in range(nodes)]
+    return _model(convs, [x], [weight], ["N", channels, size, size])
+
+
+NODE_CHAIN = 9  # nodes in the long chain of `measure_node_cost`
+
+
 def trivial_graph() -> Any:
     """x (N, 1, 1, 1) -> Relu: what one runtime call costs with (almost) nothing to compute."""
     from onnx import TensorProto, helper
@@ -225,6 +240,7 @@ class MicroTimer:
         self.runner_info: dict[str, Any] = {}
         self.overhead: dict[int, float] = {}
         self.node_overhead: dict[int, float] = {}  # ort-cpu: profiled kernel time of a trivial node
+        self.node_cost: dict[int, float] = {}  # ort-cpu: one more small node in a chain (call time slope)
         self.kernel_timing = settings.backend in KERNEL_TIMING_BACKENDS
 
     @property
@@ -291,6 +307,18 @@ class MicroTimer:
             kernels = self.kernel_file(self.workdir / "micro.onnx", (1, 1, 1), iters)
             self.node_overhead = {b: sum(ms for ms, _ in k.values()) for b, k in kernels.items()}
         return self.overhead
+
+    def measure_node_cost(self) -> dict[int, float]:
+        """Kernel-timed tables only: ms one more small Conv adds to a call (dispatch, intermediate tensor),
+        the slope between a 1-node and a NODE_CHAIN-node chain. Kernel times leave it out, and a factorized
+        form runs one or two convs more than the dense layer."""
+        if not self.kernel_timing:
+            return self.node_cost
+        iters = max(3 * self.settings.iters, 15)
+        short = self.time_graph(chain_graph(1), (8, 4, 4), iters)
+        long = self.time_graph(chain_graph(NODE_CHAIN), (8, 4, 4), iters)
+        self.node_cost = {b: max(0.0, (long[b] - short[b]) / (NODE_CHAIN - 1)) for b in short}
+        return self.node_cost
 
     def net_kernels(self, kernels: dict[str, tuple[float, int]], batch: int, layers: bool) -> float:
         """Summed kernel ms of the layer ops (or of every other op), less the profiler's cost per node."""
@@ -401,6 +429,7 @@ def profile_layers(layers: list[LayerSpec], dense_model: str | Path, input_shape
     try:
         timer = MicroTimer(settings, work)
         timer.measure_overhead()
+        timer.measure_node_cost()
         unique = list(dict.fromkeys(spec for layer in layers for _, _, _, spec in layer.ops()))
         for done, spec in enumerate(unique, start=1):
             timer.op_ms(spec)
@@ -423,6 +452,7 @@ def profile_layers(layers: list[LayerSpec], dense_model: str | Path, input_shape
                      "profiler_node_ms": {str(b): ms for b, ms in timer.node_overhead.items()},
                      "seconds": round(time.perf_counter() - started, 2)},
         "overhead_ms": {str(b): ms for b, ms in timer.overhead.items()},
+        "node_ms": {str(b): timer.node_cost.get(b, 0.0) for b in settings.batch_sizes},
         "dense_model_ms": {str(b): ms for b, ms in whole.items()},
         "layers": {layer.name: _layer_body(layer, timer, settings.batch_sizes) for layer in layers},
     }

@@ -383,3 +383,18 @@ def test_prune_and_hybrid_meet_a_latency_budget_priced_by_the_same_table() -> No
     hybrid = hybrid_compress(model, budget, share=0.5, cost=cost)
     assert any(isinstance(m, LowRankConv2d) for m in hybrid.model.modules())
     assert predicted_latency_ms(hybrid.model, table, 1) <= cost(model) / 1.3 + 1e-9
+
+
+def test_each_extra_node_of_a_deploy_form_is_charged_node_ms() -> None:
+    """Kernel-timed tables leave out per-node dispatch; three-conv runs two convs more than dense, merges one."""
+    model = tiny_model()
+    body = synthetic_table(candidate_geometry(model, SPEC.input_shape))
+    plain = LatencyTable.from_dict(body)
+    charged = LatencyTable.from_dict({**body, "node_ms": {"1": 0.01}})
+    name = next(n for n in plain.layer_names() if plain.layer(n).type == "conv")
+    extra = {"dense": 0, "three-conv": 2, "merge-input": 1, "merge-output": 1}
+    for form, nodes in extra.items():
+        ranks = None if form == "dense" else (4, 4)
+        assert charged.form_ms(name, form, ranks, 1) == pytest.approx(plain.form_ms(name, form, ranks, 1) + 0.01 * nodes)
+    assert charged.to_dict()["node_ms"] == {"1": 0.01}
+    assert plain.node_ms == {1: 0.0}  # older tables without the key read as no charge
