@@ -2,8 +2,9 @@
 
 Per batch size: warm-up iterations (excluded), then timed `infer` calls on random [0,1] inputs
 (fixed seed); p50/p90/p99/mean/std in ms and images per second. Writes bench.json and bench.md.
-`--compare DIR2` benchmarks a second artifact (e.g. the dense export) the same way and reports the
-per-batch speedup (p50 ratio) next to the FLOPs ratio.
+`--compare DIR2` benchmarks a second artifact (e.g. the dense export) on the same runtime in
+interleaved rounds (`--rounds`, the order alternating), so load drift hits both alike; the speedup
+per batch is the median over rounds of that round's p50 ratio, reported next to the FLOPs ratio.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="runtime intra-op threads (ONNX Runtime backends)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--compare", default=None, help="a second artifact (e.g. dense) benchmarked the same way")
+    parser.add_argument("--compare", default=None,
+                        help="a second artifact (e.g. dense) timed on the same runtime in interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds with --compare (default 5; --iters is split over them)")
     parser.add_argument("--out", required=True, help="output directory (bench.json, bench.md)")
 
 
@@ -40,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     """CLI entry: run the benchmark and print the table."""
     result = run_bench(args.artifact, args.out, backend=args.backend, batch_sizes=parse_batch_sizes(args.batch_sizes),
                        iters=args.iters, warmup=args.warmup, threads=args.threads, seed=args.seed,
-                       compare=args.compare)
+                       compare=args.compare, rounds=args.rounds)
     print(results_table(result))
     return 0
 
@@ -98,6 +102,20 @@ def _check_batch(runner: Any, batch_size: int, where: str) -> None:
                          "pick --batch-sizes within the built range, or rebuild with another --max-batch")
 
 
+def _artifact_record(artifact: Any, backend: str, info: dict[str, Any], results: list[dict[str, Any]]
+                     ) -> dict[str, Any]:
+    manifest = artifact.manifest
+    return {
+        "backend": backend,
+        "artifact": {"path": str(Path(artifact.directory).resolve()), "sha256": artifact.sha256,
+                     "model": Path(artifact.model_path).name, "stage": artifact.stage, "precision": artifact.precision},
+        "flops": manifest.get("flops"),
+        "params": manifest.get("params"),
+        "runtime_info": info,
+        "results": results,
+    }
+
+
 def bench_artifact(artifact_dir: str | Path, backend: str | None, batch_sizes: list[int], iters: int, warmup: int,
                    threads: int | None, seed: int) -> dict[str, Any]:
     """Benchmark one artifact: {backend, artifact, flops, params, runtime_info, results}."""
@@ -113,16 +131,48 @@ def bench_artifact(artifact_dir: str | Path, backend: str | None, batch_sizes: l
             batch = rng.random((size, *artifact.input_shape), dtype=np.float32)
             results.append(latency_stats(time_batch(runner, batch, iters, warmup), size))
         info = runner.describe()
-    manifest = artifact.manifest
-    return {
-        "backend": backend,
-        "artifact": {"path": str(Path(artifact.directory).resolve()), "sha256": artifact.sha256,
-                     "model": Path(artifact.model_path).name, "stage": artifact.stage, "precision": artifact.precision},
-        "flops": manifest.get("flops"),
-        "params": manifest.get("params"),
-        "runtime_info": info,
-        "results": results,
-    }
+    return _artifact_record(artifact, backend, info, results)
+
+
+def bench_interleaved(artifact_dirs: list[str | Path], backend: str | None, batch_sizes: list[int], iters: int,
+                      warmup: int, threads: int | None, seed: int, rounds: int) -> list[dict[str, Any]]:
+    """Benchmark several artifacts on one runtime in interleaved rounds (order alternating each round).
+
+    Each record's results pool every round's timings; `rounds_p50_ms` keeps each round's p50 so that a
+    ratio can be taken per round (same load for both sides) and then its median.
+    """
+    from contextlib import ExitStack
+
+    from deploy.artifact import load_artifact, open_runner
+
+    artifacts = [load_artifact(d) for d in artifact_dirs]
+    backend = resolve_backend(artifacts[0], backend)
+    per_round = max(1, iters // rounds)
+    rng = np.random.default_rng(seed)
+    batches = {(i, size): rng.random((size, *a.input_shape), dtype=np.float32)
+               for i, a in enumerate(artifacts) for size in batch_sizes}
+    times: dict[tuple[int, int], list[np.ndarray]] = {key: [] for key in batches}
+    with ExitStack() as stack:
+        runners = [stack.enter_context(open_runner(a, backend, **runner_options(backend, threads))) for a in artifacts]
+        for i, runner in enumerate(runners):
+            for size in batch_sizes:
+                _check_batch(runner, size, f"{artifact_dirs[i]} on {backend}")
+        for round_index in range(rounds):
+            order = range(len(runners)) if round_index % 2 == 0 else reversed(range(len(runners)))
+            for i in order:
+                for size in batch_sizes:
+                    times[(i, size)].append(time_batch(runners[i], batches[(i, size)], per_round,
+                                                       warmup if round_index == 0 else min(warmup, 2)))
+        infos = [runner.describe() for runner in runners]
+    records = []
+    for i, artifact in enumerate(artifacts):
+        results = []
+        for size in batch_sizes:
+            row: dict[str, Any] = dict(latency_stats(np.concatenate(times[(i, size)]), size))
+            row["rounds_p50_ms"] = [float(np.percentile(t, 50)) for t in times[(i, size)]]
+            results.append(row)
+        records.append(_artifact_record(artifact, backend, infos[i], results))
+    return records
 
 
 def environment(threads: int | None, runtime_info: dict[str, Any]) -> dict[str, Any]:
@@ -134,15 +184,27 @@ def environment(threads: int | None, runtime_info: dict[str, Any]) -> dict[str, 
 
 
 def compare_block(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Second artifact's results plus per-batch speedup = other p50 / this p50 and flops_ratio = other / this."""
-    other_p50 = {row["batch_size"]: row["p50_ms"] for row in other["results"]}
-    speedup = {str(row["batch_size"]): (other_p50[row["batch_size"]] / row["p50_ms"] if row["p50_ms"] > 0 else None)
-               for row in this["results"] if row["batch_size"] in other_p50}
+    """Second artifact's results plus per-batch speedup = other p50 / this p50 and flops_ratio = other / this.
+
+    With interleaved rounds (`rounds_p50_ms` on both sides) the speedup is the median of the per-round ratios.
+    """
+    others = {row["batch_size"]: row for row in other["results"]}
+    speedup: dict[str, float | None] = {}
+    for row in this["results"]:
+        match = others.get(row["batch_size"])
+        if match is None:
+            continue
+        if row.get("rounds_p50_ms") and match.get("rounds_p50_ms"):
+            ratios = [o / t for o, t in zip(match["rounds_p50_ms"], row["rounds_p50_ms"], strict=True) if t > 0]
+            speedup[str(row["batch_size"])] = float(np.median(ratios)) if ratios else None
+        else:
+            speedup[str(row["batch_size"])] = match["p50_ms"] / row["p50_ms"] if row["p50_ms"] > 0 else None
     flops_ratio = (other["flops"] / this["flops"]) if this.get("flops") and other.get("flops") else None
     params_ratio = (other["params"] / this["params"]) if this.get("params") and other.get("params") else None
     return {"artifact": other["artifact"], "backend": other["backend"], "flops": other["flops"],
             "params": other["params"], "results": other["results"], "speedup_p50": speedup,
-            "flops_ratio": flops_ratio, "params_ratio": params_ratio}
+            "flops_ratio": flops_ratio, "params_ratio": params_ratio,
+            "interleaved_rounds": len(this["results"][0].get("rounds_p50_ms", [])) if this["results"] else 0}
 
 
 def run_bench(
@@ -155,26 +217,33 @@ def run_bench(
     threads: int | None = None,
     seed: int = 0,
     compare: str | Path | None = None,
+    rounds: int = 5,
 ) -> dict[str, Any]:
-    """Benchmark (and optionally compare); write bench.json and bench.md atomically."""
+    """Benchmark (and optionally compare, interleaved); write bench.json and bench.md atomically."""
     batch_sizes = batch_sizes or [1, 8, 64]
     if iters < 1 or warmup < 0:
         raise CstarError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})", "e.g. --iters 50 --warmup 10")
+    if rounds < 1:
+        raise CstarError(f"--rounds must be >= 1 (got {rounds})", "e.g. --rounds 5")
     started = time.perf_counter()
-    main_result = bench_artifact(artifact_dir, backend, batch_sizes, iters, warmup, threads, seed)
+    if compare is not None:
+        main_result, other = bench_interleaved([artifact_dir, compare], backend, batch_sizes, iters, warmup, threads,
+                                               seed, rounds)
+    else:
+        main_result = bench_artifact(artifact_dir, backend, batch_sizes, iters, warmup, threads, seed)
     result: dict[str, Any] = {
         "schema_version": BENCH_SCHEMA_VERSION,
         "backend": main_result["backend"],
         "artifact": main_result["artifact"],
         "environment": environment(threads, main_result["runtime_info"]),
-        "settings": {"batch_sizes": batch_sizes, "iters": iters, "warmup": warmup, "seed": seed},
+        "settings": {"batch_sizes": batch_sizes, "iters": iters, "warmup": warmup, "seed": seed,
+                     "rounds": rounds if compare is not None else 1},
         "results": main_result["results"],
         "flops": main_result["flops"],
         "params": main_result["params"],
         "runtime_info": main_result["runtime_info"],
     }
     if compare is not None:
-        other = bench_artifact(compare, main_result["backend"], batch_sizes, iters, warmup, threads, seed)
         result["compare"] = compare_block(main_result, other)
     result["seconds"] = round(time.perf_counter() - started, 3)
     out_dir = Path(out)

@@ -24,6 +24,7 @@ from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
 
 STATE_DIR = ".pipeline"
 LATENCY_TABLE_FILE = "latency_table.json"
+BENCH_ROUNDS = 5  # interleaved rounds of a compressed artifact and the dense one in each bench stage
 
 # backend -> the `cstar calibrate --target` whose INT8 format that backend runs fast and correctly
 CALIBRATE_TARGETS: dict[str, str] = {
@@ -242,6 +243,8 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
                 ",".join(str(b) for b in config.bench.batch_sizes), "--iters", str(config.bench.iters), "--out", str(out)]
         if config.bench.threads:
             argv += ["--threads", str(config.bench.threads)]
+        if precision != "dense" and config.export.export_dense:  # the speedup: one run, rounds interleaved
+            argv += ["--compare", str(run_dir / f"build-dense-{backend}"), "--rounds", str(BENCH_ROUNDS)]
         stages.append(Stage(f"bench-{precision}-{backend}", "bench", argv, out, f"latency {precision} on {backend}"))
     return stages
 
@@ -296,7 +299,7 @@ def _record(run_dir: Path, stage: Stage, upstream: list[Path]) -> None:
 
 def _upstream_dirs(stage: Stage) -> list[Path]:
     dirs = []
-    for flag in ("--from", "--artifact", "--set", "--reference", "--model-from"):
+    for flag in ("--from", "--artifact", "--set", "--reference", "--model-from", "--compare"):
         if flag in stage.argv:
             dirs.append(Path(stage.argv[stage.argv.index(flag) + 1]))
     if "--latency-table" in stage.argv:

@@ -124,6 +124,9 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     fp32_row = next(a for a in summary.artifacts if a["path"] == "build-fp32-ort-cpu")
     assert fp32_row["robust_vs_dense"] == pytest.approx(fp32_row["robust_acc"] - dense_row["robust_acc"])
     assert summary.verdict["verified"] == 2  # dense is the reference, not a deployed artifact
+    compared = json.loads((run_dir / "bench-fp32-ort-cpu" / "bench.json").read_text())["compare"]
+    assert compared["interleaved_rounds"] == 5 and compared["artifact"]["path"].endswith("build-dense-ort-cpu")
+    assert fp32_row["speedup_vs_dense"] == {b: compared["speedup_p50"][b] for b in ("1", "8")}
 
     again = run_pipeline(config, run_dir)
     assert {s.status for s in again} == {"skipped"}

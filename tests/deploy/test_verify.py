@@ -210,12 +210,17 @@ def test_predict_png_matches_pytorch(robust_digits_dir: Path, robust_export: Pat
 
 def test_bench_writes_results(robust_build: Path, robust_export: Path, work: Path) -> None:
     out = work / "bench"
-    result = run_bench(robust_build, out, batch_sizes=[1, 4], iters=5, warmup=1, compare=robust_export)
+    result = run_bench(robust_build, out, batch_sizes=[1, 4], iters=6, warmup=1, compare=robust_export, rounds=3)
     saved = json.loads((out / "bench.json").read_text())
     assert [r["batch_size"] for r in saved["results"]] == [1, 4]
     assert all(r["p50_ms"] > 0 and r["throughput"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in saved["results"])
     assert saved["backend"] == "ort-cpu" and saved["flops"] == result["flops"] > 0
     assert set(saved["compare"]["speedup_p50"]) == {"1", "4"} and saved["compare"]["flops_ratio"] == 1.0
+    for mine, theirs in zip(saved["results"], saved["compare"]["results"], strict=True):  # interleaved rounds
+        assert len(mine["rounds_p50_ms"]) == len(theirs["rounds_p50_ms"]) == 3 and mine["iters"] == 6
+        ratios = [o / t for o, t in zip(theirs["rounds_p50_ms"], mine["rounds_p50_ms"], strict=True)]
+        assert saved["compare"]["speedup_p50"][str(mine["batch_size"])] == pytest.approx(float(np.median(ratios)))
+    assert saved["settings"]["rounds"] == 3 and saved["compare"]["interleaved_rounds"] == 3
     assert saved["environment"]["cpu_count"] >= 1
     assert "| batch | p50 ms |" in (out / "bench.md").read_text()
 
