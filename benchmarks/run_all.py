@@ -1,7 +1,8 @@
 """Run the benchmarks in order: compression_table, deploy_speed, training_overhead, export_robustness,
-cross_runtime.
+cross_runtime; then latency_budget only with --latency-budget (it is long).
 
     python benchmarks/run_all.py [--quick] [--data digits] [--dense-dir DIR] [--work DIR] [--results-dir DIR]
+                                 [--latency-budget]
 
 Each script runs in its own process (clean torch/ORT state) and shares the work directory, so the
 later ones reuse the compressed models, exports and INT8 artifacts of the earlier ones. Per-script
@@ -33,6 +34,9 @@ from benchmarks.common import (  # noqa: E402
 from cstar.errors import CstarError  # noqa: E402
 
 SCRIPTS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness", "cross_runtime")
+# Long scripts, run only when their flag asks (after SCRIPTS): latency_budget makes 36 compress runs
+# (~50 min on 2 shared cores).
+OPTIONAL_SCRIPTS = {"latency_budget": "--latency-budget"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default=None, help="shared working directory")
     parser.add_argument("--results-dir", default=None, help="where the result files go")
     parser.add_argument("--only", default=",".join(SCRIPTS), help="comma-separated subset of the scripts, in order")
+    parser.add_argument("--latency-budget", action="store_true",
+                        help="also run latency_budget (issue 15: --by latency on CIFAR shapes and digits; ~50 min)")
     parser.add_argument("--extra", action="append", default=[], metavar="SCRIPT:ARGS",
                         help="extra arguments for one script, e.g. 'compression_table:--ratios 4,8'")
     add_allow_dirty(parser)
+
+
+def selected_scripts(args: argparse.Namespace) -> list[str]:
+    """The scripts of --only in order, then each optional script whose flag is set."""
+    chosen = [n for n in SCRIPTS if n in args.only.split(",")]
+    return chosen + [n for n, flag in OPTIONAL_SCRIPTS.items() if getattr(args, flag.lstrip("-").replace("-", "_"))]
 
 
 def script_argv(name: str, args: argparse.Namespace) -> list[str]:
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {**machine_info(), "torch_threads": "per script (each sets --torch-threads, default 1)"}
     runs: list[dict[str, Any]] = []
     with stopwatch() as total:
-        for name in [n for n in SCRIPTS if n in args.only.split(",")]:
+        for name in selected_scripts(args):
             runs.append(run_script(name, args))
             if runs[-1]["exit_code"] != 0:
                 break

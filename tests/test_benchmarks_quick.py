@@ -388,3 +388,52 @@ def test_metric_cache_is_computed_again_when_its_inputs_change(tmp_path: Path) -
     weights.write_bytes(b"v2")
     assert cached_json(cache, [weights], {"queries": 100}, compute) == {"robust_acc": 3.5}  # other weights
     assert len(calls) == 3
+
+
+@pytest.mark.slow
+def test_latency_budget_quick(tmp_path: Path) -> None:
+    """latency_budget --quick (~45 s): CIFAR-shape latency rows consistent with their p50s and budgets, the 16x
+    target a measured row or an error naming the best reachable ratio; digits runs with accuracies, speedups
+    recomputed from the p50s, budgets met as predicted, winner and Pareto plot present."""
+    results = tmp_path / "results"
+    done = _run(str(REPO / "benchmarks" / "latency_budget.py"), "--quick", "--work", str(tmp_path / "work"),
+                "--results-dir", str(results))
+    assert done.returncode == 0, done.stderr[-4000:]
+    payload, markdown = _load(results, "latency_budget"), (results / "latency_budget_digits.md").read_text()
+    for where, value in _accuracies(payload):
+        assert value is None or 0.0 <= value <= 1.0, f"{where} = {value!r}"
+    cifar = payload["cifar"]
+    assert cifar["random_weights"] is True and "random weights" in markdown.lower()
+    dense = {r["batch"]: r for r in cifar["rows"] if r["model"] == "dense"}
+    assert set(dense) == {1, 8} and len(cifar["rows"]) > len(dense)
+    for row in cifar["rows"]:
+        assert row["p50_ms"] > 0 and row["predicted_ms"] > 0
+        assert row["speedup"] == pytest.approx(dense[row["batch"]]["p50_ms"] / row["p50_ms"])
+        assert row["prediction_error"] == pytest.approx((row["predicted_ms"] - row["p50_ms"]) / row["p50_ms"])
+        if row["target"] is not None:
+            assert row["of_target"] == pytest.approx(row["speedup"] / row["target"])
+            if row["batch"] == row["budget_batch"]:  # the allocator met its budget on the table's prediction
+                assert dense[row["batch"]]["predicted_ms"] / row["predicted_ms"] >= row["target"] * (1 - 1e-9)
+    for method in ("cstar", "prune"):
+        measured = [r for r in cifar["rows"] if r["method"] == method and r["target"] == 16.0]
+        errors = [e for e in cifar["errors"] if e["method"] == method and e["target"] == 16.0]
+        assert bool(measured) != bool(errors), (method, measured, errors)
+        for error in errors:  # the allocator's / pruning's message, naming the best reachable ratio
+            assert "reach" in error["error"] and 1.0 < error["best_reachable"] < 16.0
+            assert f"{error['best_reachable']:.2f}x" in error["error"] and error["error"] in markdown
+
+    accuracy = payload["accuracy"]
+    batch, dense_p50 = str(accuracy["latency_batch"]), accuracy["dense"]["p50_ms"]
+    assert {r["method"] for r in accuracy["rows"]} == {"cstar", "prune", "lowrank-uniform"}
+    for row in accuracy["rows"]:
+        assert row["predicted_ms"] > 0 and row["predicted_speedup"] >= row["target"] * (1 - 1e-9)
+        assert row["attack"]["steps"] == 20 and 0.0 <= row["robust_acc"] <= row["clean_acc"] + 0.05
+        for size, p50 in row["p50_ms"].items():
+            assert p50 > 0 and row["speedup"][size] == pytest.approx(dense_p50[size] / p50)
+        assert accuracy["reachable"][row["method"]]["best"] >= row["target"]
+    for item in accuracy["summary"]:
+        assert item["n"] == 1 and item["speedup"] == pytest.approx(dense_p50[batch] / item["p50_ms"]["mean"])
+    best = max(accuracy["summary"], key=lambda s: s["robust"]["mean"])
+    assert accuracy["winners"][0]["winner"] == best["method"] and f"**{best['method']}**" in markdown
+    plot = results / accuracy["plot"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({accuracy['plot']})" in markdown
