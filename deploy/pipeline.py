@@ -57,8 +57,11 @@ class CompressSection:
     """Default: latency on the first verify backend, measured there by `cstar profile` (a stage of its own)."""
 
     method: str = "cstar"
-    ratio: float = 1.5
+    ratio: float = 2.0
     by: str = "latency"
+    # batch size whose measured latency the budget is spent at (default: the largest bench batch size; on a
+    # model as small as the digits demo batch 1 is mostly the runtime call itself, which no rank changes)
+    latency_batch: int | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -90,7 +93,7 @@ class VerifySection:
 class BenchSection:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     iters: int = 50
-    threads: int | None = None
+    threads: int | None = 1  # runtime threads of bench and profile (1: the stable, comparable setting)
     # batch size whose p50 picks the deployed precision per runtime (default: the first of batch_sizes)
     select_batch: int | None = None
 
@@ -173,12 +176,13 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     stages = [Stage("train", "train", train_argv + config.train.extra_args, d["train"], "dense robust model")]
     latency_args: list[str] = []
     if config.compress.by == "latency":
-        backend, batch = config.verify.backends[0], select_batch(config)
+        backend, batch = config.verify.backends[0], latency_batch(config)
         table = d["profile"] / LATENCY_TABLE_FILE
         threads = ["--threads", str(config.bench.threads)] if config.bench.threads else []
+        profiled = ",".join(str(b) for b in sorted({*config.bench.batch_sizes, batch}))
         stages.append(Stage("profile", "profile", [
-            "--model-from", str(d["train"]), "--backend", backend, "--batch-sizes", str(batch), *threads,
-            "--out", str(table), "--quiet"], d["profile"], f"latency table on {backend} (b{batch})"))
+            "--model-from", str(d["train"]), "--backend", backend, "--batch-sizes", profiled, *threads,
+            "--out", str(table), "--quiet"], d["profile"], f"latency table on {backend} (b{profiled})"))
         latency_args = ["--latency-table", str(table), "--latency-batch", str(batch)]
     stages.append(Stage("compress", "compress", [
         "--from", str(d["train"]), "--ratio", str(config.compress.ratio), "--by", config.compress.by,
@@ -252,6 +256,11 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
 def select_batch(config: PipelineConfig) -> int:
     """The batch size whose latency picks what ships (and that a latency budget is spent at)."""
     return config.bench.select_batch or (config.bench.batch_sizes or [1])[0]
+
+
+def latency_batch(config: PipelineConfig) -> int:
+    """The batch size a latency budget is spent at: [compress] latency_batch, else the largest bench batch."""
+    return config.compress.latency_batch or max(config.bench.batch_sizes or [1])
 
 
 def calibrate_dirs(backends: list[str], run_dir: Path) -> dict[str, Path]:

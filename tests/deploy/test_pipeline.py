@@ -56,7 +56,7 @@ def test_yaml_and_toml_agree(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("[compress]\nratio = 16\nmethod = 'prune'\n")
     (tmp_path / "c.yaml").write_text("compress:\n  ratio: 16\n  method: prune\n")
     assert load_config(tmp_path / "c.toml") == load_config(tmp_path / "c.yaml")
-    assert (load_config(None).compress.ratio, load_config(None).compress.by) == (1.5, "latency")
+    assert (load_config(None).compress.ratio, load_config(None).compress.by) == (2.0, "latency")
 
 
 def _check_runtime_logits(run_dir: Path, reports: dict[str, dict]) -> None:
@@ -152,10 +152,13 @@ def test_latency_budget_profiles_the_first_backend_before_compress(tmp_path: Pat
     table = str(tmp_path / "profile" / "latency_table.json")
     profile = stages["profile"].argv
     assert profile[profile.index("--backend") + 1] == "openvino-cpu" and profile[profile.index("--out") + 1] == table
-    assert profile[profile.index("--batch-sizes") + 1] == "8"
-    for key in ("compress", "export"):
+    assert profile[profile.index("--batch-sizes") + 1] == "8,64" and profile[profile.index("--threads") + 1] == "1"
+    for key in ("compress", "export"):  # spent at the largest bench batch unless [compress] latency_batch says
         argv = stages[key].argv
-        assert argv[argv.index("--latency-table") + 1] == table and argv[argv.index("--latency-batch") + 1] == "8"
+        assert argv[argv.index("--latency-table") + 1] == table and argv[argv.index("--latency-batch") + 1] == "64"
+    config.compress.latency_batch = 8
+    assert next(s.argv[s.argv.index("--latency-batch") + 1] for s in _stage_plan(config, tmp_path)
+                       if s.key == "compress") == "8"
     assert "--latency-table" not in stages["export-dense"].argv
     assert stages["calibrate"].argv[stages["calibrate"].argv.index("--target") + 1] == "openvino"
     assert stages["calibrate-ort-cpu"].argv[stages["calibrate-ort-cpu"].argv.index("--target") + 1] == "ort-cpu"
