@@ -6,7 +6,8 @@ quantity low-rank factorization changes; elementwise ops are left out (they do n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,6 @@ def _lowrank_conv_macs(layer: LowRankConv2d, inputs: torch.Tensor, output: torch
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """MACs of one forward pass on a single input of shape C x H x W."""
     total = 0
-    handles = []
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
@@ -49,9 +49,19 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
         elif isinstance(module, nn.Linear):
             total += module.in_features * module.out_features
 
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear, LowRankConv2d, LowRankLinear)):
-            handles.append(module.register_forward_hook(hook))
+    probe_forward(model, input_shape, [(m, hook) for m in model.modules()
+                                       if isinstance(m, (nn.Conv2d, nn.Linear, LowRankConv2d, LowRankLinear))])
+    return total
+
+
+def probe_forward(model: nn.Module, input_shape: Sequence[int], hooks: Iterable[tuple[nn.Module, Callable[..., Any]]]
+                  ) -> None:
+    """One eval-mode, no-grad forward pass of a zero input (batch 1) with forward `hooks` attached.
+
+    What layer shapes, MACs and spatial sizes are read from; the hooks are removed and the model's
+    training mode restored afterwards, whatever happens.
+    """
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     was_training = model.training
     model.eval()
     try:
@@ -62,4 +72,3 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return total

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cstar.errors import CstarError
+from cstar.flops import probe_forward
 from cstar.latency_table import DEPLOY_FORMS, LatencyTable
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.ranks import CostModel, LayerBudget, Ranks, candidate_layers
@@ -156,17 +157,7 @@ def candidate_geometry(model: nn.Module, input_shape: tuple[int, ...]) -> list[d
                                (int(output.shape[-2]), int(output.shape[-1])))
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    probe_forward(model, input_shape, [(module, hook(name)) for name, module in layers])
     return [_geometry(name, module, sizes.get(name, ((1, 1), (1, 1)))) for name, module in layers]
 
 

@@ -33,7 +33,6 @@ import bisect
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from cstar.errors import CstarError
+from cstar.manifest import cpu_model
 
 TABLE_KIND = "cstar-latency-table"
 TABLE_SCHEMA_VERSION = 1
@@ -100,16 +100,8 @@ def interpolate(rows: list[int], cols: list[int], values: np.ndarray, row: float
 
 
 def current_cpu_model() -> str:
-    """CPU model name of this host (/proc/cpuinfo, else platform), as `deploy.report.cpu_model` reads it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Hardware", "Processor", "cpu model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """CPU model name of this host (the same reading `deploy.report.cpu_model` records)."""
+    return cpu_model()
 
 
 # ------------------------------------------------------------------------------------------ table

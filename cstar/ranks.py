@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from cstar.errors import CstarError
-from cstar.flops import count_flops, count_params
+from cstar.flops import count_flops, count_params, probe_forward
 from cstar.tucker import singular_values, unfold
 
 Ranks = tuple[int, ...]
@@ -187,24 +187,16 @@ def layer_budgets(
 ) -> list[LayerBudget]:
     """Geometry (incl. spatial positions from one forward pass) and spectra of each candidate layer."""
     positions: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name, module in layers:
-        def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, name: str = name) -> None:
+
+    def hook(name: str) -> Any:
+        def record(mod: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if isinstance(mod, nn.Conv2d):
                 positions[name] = (inputs[0].shape[-1] * inputs[0].shape[-2], output.shape[-1] * output.shape[-2])
             else:
                 positions[name] = (1, 1)
-        handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+        return record
+
+    probe_forward(model, input_shape, [(module, hook(name)) for name, module in layers])
     budgets = []
     for name, module in layers:
         linear = isinstance(module, nn.Linear)

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from cstar.errors import CstarError
-from cstar.manifest import atomic_target, atomic_write_json, atomic_write_text, library_versions
+from cstar.manifest import (
+    atomic_target,
+    atomic_write_json,
+    atomic_write_text,
+    cpu_model,  # noqa: F401 - re-exported: deploy.report.cpu_model
+    library_versions,
+)
 
 REPORT_SCHEMA_VERSION = 1
 DEVICE_VERSIONS = ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "executorch")
@@ -62,19 +68,6 @@ REPORT_SCHEMA: dict[str, Any] = {
         "seconds": {"type": "number", "minimum": 0},
     },
 }
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Hardware", "Processor", "cpu model") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware_info() -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cstar.errors import CstarError
+from cstar.flops import probe_forward
 from cstar.lowrank import LowRankConv2d
 
 # Preference order on ties: today's unmerged form first, the fully merged conv last.
@@ -145,17 +146,7 @@ def layer_positions(model: nn.Module, input_shape: tuple[int, ...] | None) -> di
 
         return record
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    probe_forward(model, input_shape, [(layer, hook(name)) for name, layer in layers.items()])
     return positions
 
 
