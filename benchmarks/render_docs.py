@@ -29,6 +29,7 @@ BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.\-]+\.md) -->\n)(?P<body>.*?)(<
 def rendered(name: str, results: Path = RESULTS_DIR) -> str:
     """The block body for result file `name`: its text, headings one level deeper."""
     text = (results / name).read_text(encoding="utf-8").strip()
+    text = re.sub(r"\]\((?!https?:|/|\.\./)([\w.\-]+\.png)\)", r"](../benchmarks/results/\1)", text)  # plots beside
     return re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE) + "\n"
 
 
