@@ -42,9 +42,9 @@ def _spy_on_save(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.nn.Module]:
     return saved
 
 
-def _rebuild_from_rank_map(dense_dir: Path, out_dir: Path, manifest: dict) -> torch.nn.Module:
+def rebuild_from_rank_map(dense_dir: Path, out_dir: Path, manifest: dict) -> torch.nn.Module:
     """The dense architecture with each layer swapped as the manifest's rank map says (tucker2/svd ranks,
-    pruned channel counts; BatchNorm sizes from the weights), loaded with the saved weights. Independent of
+    tucker2 at its kept `channels` after pruning, pruned channel counts; BatchNorm sizes from the weights), loaded with the saved weights. Independent of
     the manifest's `structure`, which load_checkpoint uses."""
     model, _ = load_checkpoint(dense_dir)
     state = load_file(str(out_dir / manifest["weights"]["file"]))
@@ -53,10 +53,10 @@ def _rebuild_from_rank_map(dense_dir: Path, out_dir: Path, manifest: dict) -> to
         layer, kind, ranks = modules[name], entry["kind"], entry["ranks"]
         assert entry["shape"] == list(layer.weight.shape), name
         bias = layer.bias is not None
-        if kind == "tucker2":
-            new: nn.Module = LowRankConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                           tuple(ranks), layer.stride, layer.padding, layer.dilation, bias,
-                                           init=False)
+        if kind == "tucker2":  # at the kept `channels` where the layer was pruned first (hybrid)
+            out_ch, in_ch = entry.get("channels", entry["shape"][:2])
+            new: nn.Module = LowRankConv2d(in_ch, out_ch, layer.kernel_size, tuple(ranks), layer.stride,
+                                           layer.padding, layer.dilation, bias, init=False)
         elif kind == "svd":
             new = LowRankLinear(layer.in_features, layer.out_features, ranks[0], bias, init=False)
         elif kind == "pruned" and isinstance(layer, nn.Conv2d):
@@ -98,7 +98,7 @@ def test_compress_round_trip(method: str, robust_digits_dir: Path, tmp_path: Pat
         assert "tucker2" in kinds
         assert any(isinstance(m, LowRankConv2d) for m in model.modules())
     # the saved model computes what compress produced in memory, and so does the model the rank map describes
-    rebuilt = _rebuild_from_rank_map(robust_digits_dir, tmp_path / method, loaded)
+    rebuilt = rebuild_from_rank_map(robust_digits_dir, tmp_path / method, loaded)
     expected = _logits(saved["model"])
     tolerance = 1e-5 * float(expected.abs().max())
     for candidate in (model, rebuilt):

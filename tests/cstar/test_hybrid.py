@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import cstar.checkpoint as checkpoint
 from cstar.admm import Budget
-from cstar.checkpoint import load_checkpoint, set_submodule
+from cstar.checkpoint import load_checkpoint
 from cstar.compress import COMPRESSION_METHODS, METHODS, CompressConfig, compression_method, run_compress
 from cstar.data import DatasetSpec, load_dataset, to_tensors
 from cstar.errors import CstarError
@@ -20,6 +19,7 @@ from cstar.hybrid import hybrid_compress, prune_ratio
 from cstar.lowrank import LowRankConv2d
 from cstar.models import build_model
 from cstar.ranks import first_and_last, model_cost
+from tests.cstar.test_compress import rebuild_from_rank_map
 
 SPEC = DatasetSpec("synthetic", (3, 16, 16), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3, 0.03)
 TINY = {"admm_epochs": 1, "finetune_epochs": 1, "train_steps": 2, "eval_steps": 3, "eval_limit": 60,
@@ -94,36 +94,6 @@ def test_registry_lists_hybrid() -> None:
         CompressConfig(method="hybird").validate()
 
 
-def _rebuild_from_rank_map(dense_dir: Path, out_dir: Path, manifest: dict) -> nn.Module:
-    """The dense architecture with each layer swapped as the manifest's rank map says (tucker2 at the kept
-    `channels`, pruned channel counts; BatchNorm sizes from the weights), loaded with the saved weights."""
-    model, _ = load_checkpoint(dense_dir)
-    state = load_file(str(out_dir / manifest["weights"]["file"]))
-    modules = dict(model.named_modules())
-    for name, entry in manifest["ranks"].items():
-        layer, kind, ranks = modules[name], entry["kind"], entry["ranks"]
-        assert entry["shape"] == list(layer.weight.shape), name
-        bias = layer.bias is not None
-        if kind == "tucker2":
-            out_ch, in_ch = entry.get("channels", entry["shape"][:2])
-            new: nn.Module = LowRankConv2d(in_ch, out_ch, layer.kernel_size, tuple(ranks), layer.stride,
-                                           layer.padding, layer.dilation, bias, init=False)
-        elif kind == "pruned" and isinstance(layer, nn.Conv2d):
-            new = nn.Conv2d(ranks[1], ranks[0], layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                            bias=bias)
-        elif kind == "pruned":
-            new = nn.Linear(ranks[1], ranks[0], bias)
-        else:
-            assert kind == "dense" and ranks == entry["shape"][:2], (name, entry)
-            continue
-        set_submodule(model, name, new)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.BatchNorm2d) and state[f"{name}.weight"].shape[0] != module.num_features:
-            set_submodule(model, name, nn.BatchNorm2d(state[f"{name}.weight"].shape[0]))
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def test_hybrid_round_trip(robust_digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saved: dict[str, nn.Module] = {}
     original = checkpoint.save_checkpoint
@@ -147,7 +117,7 @@ def test_hybrid_round_trip(robust_digits_dir: Path, tmp_path: Path, monkeypatch:
     assert {"net.conv1", "net.fc"} <= set(manifest["dense_layers"]["layers"])
     assert manifest["pruning"]["unpruned_groups"] == ["net.stem", "net.layer3"]
     model, loaded = load_checkpoint(out)
-    rebuilt = _rebuild_from_rank_map(robust_digits_dir, out, loaded)
+    rebuilt = rebuild_from_rank_map(robust_digits_dir, out, loaded)
     images, _ = to_tensors(load_dataset("digits").test, limit=32)
     with torch.no_grad():
         expected = saved["model"].eval()(images)
