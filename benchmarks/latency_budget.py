@@ -153,7 +153,7 @@ def ensure_table(model_dir: Path, out: Path, batch_sizes: list[int], threads: in
     source_sha = sha256_file(model_dir / "manifest.json")
     marker = out.with_name(out.name + ".source.json")
     wanted = {"source": str(model_dir.resolve()), "source_sha256": source_sha, "backend": BACKEND,
-              "threads": threads, "batch_sizes": batch_sizes}
+              "threads": threads, "batch_sizes": batch_sizes, "calibrated": True}
     if out.is_file() and marker.is_file() and read_json(marker) == {**wanted, "table_sha256": sha256_file(out)}:
         LatencyTable.load(out)  # still a valid table
         return out
@@ -212,8 +212,8 @@ def latency_structure(dense: Any, table: Any, method: str, target: float, batch:
     """(model, ranks) compressed to `target` x the predicted latency at `batch` as `cstar compress --by latency`
     allocates before training: the same Budget, allocator, pruning and cost function (cstar/compress.py)."""
     from cstar.admm import Budget, allocate_for, factorize_model, rank_map
-    from cstar.baselines import prune_to_budget, pruned_rank_map
-    from cstar.hybrid import budget_cost, hybrid_compress
+    from cstar.baselines import pruned_rank_map
+    from cstar.hybrid import hybrid_compress, prune_for_budget
     from cstar.ranks import first_and_last
 
     budget = Budget(target, "latency", input_shape, first_and_last(dense), latency_table=table, latency_batch=batch)
@@ -221,7 +221,7 @@ def latency_structure(dense: Any, table: Any, method: str, target: float, batch:
         model = factorize_model(dense, allocate_for(dense, budget, uniform=method == "lowrank-uniform").ranks)
         return model, rank_map(model)
     if method == "prune":
-        model = prune_to_budget(dense, input_shape, target, "latency", budget.keep_dense, budget_cost(budget)).model
+        model = prune_for_budget(dense, budget).model
     elif method == "hybrid":
         model = hybrid_compress(dense, budget, share).model
     else:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -178,10 +178,22 @@ def frozen_groups(groups: list[ChannelGroup], keep_dense: tuple[str, ...]) -> li
     return [g.name for g in groups if kept & (set(g.producers) | set(g.consumers))]
 
 
+# The kept-channel counts a group of `n` channels may take, ascending (e.g. a latency table's channel grid:
+# off the grid a width is neither measured nor, often, on the runtime's fast kernel path).
+WidthOptions = Callable[[ChannelGroup, int], Sequence[int]]
+
+
+def snap_count(count: int, options: Sequence[int]) -> int:
+    """The largest of `options` <= `count` (the smallest option when none is)."""
+    below = [option for option in options if option <= count]
+    return max(below) if below else min(options)
+
+
 def keep_indices(model: nn.Module, groups: list[ChannelGroup], fraction: float,
-                 frozen: tuple[str, ...] | list[str] = ()) -> dict[str, torch.Tensor]:
+                 frozen: tuple[str, ...] | list[str] = (), widths: WidthOptions | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Top-`fraction` channels of every group by importance (at least one), in original order;
-    every channel of the `frozen` groups."""
+    every channel of the `frozen` groups. `widths`: the counts a group may keep (rounded down to one)."""
     keep = {}
     for group in groups:
         score = channel_importance(model, group)
@@ -189,6 +201,8 @@ def keep_indices(model: nn.Module, groups: list[ChannelGroup], fraction: float,
             keep[group.name] = torch.arange(score.numel(), device=score.device)
             continue
         count = max(1, min(score.numel(), math.ceil(fraction * score.numel())))
+        if widths is not None:
+            count = max(1, min(score.numel(), snap_count(count, widths(group, score.numel()))))
         keep[group.name] = torch.sort(torch.topk(score, count).indices).values
     return keep
 
@@ -207,11 +221,13 @@ CostFn = Callable[[nn.Module], float]  # a model's budget cost (params, MACs, pr
 
 
 def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float, by: str = "params",
-                    keep_dense: tuple[str, ...] = (), cost: CostFn | None = None) -> PruneResult:
+                    keep_dense: tuple[str, ...] = (), cost: CostFn | None = None,
+                    widths: WidthOptions | None = None) -> PruneResult:
     """Largest uniform keep fraction whose pruned network meets dense_cost / ratio (binary search).
 
     `keep_dense`: layers whose weights must keep their shape (their groups are not pruned);
-    `cost`: the budget's cost of a model (default: params or MACs as `by` says), so any cost model plugs in.
+    `cost`: the budget's cost of a model (default: params or MACs as `by` says), so any cost model plugs in;
+    `widths`: the kept counts each group may take (a latency table's grid), each group rounded down to one.
     """
     measure: CostFn = cost if cost is not None else (lambda m: model_cost(m, input_shape, by))
     groups = channel_groups(model)
@@ -220,7 +236,7 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
     target = dense / ratio
 
     def pruned_at(fraction: float) -> nn.Module:
-        return prune_channels(model, keep_indices(model, groups, fraction, frozen), groups)
+        return prune_channels(model, keep_indices(model, groups, fraction, frozen, widths), groups)
 
     smallest = measure(pruned_at(0.0))
     if smallest > target:
@@ -231,7 +247,7 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
             "pass a smaller --ratio" + (", or --compress-ends" if frozen else "") + ", or use --method cstar",
         )
     low = largest_fraction_within(lambda fraction: measure(pruned_at(fraction)), target, iterations=20)
-    keep = keep_indices(model, groups, low, frozen)
+    keep = keep_indices(model, groups, low, frozen, widths)
     kept = {g.name: (int(keep[g.name].numel()), group_size(model, g)) for g in groups}
     return PruneResult(prune_channels(model, keep, groups), low, kept, frozen)
 

@@ -414,10 +414,9 @@ def _lowrank_uniform_method(model: Any, budget: Any, cfg: CompressConfig, traine
 
 def _prune_method(model: Any, budget: Any, cfg: CompressConfig, trainer: _Trainer, log: Any) -> MethodResult:
     """Baseline: robust channel pruning to the same budget, all epochs fine-tuning."""
-    from cstar.baselines import prune_to_budget
-    from cstar.hybrid import budget_cost
+    from cstar.hybrid import prune_for_budget
 
-    pruned = prune_to_budget(model, budget.input_shape, cfg.ratio, cfg.by, budget.keep_dense, budget_cost(budget))
+    pruned = prune_for_budget(model, budget)
     return MethodResult(pruned.model, {"pruning": _pruning_summary(pruned), "history": {}}, cfg.total_epochs)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from cstar.admm import Budget, allocate_for, factorize_model
-from cstar.baselines import CostFn, PruneResult, prune_to_budget
+from cstar.baselines import CostFn, PruneResult, WidthOptions, prune_to_budget
 from cstar.errors import CstarError
 from cstar.ranks import Allocation, model_cost
 
@@ -37,6 +37,24 @@ def budget_cost(budget: Budget) -> CostFn:
     """
     return lambda model: float(model_cost(model, budget.input_shape, budget.by, budget.latency_table,
                                           budget.latency_batch))
+
+
+def budget_widths(budget: Budget) -> WidthOptions | None:
+    """The channel counts pruning may keep under `budget`: a latency table's measured grid (a width off it is
+    interpolated, and often off the runtime's fast kernel path), any count for params/MACs."""
+    if budget.by != "latency" or budget.latency_table is None:
+        return None
+    from cstar.latency import table_widths
+
+    return table_widths(budget.latency_table)
+
+
+def prune_for_budget(model: nn.Module, budget: Budget, ratio: float | None = None,
+                     cost: CostFn | None = None) -> PruneResult:
+    """Channel pruning to `ratio` (default the budget's) of the budget's cost, on the budget's width grid."""
+    return prune_to_budget(model, budget.input_shape, budget.ratio if ratio is None else ratio, budget.by,
+                           keep_dense=budget.keep_dense, cost=cost if cost is not None else budget_cost(budget),
+                           widths=budget_widths(budget))
 
 
 def prune_ratio(ratio: float, share: float) -> float:
@@ -60,8 +78,7 @@ def prune_stage(model: nn.Module, budget: Budget, share: float, cost: CostFn | N
     """Prune `model` to ratio ** share of the budget; the residual CSTAR budget reaches the full ratio."""
     measure = cost if cost is not None else budget_cost(budget)
     dense_cost = measure(model)
-    pruned = prune_to_budget(model, budget.input_shape, prune_ratio(budget.ratio, share), budget.by,
-                             keep_dense=budget.keep_dense, cost=measure)
+    pruned = prune_for_budget(model, budget, prune_ratio(budget.ratio, share), measure)
     pruned_cost = measure(pruned.model)
     residual = max(1.0, budget.ratio * pruned_cost / dense_cost)
     return PruneStage(pruned, dense_cost / pruned_cost, dataclasses.replace(budget, ratio=residual))

@@ -15,6 +15,7 @@ held at its dense value, so pruning that narrows activations is predicted a litt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,40 +23,56 @@ from torch import nn
 
 from cstar.errors import CstarError
 from cstar.flops import probe_forward
-from cstar.latency_table import DEPLOY_FORMS, LatencyTable
+from cstar.latency_table import DEPLOY_FORMS, CostParts, LatencyTable
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.ranks import CostModel, LayerBudget, Ranks, candidate_layers
 
 MIN_PREDICTED_MS = 1e-6  # a prediction is never <= 0 (the rest can be negative: micro-graphs run cold)
 
 
-def module_form_ms(table: LatencyTable, name: str, module: nn.Module, batch: int) -> tuple[str, float] | None:
-    """(deploy form, ms) of one module as the table prices it; None for modules the table does not price."""
+def module_form_parts(table: LatencyTable, name: str, module: nn.Module, batch: int,
+                      form: str | None = None) -> tuple[str, CostParts] | None:
+    """(deploy form, cost parts) of one module as the table prices it: a Tucker-2 conv in `form`, or in its
+    fastest form by the table when None; None for modules the table does not price."""
     if isinstance(module, LowRankConv2d):
         r_out, r_in = module.ranks
-        costs = [(table.form_ms(name, form, None if form == "dense" else (r_in, r_out), batch,
-                                module.in_channels, module.out_channels), i, form) for i, form in enumerate(DEPLOY_FORMS)]
-        ms, _, form = min(costs)
-        return form, ms
+
+        def parts(name_of_form: str) -> CostParts:
+            return table.form_parts(name, name_of_form, None if name_of_form == "dense" else (r_in, r_out), batch,
+                                    module.in_channels, module.out_channels)
+
+        if form is not None:
+            return form, parts(form)
+        priced = [(table.price(parts(f), batch), i, f) for i, f in enumerate(DEPLOY_FORMS)]
+        _, _, fastest = min(priced)
+        return fastest, parts(fastest)
     if isinstance(module, LowRankLinear):
         ranks = (module.rank, module.rank)
-        return "three-conv", table.form_ms(name, "three-conv", ranks, batch, module.in_features, module.out_features)
+        return "three-conv", table.form_parts(name, "three-conv", ranks, batch, module.in_features, module.out_features)
     if isinstance(module, nn.Conv2d) and module.groups == 1:
-        return "dense", table.conv_ms(name, module.in_channels, module.out_channels, batch)
+        return "dense", table.form_parts(name, "dense", None, batch, module.in_channels, module.out_channels)
     if isinstance(module, nn.Linear):
-        return "dense", table.conv_ms(name, module.in_features, module.out_features, batch)
+        return "dense", table.form_parts(name, "dense", None, batch, module.in_features, module.out_features)
     return None
 
 
-def layer_latencies(model: nn.Module, table: LatencyTable, batch: int) -> dict[str, tuple[str, float]]:
-    """{layer path: (deploy form, predicted ms)} for every layer the table prices.
+def module_form_ms(table: LatencyTable, name: str, module: nn.Module, batch: int) -> tuple[str, float] | None:
+    """(deploy form, ms) of one module as the table prices it; None for modules the table does not price."""
+    priced = module_form_parts(table, name, module, batch)
+    return None if priced is None else (priced[0], table.price(priced[1], batch))
+
+
+def layer_parts(model: nn.Module, table: LatencyTable, batch: int,
+                forms: dict[str, str] | None = None) -> dict[str, tuple[str, CostParts]]:
+    """{layer path: (deploy form, cost parts)} for every layer the table prices (Tucker-2 layers in `forms`
+    where given, else their fastest form).
 
     CstarError when the model has a conv/linear layer the table lacks, or lacks a layer the table has
     (the table was profiled on another model).
     """
     table.check_batch(batch)
     known = set(table.layer_names())
-    priced: dict[str, tuple[str, float]] = {}
+    priced: dict[str, tuple[str, CostParts]] = {}
     missing: list[str] = []
     for name, module in model.named_modules():
         if not name:
@@ -67,7 +84,7 @@ def layer_latencies(model: nn.Module, table: LatencyTable, batch: int) -> dict[s
         if name not in known:
             missing.append(name)
             continue
-        cost = module_form_ms(table, name, module, batch)
+        cost = module_form_parts(table, name, module, batch, (forms or {}).get(name))
         if cost is not None:
             priced[name] = cost
     if missing:
@@ -78,6 +95,19 @@ def layer_latencies(model: nn.Module, table: LatencyTable, batch: int) -> dict[s
                          f"(profiled on model '{table.model.get('name', '?')}')",
                          "use the table profiled on this model's dense source (cstar profile --model-from DIR)")
     return priced
+
+
+def model_parts(model: nn.Module, table: LatencyTable, batch: int, forms: dict[str, str] | None = None) -> CostParts:
+    """The summed cost parts of every priced layer (the prediction is rest + table.price of them)."""
+    total = CostParts()
+    for _, parts in layer_parts(model, table, batch, forms).values():
+        total = total + parts
+    return total
+
+
+def layer_latencies(model: nn.Module, table: LatencyTable, batch: int) -> dict[str, tuple[str, float]]:
+    """{layer path: (deploy form, predicted ms)} for every layer the table prices (see layer_parts)."""
+    return {name: (form, table.price(parts, batch)) for name, (form, parts) in layer_parts(model, table, batch).items()}
 
 
 def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int) -> float:
@@ -113,6 +143,25 @@ def latency_cost_model(table: LatencyTable, batch: int) -> CostModel:
         return entry.out_grid, entry.in_grid  # (r_out, r_in)
 
     return CostModel("latency", cost, monotone=False, rank_grid=grid)
+
+
+def table_widths(table: LatencyTable) -> Callable[[Any, int], list[int]]:
+    """Kept-channel counts a pruned channel group may take: the table's grid of that width (cstar.baselines.
+    WidthOptions). A group's width is priced on the out_grid of its producing layers and the in_grid of its
+    consuming ones; both are the grid of the same full width. A group no priced layer touches takes any count."""
+
+    def options(group: Any, width: int) -> list[int]:
+        for name in group.producers:
+            entry = table.layers.get(name)
+            if entry is not None and entry.out_channels == width:
+                return list(entry.out_grid)
+        for name in group.consumers:
+            entry = table.layers.get(name)
+            if entry is not None and entry.in_channels == width:
+                return list(entry.in_grid)
+        return list(range(1, width + 1))
+
+    return options
 
 
 def latency_record(table: LatencyTable, batch: int, dense: nn.Module, compressed: nn.Module) -> dict[str, Any]:

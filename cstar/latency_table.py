@@ -14,11 +14,13 @@ beyond the grid it is the nearest edge. Latency is not monotone in channel count
 grid holds multiples of 8 and 16 plus small ranks (`channel_grid`). The deploy forms of a Tucker-2
 layer (ranks (r_in, r_out)) are priced as sums of these ops (see DEPLOY_FORMS).
 
-A micro-graph runs its one op again and again, so its weights stay in cache; inside a whole model a
-layer's weights beyond the per-core cache (`cache_bytes`) stream from memory on every call. The whole
-dense model is timed too, and calibrates the ops to what they take inside it: when its layers take
-longer inside the model than alone, each op adds `weight_ms_per_mb[batch]` per MiB of weights above
-`cache_bytes`; when they take less, every op is scaled by `op_scale[batch]` (< 1). What the table's
+A micro-graph runs its one op again and again, so its weights stay in cache; inside a whole model an
+op runs slower, and a layer's weights beyond the per-core cache (`cache_bytes`) stream from memory on
+every call. `price` turns an op's (or a model's) `CostParts` into ms inside a model:
+op_scale[batch] x its ms alone + weight_ms_per_mb[batch] x its MiB beyond the cache + node_ms[batch] x
+its extra nodes. `cstar profile` fits op_scale and weight_ms_per_mb on whole models (the dense one and
+reference compressed ones, deploy.profile_calibration / cstar.latency_fit; the fit is kept in
+`calibration`); without that step they come from the dense model alone. What the table's
 layers do not cover ("rest": activations, adds, pooling, the call itself) is `rest_ms[batch]` when the
 profile measured it (ort-cpu: the call overhead plus every other node's kernel time inside the dense
 model), else the measured model minus its calibrated dense layers. Kernel-timed tables (ort-cpu) also
@@ -107,6 +109,22 @@ def current_cpu_model() -> str:
 # ------------------------------------------------------------------------------------------ table
 
 
+@dataclass(frozen=True)
+class CostParts:
+    """What a layer (or a model's layers) costs, in the table's terms, before calibration: the measured ms
+    of its ops alone (micro-graphs), its weight MiB beyond the per-core cache, and the nodes it runs beyond
+    the dense layers'. `LatencyTable.price` turns them into ms inside a model; the profile's calibration
+    fits that price to whole models (cstar.latency_fit)."""
+
+    alone_ms: float = 0.0
+    beyond_mib: float = 0.0
+    extra_nodes: int = 0
+
+    def __add__(self, other: CostParts) -> CostParts:
+        return CostParts(self.alone_ms + other.alone_ms, self.beyond_mib + other.beyond_mib,
+                         self.extra_nodes + other.extra_nodes)
+
+
 @dataclass
 class LayerEntry:
     """One candidate layer: geometry, channel grids and measured ms per batch and op."""
@@ -167,6 +185,7 @@ class LatencyTable:
     # batch -> what one more node costs inside a model beyond its kernel (dispatch, intermediate tensor):
     # kernel-timed tables (ort-cpu) charge it for every conv a deploy form adds over the dense layer
     node_ms: dict[int, float] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None  # the whole-model fit of op_scale etc. (cstar.latency_fit)
     path: Path | None = None
 
     # -------------------------------------------------------------- I/O
@@ -221,6 +240,7 @@ class LatencyTable:
                               _per_batch(data["rest_ms"], batches, f"{where}: rest_ms", allow_zero=True)),
             node_ms=_per_batch(data.get("node_ms", {str(b): 0.0 for b in batches}), batches, f"{where}: node_ms",
                                allow_zero=True),
+            calibration=dict(data["calibration"]) if isinstance(data.get("calibration"), dict) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +256,7 @@ class LatencyTable:
             "op_scale": {str(b): v for b, v in self.op_scale.items()},
             "rest_ms": None if self.measured_rest_ms is None else {str(b): v for b, v in self.measured_rest_ms.items()},
             "node_ms": {str(b): v for b, v in self.node_ms.items()},
+            "calibration": self.calibration,
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
         }
 
@@ -273,13 +294,22 @@ class LatencyTable:
                              f"pass --latency-batch with one of {have}, or profile with --batch-sizes {have},{batch}")
         return batch
 
-    def op_ms(self, layer: str, op: str, rows: float, cols: float, batch: int) -> float:
-        """ms of one op of `layer` at channel counts (rows, cols): interpolated, plus its weight streaming."""
+    def op_parts(self, layer: str, op: str, rows: float, cols: float, batch: int) -> CostParts:
+        """One op of `layer` at channel counts (rows, cols): its interpolated ms alone and its weights beyond
+        the cache."""
         entry = self.layer(layer)
         grid_rows, grid_cols = entry.axes(op)
         measured = interpolate(grid_rows, grid_cols, entry.ms[self.check_batch(batch)][op], rows, cols)
-        scale = self.op_scale.get(batch, 1.0)
-        return scale * measured + self.streaming_ms(entry.weight_bytes(op, rows, cols), batch)
+        return CostParts(measured, max(0.0, entry.weight_bytes(op, rows, cols) - self.cache_bytes) / MIB, 0)
+
+    def price(self, parts: CostParts, batch: int) -> float:
+        """ms inside a model: op_scale x the ops alone + weight streaming + the extra nodes' dispatch."""
+        return (self.op_scale.get(batch, 1.0) * parts.alone_ms + self.weight_ms_per_mb.get(batch, 0.0) * parts.beyond_mib
+                + self.node_ms.get(batch, 0.0) * parts.extra_nodes)
+
+    def op_ms(self, layer: str, op: str, rows: float, cols: float, batch: int) -> float:
+        """ms of one op of `layer` at channel counts (rows, cols): interpolated, plus its weight streaming."""
+        return self.price(self.op_parts(layer, op, rows, cols, batch), batch)
 
     def streaming_ms(self, weight_bytes: float, batch: int) -> float:
         """Extra ms inside a model for weights beyond the per-core cache (0 without a calibrated rate)."""
@@ -290,6 +320,31 @@ class LatencyTable:
         """The layer's own op (kxk conv / Gemm) with `cin` -> `cout` channels."""
         return self.op_ms(layer, "conv", cin, cout, batch)
 
+    def form_parts(self, layer: str, form: str, ranks: tuple[int, int] | None, batch: int,
+                   cin: int | None = None, cout: int | None = None) -> CostParts:
+        """The cost parts of `layer` run as deploy `form` (see form_ms)."""
+        entry = self.layer(layer)
+        cin = entry.in_channels if cin is None else cin
+        cout = entry.out_channels if cout is None else cout
+        if form not in DEPLOY_FORMS:
+            raise CstarError(f"unknown deploy form '{form}'", f"use one of: {', '.join(DEPLOY_FORMS)}")
+        if form == "dense":
+            return self.op_parts(layer, "conv", cin, cout, batch)
+        if ranks is None:
+            raise CstarError(f"deploy form '{form}' of layer '{layer}' needs ranks (r_in, r_out)",
+                             "pass the Tucker-2 ranks, or form 'dense'")
+        r_in, r_out = ranks
+        extra = CostParts(0.0, 0.0, EXTRA_NODES["linear" if entry.type == "linear" else form])
+        if entry.type == "linear" or form == "three-conv":
+            core = (CostParts() if entry.type == "linear" else self.op_parts(layer, "conv", r_in, r_out, batch))
+            return (self.op_parts(layer, "in_factor", cin, r_in, batch) + core
+                    + self.op_parts(layer, "out_factor", r_out, cout, batch) + extra)
+        if form == "merge-input":
+            return (self.op_parts(layer, "conv", cin, r_out, batch)
+                    + self.op_parts(layer, "out_factor", r_out, cout, batch) + extra)
+        return (self.op_parts(layer, "in_factor", cin, r_in, batch) + self.op_parts(layer, "conv", r_in, cout, batch)
+                + extra)
+
     def form_ms(self, layer: str, form: str, ranks: tuple[int, int] | None, batch: int,
                 cin: int | None = None, cout: int | None = None) -> float:
         """ms of `layer` run as deploy `form` with Tucker-2 ranks (r_in, r_out); cin/cout default to full width.
@@ -298,26 +353,7 @@ class LatencyTable:
         merge-input: kxk cin->r_out, 1x1 r_out->cout; merge-output: 1x1 cin->r_in, kxk r_in->cout.
         A Linear layer has two forms: dense (one Gemm) and factorized (any other name: cin->r, r->cout).
         """
-        entry = self.layer(layer)
-        cin = entry.in_channels if cin is None else cin
-        cout = entry.out_channels if cout is None else cout
-        if form not in DEPLOY_FORMS:
-            raise CstarError(f"unknown deploy form '{form}'", f"use one of: {', '.join(DEPLOY_FORMS)}")
-        if form == "dense":
-            return self.conv_ms(layer, cin, cout, batch)
-        if ranks is None:
-            raise CstarError(f"deploy form '{form}' of layer '{layer}' needs ranks (r_in, r_out)",
-                             "pass the Tucker-2 ranks, or form 'dense'")
-        r_in, r_out = ranks
-        extra_nodes = self.node_ms.get(batch, 0.0) * (EXTRA_NODES["linear" if entry.type == "linear" else form])
-        if entry.type == "linear" or form == "three-conv":
-            core = 0.0 if entry.type == "linear" else self.conv_ms(layer, r_in, r_out, batch)
-            return (self.op_ms(layer, "in_factor", cin, r_in, batch) + core
-                    + self.op_ms(layer, "out_factor", r_out, cout, batch)) + extra_nodes
-        if form == "merge-input":
-            return (self.conv_ms(layer, cin, r_out, batch) + self.op_ms(layer, "out_factor", r_out, cout, batch)
-                    + extra_nodes)
-        return self.op_ms(layer, "in_factor", cin, r_in, batch) + self.conv_ms(layer, r_in, cout, batch) + extra_nodes
+        return self.price(self.form_parts(layer, form, ranks, batch, cin, cout), batch)
 
     def fastest_form(self, layer: str, ranks: tuple[int, int], batch: int, cin: int | None = None,
                      cout: int | None = None, forms: tuple[str, ...] = FACTORIZED_FORMS) -> tuple[str, float]:

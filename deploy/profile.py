@@ -14,6 +14,8 @@ Each micro-graph has a dynamic batch dimension (one session serves every batch s
 are timed once. Per-call overhead is measured on a trivial graph and subtracted. The whole dense model
 is exported to ONNX in a temporary directory (export.onnx_export, BatchNorm folded) and timed too.
 Timing: `warmup` untimed calls, then the median of `iters` timed runtime calls (deploy.bench.time_batch).
+Last (unless --no-calibrate), the table's in-model price is fitted on whole reference models
+(deploy.profile_calibration: uniform Tucker-2, uniform pruning and the latency allocator's own picks).
 
 The timing side (everything but `main` and `dense_model_onnx`) is torch-free.
 """
@@ -143,8 +145,9 @@ class ProfileSettings:
     warmup: int = 2
     grid_cap: int = DEFAULT_GRID_CAP
     ranks: tuple[int, ...] | None = None  # channel grid points (None: cstar.latency_table.GRID_POINTS)
-    model_iters: int = 20  # timed calls of the whole dense model
+    model_iters: int = 20  # timed calls of the whole dense model (and of each calibration model)
     seed: int = 0
+    calibrate: bool = True  # fit the in-model price on reference models (deploy.profile_calibration)
 
     def validate(self) -> None:
         """Reject user mistakes with a hint."""
@@ -206,6 +209,7 @@ def chain_graph(nodes: int, channels: int = 8, size: int = 4) -> Any:
     return _model(convs, [x], [weight], ["N", channels, size, size])
 
 
+CALIBRATION_ROUNDS = 3  # interleaved timing rounds of the whole models the table is calibrated on
 NODE_CHAIN = 9  # nodes in the long chain of `measure_node_cost`
 
 
@@ -263,6 +267,27 @@ class MicroTimer:
             if not self.runner_info:
                 self.runner_info = runner.describe()
         return result
+
+    def time_files(self, paths: dict[str, Path], chw: tuple[int, ...], iters: int,
+                   rounds: int) -> dict[str, dict[int, float]]:
+        """{name: {batch: ms}}: every model timed in `rounds` interleaved rounds (one runner each, kept open),
+        the median of its per-round medians: load drift on a shared machine then hits every model alike."""
+        from contextlib import ExitStack
+
+        from deploy.backends import create_runner
+        from deploy.bench import time_batch
+
+        inputs = self._inputs(chw)
+        per_round: dict[str, dict[int, list[float]]] = {name: {b: [] for b in inputs} for name in paths}
+        with ExitStack() as stack:
+            runners = {name: stack.enter_context(create_runner(self.settings.backend, path, **self.options))
+                       for name, path in paths.items()}
+            for _ in range(rounds):
+                for name, runner in runners.items():
+                    for batch, data in inputs.items():
+                        per_round[name][batch].append(float(np.median(time_batch(runner, data, iters,
+                                                                                 self.settings.warmup))))
+        return {name: {b: float(np.median(v)) for b, v in by_batch.items()} for name, by_batch in per_round.items()}
 
     def kernel_file(self, path: Path, chw: tuple[int, ...], iters: int) -> dict[int, dict[str, tuple[float, int]]]:
         """ort-cpu: {batch: {op type: (summed median kernel ms, nodes)}} from an ONNX Runtime profile of the model.
@@ -523,6 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-cap", type=int, default=defaults.grid_cap, help="most grid points per channel dim")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="timed calls per micro-graph (median)")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed calls per micro-graph")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="skip the calibration on whole reference models (faster; predictions of compressed "
+                             "models then run optimistic)")
     parser.add_argument("--out", required=True, help="the table (JSON) to write")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -544,6 +572,7 @@ def settings_from_args(args: argparse.Namespace) -> ProfileSettings:
         batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"),
         iters=args.iters, warmup=args.warmup, grid_cap=args.grid_cap,
         ranks=None if args.ranks is None else _int_list(args.ranks, "--ranks"),
+        calibrate=getattr(args, "calibrate", True),
     )
     settings.validate()
     return settings
@@ -581,6 +610,14 @@ def run_profile(model_dir: str | Path, out: str | Path, settings: ProfileSetting
             f"(batch {','.join(map(str, settings.batch_sizes))}, {settings.threads or 'default'} thread(s))")
         with _bar(progress_bars(progress)) as callback:
             body = profile_layers(layers, onnx_path, input_shape, info, settings, callback)
+        if settings.calibrate:
+            from deploy.profile_calibration import calibrate_table
+
+            log("calibrating on whole reference models (Tucker-2 and pruned)")
+            timer = MicroTimer(settings, Path(tmp))
+            body = calibrate_table(body, model, input_shape, onnx_path, Path(tmp),
+                                   lambda paths: timer.time_files(paths, input_shape, settings.model_iters,
+                                                                  CALIBRATION_ROUNDS))
     return write_table(body, out)
 
 
@@ -603,14 +640,20 @@ def dense_model(model_dir: str | Path) -> tuple[Any, tuple[int, ...], dict[str, 
 
 
 def dense_model_onnx(model: Any, input_shape: tuple[int, ...], directory: Path) -> Path:
-    """Export the dense model as `cstar export` deploys it (BatchNorm folded, dynamic batch); simplified with
-    onnxslim when that works, else the raw export."""
+    """Export the dense model as `cstar export` deploys it (see model_onnx)."""
+    return model_onnx(model, input_shape, directory, "dense")
+
+
+def model_onnx(model: Any, input_shape: tuple[int, ...], directory: Path, name: str,
+               forms: dict[str, str] | None = None) -> Path:
+    """Export `model` as `cstar export` deploys it (deploy `forms`, BatchNorm folded, dynamic batch) to
+    DIRECTORY/NAME.onnx; simplified with onnxslim when that works, else the raw export."""
     from export.deploy_form import to_deploy
     from export.onnx_export import export_onnx, simplify
 
-    raw = export_onnx(to_deploy(model), input_shape, directory / "dense_raw.onnx").path
+    raw = export_onnx(to_deploy(model, forms), input_shape, directory / f"{name}_raw.onnx").path
     try:
-        return simplify(raw, directory / "dense.onnx", "onnxslim")
+        return simplify(raw, directory / f"{name}.onnx", "onnxslim")
     except Exception:  # noqa: BLE001 - the unsimplified graph is a valid fallback for timing
         return raw
 

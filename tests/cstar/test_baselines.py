@@ -103,3 +103,37 @@ def test_cli_compress_ends_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _parsed_config(["--factorize-all"], monkeypatch).keep_first_last is False  # the older name
     config = _parsed_config(["--method", "hybrid", "--hybrid-prune-share", "0.25"], monkeypatch)
     assert config.method == "hybrid" and config.hybrid_prune_share == 0.25
+
+
+def test_pruned_widths_land_on_the_given_grid() -> None:
+    """With width options (a latency table's grid), every pruned group keeps a count on it, rounded down, and
+    the budget still holds: off the grid a width is neither measured nor on the fast kernel path."""
+    from cstar.baselines import snap_count
+
+    assert snap_count(43, [4, 8, 16, 24, 32, 48, 64]) == 32
+    assert snap_count(3, [4, 8, 16]) == 4 and snap_count(16, [4, 8, 16]) == 16
+    model = _resnet()
+
+    def multiples_of_8(group: Any, width: int) -> list[int]:
+        return [4, *range(8, width + 1, 8)]
+
+    result = prune_to_budget(model, SPEC.input_shape, 3.0, "flops", keep_dense=first_and_last(model),
+                             widths=multiples_of_8)
+    dense_flops = model_cost(model, SPEC.input_shape, "flops")
+    assert dense_flops / model_cost(result.model, SPEC.input_shape, "flops") >= 3.0
+    for name, (kept, total) in result.kept.items():
+        assert kept == total or kept in multiples_of_8(None, total), name
+    assert any(kept < total for kept, total in result.kept.values())
+
+
+def test_table_widths_read_each_groups_grid_from_the_table() -> None:
+    from cstar.latency import candidate_geometry, table_widths
+    from cstar.latency_table import LatencyTable, channel_grid
+    from tests.cstar.test_latency import synthetic_table
+
+    model = _resnet()
+    table = LatencyTable.from_dict(synthetic_table(candidate_geometry(model, SPEC.input_shape)))
+    options = table_widths(table)
+    for group in channel_groups(model):
+        width = int(model.get_submodule(group.producers[0]).weight.shape[0])
+        assert options(group, width) == channel_grid(width)

@@ -102,6 +102,51 @@ def test_prediction_walks_the_model_with_the_tables_costs(profiled: tuple[Path, 
     assert predicted_latency_ms(factorized, table, 1) == pytest.approx(expected)
 
 
+def test_table_is_calibrated_on_whole_reference_models(profiled: tuple[Path, Path]) -> None:
+    """The profile times the dense model and uniform Tucker-2 / pruned references whole and fits the in-model
+    price on them: the block lists every model, its coefficients are the table's, and its dense prediction
+    is the table's own (rest + priced dense layers)."""
+    _, path = profiled
+    table = LatencyTable.load(path)
+    assert table.calibration is not None and table.calibration["passes"] == 2
+    for batch in table.batch_sizes:
+        block = table.calibration["by_batch"][str(batch)]
+        names = {m["model"] for m in block["models"]}
+        assert {"dense", "tucker2-0.5", "tucker2-0.25", "pruned-0.5"} <= names
+        assert block["op_scale"] == pytest.approx(table.op_scale[batch]) and table.op_scale[batch] > 0
+        assert block["weight_ms_per_mb"] == pytest.approx(table.weight_ms_per_mb[batch])
+        assert table.weight_ms_per_mb[batch] >= 0
+        dense_row = next(m for m in block["models"] if m["model"] == "dense")
+        assert dense_row["predicted_ms"] == pytest.approx(table.predicted_dense_ms(batch), rel=1e-3)
+        for row in block["models"]:
+            assert row["measured_ms"] > 0 and math.isfinite(row["error"])
+            assert row["error"] == pytest.approx((row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"],
+                                                 abs=1e-3)
+        assert block["max_abs_error"] == pytest.approx(max(abs(m["error"]) for m in block["models"]))
+
+
+def test_reference_models_sit_on_the_tables_grid(profiled: tuple[Path, Path]) -> None:
+    from cstar.lowrank import LowRankConv2d
+    from deploy.profile_calibration import pruned_reference, round_down, tucker_reference
+
+    _, path = profiled
+    table = LatencyTable.load(path)
+    dense = build_model("small-resnet", SPEC, width=8).eval()
+    assert round_down(6.0, [4, 8, 16]) == 4 and round_down(2.0, [4, 8]) == 4
+    tucker = tucker_reference(dense, table, 0.5)
+    factorized = {n: m for n, m in tucker.named_modules() if isinstance(m, LowRankConv2d)}
+    assert factorized and "net.conv1" not in factorized
+    for name, layer in factorized.items():
+        entry = table.layer(name)
+        assert layer.ranks[0] in entry.out_grid and layer.ranks[1] in entry.in_grid
+        assert layer.ranks[0] <= max(entry.out_grid[0], entry.out_channels // 2)
+    pruned = pruned_reference(dense, table, 0.5)
+    assert pruned is not None
+    for name, module in pruned.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and name in table.layers:
+            assert module.out_channels in table.layer(name).out_grid
+
+
 def test_net_times_and_calibration_stay_positive() -> None:
     assert net_ms(0.05, 0.01) == pytest.approx(0.04)
     assert net_ms(0.005, 0.01) == pytest.approx(0.05 * 0.005)  # below the overhead: noise, kept positive

@@ -1,0 +1,66 @@
+"""The whole-model calibration of a latency table (cstar.latency_fit) and the cost parts it prices."""
+
+from __future__ import annotations
+
+import pytest
+
+from cstar.latency_fit import CalibrationPoint, fit_price
+from cstar.latency_table import CostParts, LatencyTable
+from tests.cstar.test_latency import geometry, synthetic_table
+
+PARTS = [CostParts(10.0, 30.0, 0), CostParts(4.0, 3.0, 30), CostParts(1.5, 0.0, 35), CostParts(0.8, 0.0, 40),
+         CostParts(5.0, 10.0, 0), CostParts(2.0, 1.0, 20)]
+
+
+def points(scale: float, rate: float, rest: float, node: float) -> list[CalibrationPoint]:
+    return [CalibrationPoint(f"m{i}", p, rest + scale * p.alone_ms + rate * p.beyond_mib + node * p.extra_nodes)
+            for i, p in enumerate(PARTS)]
+
+
+def test_fit_recovers_the_in_model_price_exactly() -> None:
+    fit = fit_price(points(1.2, 0.05, 0.04, 0.001), node_ms=0.001, rest_ms=0.04)
+    assert fit.op_scale == pytest.approx(1.2, rel=1e-9)
+    assert fit.weight_ms_per_mb == pytest.approx(0.05, rel=1e-9)
+    assert fit.rest_ms == 0.04 and max(abs(e) for e in fit.errors().values()) < 1e-9
+
+
+def test_fit_also_recovers_the_rest_when_it_was_not_measured() -> None:
+    fit = fit_price(points(0.9, 0.1, 0.3, 0.0), node_ms=0.0, rest_ms=None)
+    assert (fit.op_scale, fit.weight_ms_per_mb, fit.rest_ms) == pytest.approx((0.9, 0.1, 0.3), rel=1e-9)
+
+
+def test_a_negative_streaming_rate_is_clamped_and_the_scale_refitted() -> None:
+    """Models that get FASTER per MiB of big weights would need a negative rate: the fit keeps rate 0 and the
+    best positive scale (the relative least squares of the scale alone)."""
+    data = points(1.1, -0.05, 0.0, 0.0)
+    fit = fit_price(data, node_ms=0.0, rest_ms=0.0)
+    assert fit.weight_ms_per_mb == 0.0 and fit.op_scale > 0
+    ratios = [p.measured_ms / p.parts.alone_ms for p in data]
+    assert min(ratios) <= fit.op_scale <= max(ratios)
+
+
+def test_relative_errors_weigh_a_small_model_like_a_big_one() -> None:
+    """Two models, one 100x the other, each with its own in-model factor: the fitted scale lies between the
+    two factors, near their middle, not at the big model's."""
+    data = [CalibrationPoint("big", CostParts(100.0, 0.0, 0), 110.0), CalibrationPoint("small", CostParts(1.0, 0.0, 0), 1.3)]
+    fit = fit_price(data, node_ms=0.0, rest_ms=0.0)
+    assert 1.15 < fit.op_scale < 1.25
+    block = fit.to_dict({"big": 100.0, "small": 1.0})
+    assert block["max_abs_error"] == pytest.approx(max(abs(e) for e in fit.errors().values()), abs=1e-4)
+    assert {m["model"] for m in block["models"]} == {"big", "small"}
+    assert block["models"][0]["predicted_uncalibrated_ms"] == 100.0
+
+
+def test_the_table_prices_parts_with_its_calibration_and_keeps_the_block() -> None:
+    body = synthetic_table([geometry("a", 32, 32)], batches=(1, 8))
+    body.update(cache_bytes=1 << 20, op_scale={"1": 1.25, "8": 1.0}, weight_ms_per_mb={"1": 0.5, "8": 0.0},
+                node_ms={"1": 0.01, "8": 0.0}, calibration={"by_batch": {"1": {"max_abs_error": 0.05}}})
+    table = LatencyTable.from_dict(body)
+    parts = CostParts(2.0, 3.0, 2)
+    assert table.price(parts, 1) == pytest.approx(1.25 * 2.0 + 0.5 * 3.0 + 0.01 * 2)
+    assert table.price(parts, 8) == pytest.approx(2.0)
+    assert CostParts(1.0, 2.0, 1) + CostParts(0.5, 0.0, 2) == CostParts(1.5, 2.0, 3)
+    assert table.form_ms("a", "three-conv", (8, 8), 1) == pytest.approx(
+        table.price(table.form_parts("a", "three-conv", (8, 8), 1), 1))
+    again = LatencyTable.from_dict(table.to_dict())
+    assert again.calibration == {"by_batch": {"1": {"max_abs_error": 0.05}}}
