@@ -350,7 +350,8 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.cifar_model, "options": {"width": args.cifar_width}, "random_weights": True,
             "backend": BACKEND, "threads": args.threads, "batch_sizes": sizes, "iters": args.cifar_iters,
             "table": {"path": str(table_path), **table.describe(),
-                      "dense_model_ms": {str(b): table.model_ms(b) for b in sizes}},
+                      "dense_model_ms": {str(b): table.model_ms(b) for b in sizes},
+                      "calibration": _calibration_summary(table)},
             "rows": rows, "errors": errors, "checks": cifar_checks(rows, errors),
             "models": {key: {"dir": str(m["run"].directory), "export": str(exports[key]),
                              "flops_ratio": (m["run"].manifest.get("compression") or {}).get("flops_ratio", 1.0),
@@ -369,8 +370,11 @@ def _form_counts(export_dir: Path) -> dict[str, int]:
 
 def cifar_rows(models: dict[str, dict[str, Any]], latency: dict[str, Any], table: Any,
                sizes: list[int]) -> list[dict[str, Any]]:
-    """One row per (model, measured batch): predicted ms, measured p50, speedup, speedup/target, error."""
+    """One row per (model, measured batch): predicted ms, measured p50, speedup, speedup/target, error, and the
+    error of the prediction anchored on the dense model measured in the same rounds (predicted x dense measured
+    / dense predicted): what is left once drift of the whole machine since the profile is taken out."""
     rows = []
+    dense_predicted = predicted_by_batch(models["dense"]["run"], table)
     for key, info in models.items():
         predicted = predicted_by_batch(info["run"], table)
         for size in sizes:
@@ -381,7 +385,9 @@ def cifar_rows(models: dict[str, dict[str, Any]], latency: dict[str, Any], table
                          "budget_batch": info["batch"], "batch": size, "predicted_ms": predicted[str(size)],
                          "p50_ms": cell["p50_ms"], "rounds_p50_ms": cell["rounds_p50_ms"], "speedup": speedup,
                          "of_target": speedup / target if target else None,
-                         "prediction_error": (predicted[str(size)] - cell["p50_ms"]) / cell["p50_ms"]})
+                         "prediction_error": (predicted[str(size)] - cell["p50_ms"]) / cell["p50_ms"],
+                         "anchored_error": (predicted[str(size)] * dense["p50_ms"] / dense_predicted[str(size)]
+                                            - cell["p50_ms"]) / cell["p50_ms"]})
     return rows
 
 
@@ -406,6 +412,7 @@ def method_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     own = [r["of_target"] for r in checked if r["batch"] == r["budget_batch"]]
     every = [r["of_target"] for r in checked]
     worst_error = max((abs(r["prediction_error"]) for r in rows), default=None)
+    worst_anchored = max((abs(r["anchored_error"]) for r in rows), default=None)
     return {"speedup_of_target_min_own_batch": min(own, default=None),
             "speedup_met_own_batch": None if not own else min(own) >= MIN_SPEEDUP_OF_TARGET,
             "speedup_of_target_min": min(every, default=None),
@@ -413,7 +420,9 @@ def method_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "prediction_error_max": worst_error,
             "prediction_within": worst_error is not None and worst_error <= MAX_PREDICTION_ERROR,
             "prediction_misses": [f"{r['model']} b{r['batch']} {100 * r['prediction_error']:+.0f}%" for r in rows
-                                  if abs(r["prediction_error"]) > MAX_PREDICTION_ERROR]}
+                                  if abs(r["prediction_error"]) > MAX_PREDICTION_ERROR],
+            "prediction_error_max_b8": max((abs(r["prediction_error"]) for r in rows if r["batch"] != 1), default=None),
+            "anchored_error_max": worst_anchored}
 
 
 # ------------------------------------------------------------------------------------------ part 2
@@ -491,7 +500,8 @@ def accuracy_part(root: Path, args: argparse.Namespace, plot_path: Path) -> dict
              "seeds": parse_list(args.seeds, int), "latency_batch": args.latency_batch, "batch_sizes": sizes,
              "threads": args.threads,
              "table": {"path": str(table_path), **table.describe(),
-                       "dense_model_ms": {str(b): table.model_ms(b) for b in sizes}},
+                       "dense_model_ms": {str(b): table.model_ms(b) for b in sizes},
+                       "calibration": _calibration_summary(table)},
              "reachable": reach, "rows": rows, "errors": errors, "summary": summary,
              "winners": winners(summary, targets), "plot": plot_path.name,
              "compress_seconds": [r["seconds"] for r in rows if r["seconds"] is not None]}
@@ -622,14 +632,15 @@ def _mean_std(stats: dict[str, float], scale: float = 100.0, digits: int = 1) ->
 def cifar_markdown(block: dict[str, Any]) -> str:
     """Part 1: one line per (model, measured batch), then the checks and the unreachable targets."""
     headers = ["model", "budget", "budget batch", "batch", "predicted (ms)", "measured p50 (ms)", "speedup vs dense",
-               "speedup / target", "prediction error", "deploy forms"]
+               "speedup / target", "prediction error", "dense-anchored error", "deploy forms"]
     body = []
     for r in block["rows"]:
         budget = f"{r['target']:g}x latency" if r["target"] else (f"{r['by']}" if r["by"] else "-")
         forms = ", ".join(f"{k} {v}" for k, v in block["models"][r["model"]]["deploy_forms"].items()) or "-"
         body.append([r["model"], budget, "-" if r["budget_batch"] is None else str(r["budget_batch"]), str(r["batch"]),
                      _ms(r["predicted_ms"]), _ms(r["p50_ms"]), _x(r["speedup"]),
-                     "-" if r["of_target"] is None else f"{r['of_target']:.2f}", _err(r["prediction_error"]), forms])
+                     "-" if r["of_target"] is None else f"{r['of_target']:.2f}", _err(r["prediction_error"]),
+                     _err(r.get("anchored_error")), forms])
     table = block["table"]
     head = (f"## Latency budget on {block['model']} (width {block['options']['width']}), CIFAR-10 shapes, "
             f"RANDOM WEIGHTS\n\nRANDOM WEIGHTS (latency only, no accuracy). `cstar profile` on {block['backend']} "
@@ -640,15 +651,19 @@ def cifar_markdown(block: dict[str, Any]) -> str:
             "allocator, pruning and cost function), budgeted at the predicted latency of its budget batch; exported "
             "with the table (deploy form per layer); p50 over "
             f"{block['iters']} calls, rounds interleaved with the dense model. Predicted = the manifest's latency "
-            "record; prediction error = (predicted - measured) / measured. `flops` rows: the `--by flops` structures "
-            "of cross_runtime, for contrast.\n\n")
+            "record; prediction error = (predicted - measured) / measured; dense-anchored error: the same with the "
+            "prediction scaled by the dense model's measured / predicted latency in these rounds (machine drift since "
+            "the profile taken out). `flops` rows: the `--by flops` structures of cross_runtime, for contrast."
+            + _calibration_text(table) + "\n\n")
     checks = markdown_table(
         ["method", "min speedup/target 4x, 8x (own budget batch)", "min speedup/target 4x, 8x (every batch)",
-         "max abs prediction error (every target)"],
+         "max abs prediction error (every target)", "max abs error, batch 8", "max abs dense-anchored error"],
         [[method, f"{_num(c['speedup_of_target_min_own_batch'])} ({_yes(c['speedup_met_own_batch'])})",
           f"{_num(c['speedup_of_target_min'])} ({_yes(c['speedup_met_every_batch'])})",
           f"{_num(100 * c['prediction_error_max'], 1)}% ({_yes(c['prediction_within'])})"
-          + (f": {', '.join(c['prediction_misses'])}" if c["prediction_misses"] else "")]
+          + (f": {', '.join(c['prediction_misses'])}" if c["prediction_misses"] else ""),
+          f"{_num(100 * c['prediction_error_max_b8'], 1)}%" if c.get("prediction_error_max_b8") is not None else "-",
+          f"{_num(100 * c['anchored_error_max'], 1)}%" if c.get("anchored_error_max") is not None else "-"]
          for method, c in block["checks"]["per_method"].items()])
     dense_error = ", ".join(f"b{b} {_err(v)}" for b, v in block["checks"]["dense_prediction_error"].items())
     lines = [f"Checks (the issue: speedup >= {MIN_SPEEDUP_OF_TARGET} x target at 4x and 8x, prediction within "
@@ -659,6 +674,28 @@ def cifar_markdown(block: dict[str, Any]) -> str:
         lines.append(f"- {error['method']} x{error['target']:g} (budget batch {error['budget_batch']}): not reachable, "
                      f"`{error['error']}`")
     return head + markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n"
+
+
+def _calibration_summary(table: Any) -> dict[str, Any]:
+    """The table's whole-model calibration without its per-model rows: passes and per-batch fit."""
+    calibration = table.calibration or {}
+    return {"passes": calibration.get("passes"),
+            "by_batch": {b: {k: v for k, v in fit.items() if k != "models"} | {"models": len(fit.get("models", []))}
+                         for b, fit in (calibration.get("by_batch") or {}).items()}}
+
+
+def _calibration_text(table: dict[str, Any]) -> str:
+    """One sentence on the table's whole-model calibration (cstar profile), when it has one."""
+    calibration = table.get("calibration") or {}
+    by_batch = calibration.get("by_batch") or {}
+    if not by_batch:
+        return ""
+    models = next(iter(by_batch.values())).get("models", 0)
+    fits = ", ".join(f"b{b} op_scale {v['op_scale']:.2f}, max error {100 * v['max_abs_error']:.1f}%"
+                     for b, v in by_batch.items())
+    return (f" The table is calibrated on {models} whole models timed at profile time (the dense one, uniform "
+            f"Tucker-2 and pruned references, the allocator's own picks; {calibration.get('passes', 1)} passes): "
+            f"{fits}.")
 
 
 def _num(value: float | None, digits: int = 2) -> str:

@@ -140,7 +140,7 @@ def latency_cost_model(table: LatencyTable, batch: int) -> CostModel:
         entry = table.layer(layer.name)
         if layer.linear:
             return (sorted({*entry.in_grid, *entry.out_grid}),)
-        return entry.out_grid, entry.in_grid  # (r_out, r_in)
+        return list(entry.out_grid), list(entry.in_grid)  # (r_out, r_in)
 
     return CostModel("latency", cost, monotone=False, rank_grid=grid)
 

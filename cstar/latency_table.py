@@ -35,6 +35,7 @@ import bisect
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def channel_grid(full: int, cap: int = DEFAULT_GRID_CAP, points: tuple[int, ...]
     return grid
 
 
-def _axis(grid: list[int], x: float) -> tuple[int, int, float]:
+def _axis(grid: Sequence[int], x: float) -> tuple[int, int, float]:
     """(lower index, upper index, weight of the upper) of `x` on `grid`; clamped to the edges."""
     if x <= grid[0]:
         return 0, 0, 0.0
@@ -89,7 +90,7 @@ def _axis(grid: list[int], x: float) -> tuple[int, int, float]:
     return lower, upper, (x - grid[lower]) / (grid[upper] - grid[lower])
 
 
-def interpolate(rows: list[int], cols: list[int], values: np.ndarray, row: float, col: float) -> float:
+def interpolate(rows: Sequence[int], cols: Sequence[int], values: np.ndarray, row: float, col: float) -> float:
     """Piecewise-linear (bilinear) value of `values[rows x cols]` at (row, col); nearest edge outside."""
     i0, i1, wi = _axis(rows, row)
     j0, j1, wj = _axis(cols, col)
@@ -125,9 +126,10 @@ class CostParts:
                          self.extra_nodes + other.extra_nodes)
 
 
-@dataclass
-class LayerEntry:
-    """One candidate layer: geometry, channel grids and measured ms per batch and op."""
+@dataclass(frozen=True)
+class LayerGeometry:
+    """One candidate layer's geometry and channel grids: what `cstar profile` times (deploy.profile.LayerSpec)
+    and what the table records for it (LayerEntry)."""
 
     name: str
     type: str  # "conv" or "linear"
@@ -139,29 +141,39 @@ class LayerEntry:
     dilation: tuple[int, int]
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
-    in_grid: list[int]
-    out_grid: list[int]
-    ms: dict[int, dict[str, np.ndarray]]  # batch -> op -> 2-D array
+    in_grid: tuple[int, ...] = ()
+    out_grid: tuple[int, ...] = ()
+
+    def axes(self, op: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The (row, column) channel grids of `op`."""
+        if op == "conv":
+            return self.in_grid, self.out_grid
+        return (self.in_grid, self.in_grid) if op == "in_factor" else (self.out_grid, self.out_grid)
+
+    def geometry_dict(self) -> dict[str, Any]:
+        """The table's JSON fields of this layer (its name is the key)."""
+        return {
+            "type": self.type, "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "input_hw": list(self.input_hw), "output_hw": list(self.output_hw),
+            "in_grid": list(self.in_grid), "out_grid": list(self.out_grid),
+        }
+
+
+@dataclass(frozen=True)
+class LayerEntry(LayerGeometry):
+    """One candidate layer of a table: geometry, channel grids and measured ms per batch and op."""
+
+    ms: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # batch -> op -> 2-D array
 
     def weight_bytes(self, op: str, rows: float, cols: float) -> float:
         """float32 weight bytes of `op` at (rows, cols) channels (1x1 factors: rows * cols)."""
         taps = self.kernel[0] * self.kernel[1] if op == "conv" and self.type == "conv" else 1
         return 4.0 * rows * cols * taps
 
-    def axes(self, op: str) -> tuple[list[int], list[int]]:
-        """The (row, column) channel grids of `op`."""
-        if op == "conv":
-            return self.in_grid, self.out_grid
-        return (self.in_grid, self.in_grid) if op == "in_factor" else (self.out_grid, self.out_grid)
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type, "in_channels": self.in_channels, "out_channels": self.out_channels,
-            "kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding),
-            "dilation": list(self.dilation), "input_hw": list(self.input_hw), "output_hw": list(self.output_hw),
-            "in_grid": list(self.in_grid), "out_grid": list(self.out_grid),
-            "ms": {str(b): {op: np.round(v, 6).tolist() for op, v in ops.items()} for b, ops in self.ms.items()},
-        }
+        ms = {str(b): {op: np.round(v, 6).tolist() for op, v in ops.items()} for b, ops in self.ms.items()}
+        return {**self.geometry_dict(), "ms": ms}
 
 
 @dataclass
@@ -462,12 +474,12 @@ def _per_batch(value: Any, batches: tuple[int, ...], where: str, allow_zero: boo
     return result
 
 
-def _grid(value: Any, full: Any, where: str) -> list[int]:
+def _grid(value: Any, full: Any, where: str) -> tuple[int, ...]:
     if (not isinstance(value, list) or not value or not all(_positive_int(v) for v in value)
             or value != sorted(set(value)) or value[-1] != full):
         raise CstarError(f"{where} must be increasing positive channel counts ending at the full width {full!r}, "
                          f"got {value!r}", _PROFILE_FIX)
-    return [int(v) for v in value]
+    return tuple(int(v) for v in value)
 
 
 def _pair(value: Any, length: int, where: str) -> tuple[int, ...]:
@@ -506,7 +518,7 @@ def _layer(name: str, body: Any, batches: tuple[int, ...], where: str) -> LayerE
     return entry
 
 
-def _values(value: Any, axes: tuple[list[int], list[int]], where: str) -> np.ndarray:
+def _values(value: Any, axes: tuple[Sequence[int], Sequence[int]], where: str) -> np.ndarray:
     shape = (len(axes[0]), len(axes[1]))
     try:
         array = np.asarray(value, dtype=np.float64)

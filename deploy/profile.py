@@ -41,6 +41,7 @@ from cstar.latency_table import (
     TABLE_KIND,
     TABLE_SCHEMA_VERSION,
     LatencyTable,
+    LayerGeometry,
     channel_grid,
 )
 from cstar.manifest import atomic_write_json
@@ -79,21 +80,8 @@ class OpSpec:
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """Geometry of one candidate layer (cstar.latency.candidate_geometry) and its channel grids."""
-
-    name: str
-    type: str  # "conv" or "linear"
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int, int, int]
-    dilation: tuple[int, int]
-    input_hw: tuple[int, int]
-    output_hw: tuple[int, int]
-    in_grid: tuple[int, ...] = ()
-    out_grid: tuple[int, ...] = ()
+class LayerSpec(LayerGeometry):
+    """A candidate layer to profile (cstar.latency.candidate_geometry) with its channel grids."""
 
     @classmethod
     def from_geometry(cls, geometry: dict[str, Any], cap: int, points: tuple[int, ...] | None) -> LayerSpec:
@@ -115,11 +103,6 @@ class LayerSpec:
         if op == "conv":
             return OpSpec("conv", rows, cols, self.kernel, self.stride, self.padding, self.dilation, self.input_hw)
         return OpSpec("conv", rows, cols, input_hw=self.input_hw if op == "in_factor" else self.output_hw)
-
-    def axes(self, op: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if op == "conv":
-            return self.in_grid, self.out_grid
-        return (self.in_grid, self.in_grid) if op == "in_factor" else (self.out_grid, self.out_grid)
 
     def ops(self) -> Iterable[tuple[str, int, int, OpSpec]]:
         """Every (op, row, col, micro-graph) this layer needs."""
@@ -519,10 +502,7 @@ def _layer_body(layer: LayerSpec, timer: MicroTimer, batch_sizes: tuple[int, ...
         for op in OPS:
             rows, cols = layer.axes(op)
             ms[str(batch)][op] = [[round(timer.op_ms(layer.op(op, i, j))[batch], 6) for j in cols] for i in rows]
-    return {"type": layer.type, "in_channels": layer.in_channels, "out_channels": layer.out_channels,
-            "kernel": list(layer.kernel), "stride": list(layer.stride), "padding": list(layer.padding),
-            "dilation": list(layer.dilation), "input_hw": list(layer.input_hw), "output_hw": list(layer.output_hw),
-            "in_grid": list(layer.in_grid), "out_grid": list(layer.out_grid), "ms": ms}
+    return {**layer.geometry_dict(), "ms": ms}
 
 
 def write_table(body: dict[str, Any], out: str | Path) -> LatencyTable:

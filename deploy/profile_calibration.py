@@ -21,7 +21,7 @@ the table ("calibration"), so a user sees how well the table predicts models of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ REFERENCE_LATENCY_RATIOS = (2.0, 4.0, 8.0)
 CALIBRATION_PASSES = 2
 
 
-def round_down(value: float, grid: list[int]) -> int:
+def round_down(value: float, grid: Sequence[int]) -> int:
     """The largest grid point <= value (the smallest grid point when none is)."""
     below = [g for g in grid if g <= value]
     return max(below) if below else min(grid)
