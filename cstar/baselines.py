@@ -183,7 +183,7 @@ def frozen_groups(groups: list[ChannelGroup], keep_dense: tuple[str, ...]) -> li
 WidthOptions = Callable[[ChannelGroup, int], Sequence[int]]
 
 
-def snap_count(count: int, options: Sequence[int]) -> int:
+def snap_count(count: float, options: Sequence[int]) -> int:
     """The largest of `options` <= `count` (the smallest option when none is)."""
     below = [option for option in options if option <= count]
     return max(below) if below else min(options)

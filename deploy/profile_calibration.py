@@ -21,7 +21,7 @@ the table ("calibration"), so a user sees how well the table predicts models of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -36,17 +36,12 @@ REFERENCE_LATENCY_RATIOS = (2.0, 4.0, 8.0)
 CALIBRATION_PASSES = 2
 
 
-def round_down(value: float, grid: Sequence[int]) -> int:
-    """The largest grid point <= value (the smallest grid point when none is)."""
-    below = [g for g in grid if g <= value]
-    return max(below) if below else min(grid)
-
-
 def tucker_reference(dense: Any, table: LatencyTable, fraction: float) -> Any:
     """`dense` with every priced candidate layer but the ends factorized at `fraction` of its widths."""
     from torch import nn
 
     from cstar.admm import factorize_model
+    from cstar.baselines import snap_count
     from cstar.ranks import candidate_layers, first_and_last
 
     ranks: dict[str, Any] = {}
@@ -56,10 +51,10 @@ def tucker_reference(dense: Any, table: LatencyTable, fraction: float) -> Any:
             continue
         if isinstance(module, nn.Linear):
             grid = sorted({*entry.in_grid, *entry.out_grid})
-            ranks[name] = (round_down(fraction * min(entry.in_channels, entry.out_channels), grid),)
+            ranks[name] = (snap_count(fraction * min(entry.in_channels, entry.out_channels), grid),)
         else:
-            ranks[name] = (round_down(fraction * entry.out_channels, entry.out_grid),
-                           round_down(fraction * entry.in_channels, entry.in_grid))
+            ranks[name] = (snap_count(fraction * entry.out_channels, entry.out_grid),
+                           snap_count(fraction * entry.in_channels, entry.in_grid))
     return factorize_model(dense, ranks, sweeps=0)
 
 

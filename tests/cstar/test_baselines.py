@@ -112,6 +112,7 @@ def test_pruned_widths_land_on_the_given_grid() -> None:
 
     assert snap_count(43, [4, 8, 16, 24, 32, 48, 64]) == 32
     assert snap_count(3, [4, 8, 16]) == 4 and snap_count(16, [4, 8, 16]) == 16
+    assert snap_count(6.0, [4, 8, 16]) == 4  # a fraction of a width (the profile's reference ranks)
     model = _resnet()
 
     def multiples_of_8(group: Any, width: int) -> list[int]:
