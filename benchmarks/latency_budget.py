@@ -23,8 +23,9 @@ winner per target, and a Pareto plot (PGD-20 vs measured p50) written as PNG nex
 Default targets: digits' small-resnet keeps its stem and classifier dense, and at batch 1 the runtime
 call dominates: no method reaches more than ~1.7x there; at batch 8 (the default --latency-batch) cstar
 and lowrank-uniform reach ~2.6x and prune ~2.3x, hence targets 1.25, 1.5, 2 (the reachable ratios are
-recorded). Wall time on 2 shared cores, 1 thread: part 1 ~4 min, part 2 ~45 min (36 compress runs of
-~75 s), plus the dense model when none is given; --quick ~45 s.
+recorded). Wall time on 2 shared cores, 1 thread: part 1 ~8 min (its profile, calibrated on whole
+reference models, ~3 min), part 2 ~45 min (36 compress runs of ~75 s; ~25 min with --admm-epochs 2
+--finetune-epochs 6), plus the dense model when none is given; --quick ~45 s.
 
     python benchmarks/latency_budget.py [--quick] [--no-cifar] [--no-accuracy] [--targets 1.25,1.5,2]
                                         [--seeds 0,1,2,3] [--latency-batch 8] [--admm-epochs N --finetune-epochs N]
