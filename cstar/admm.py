@@ -58,7 +58,18 @@ class Budget:
     rank_step: int = 1
     objective: str = "log"
     latency_table: Any = None  # cstar.latency_table.LatencyTable when by == "latency"
-    latency_batch: int = 1  # the table's batch size whose latencies are the budget
+    latency_batch: int | tuple[int, ...] = 1  # the table's batch size(s) whose latencies are the budget (each)
+
+    @property
+    def latency_batches(self) -> tuple[int, ...]:
+        """Every batch size the latency budget must hold at; the first is the headline (and picks the forms)."""
+        from cstar.latency_table import latency_batches
+
+        return latency_batches(self.latency_batch)
+
+    @property
+    def headline_batch(self) -> int:
+        return self.latency_batches[0]
 
 
 def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tensor] | None = None,
@@ -67,7 +78,7 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
 
     Distributed: rank 0's allocation is broadcast, so every rank factorizes to the same ranks.
     """
-    from cstar.ranks import cost_model_for, model_cost
+    from cstar.ranks import budget_limits
 
     layers = candidate_layers(model, budget.keep_dense)
     budgets = layer_budgets(model, budget.input_shape, layers)
@@ -77,13 +88,13 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
         for item in budgets:
             if item.name in weights:
                 item.spectra = weight_spectra(weights[item.name])
-    dense_total = model_cost(model, budget.input_shape, budget.by, budget.latency_table, budget.latency_batch)
-    cost_model = cost_model_for(budget.by, budget.latency_table, budget.latency_batch)
+    (cost_model, dense_total), limits = budget_limits(model, budget.input_shape, budget.by, budget.latency_table,
+                                                      budget.latency_batches)
     if uniform:
-        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by, cost_model)
+        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by, cost_model, limits)
     else:
         allocation = allocate(budgets, dense_total, budget.ratio, budget.by, budget.rank_step, budget.objective,
-                              cost_model)
+                              cost_model, limits)
     return dist.broadcast_object(allocation)
 
 

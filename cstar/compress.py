@@ -70,7 +70,9 @@ class CompressConfig:
     distill: float = 0.0  # weight of the dense model's soft labels in every method's adversarial loss (0: off)
     distill_temperature: float = 1.0
     latency_table: str | None = None  # `cstar profile` table: the budget for --by latency (else recorded only)
-    latency_batch: int = 1  # the table's batch size whose latencies count
+    # the table's batch size whose latencies count, or several ("1,8" / [1, 8]): the budget then holds at each,
+    # the first is the headline (reported; picks each layer's deploy form)
+    latency_batch: int | list[int] | tuple[int, ...] = 1
     latency_backend: str | None = None  # the deploy backend the table must come from (None: the table's own)
     latency_threads: int | None = None  # warn when the table was profiled with another thread count
     seed: int = 0
@@ -89,8 +91,7 @@ class CompressConfig:
             raise CstarError("--by latency needs a latency table",
                              "profile the dense model first: cstar profile --model-from DENSE_DIR --backend ort-cpu "
                              "--out TABLE.json, then pass --latency-table TABLE.json")
-        if self.latency_batch < 1:
-            raise CstarError(f"--latency-batch must be >= 1, got {self.latency_batch}", "pass e.g. --latency-batch 1")
+        self.latency_batches  # noqa: B018 (validates: CstarError naming the fix)
         if not self.ratio >= 1.0:
             raise CstarError(f"compression ratio must be >= 1, got {self.ratio}", "pass e.g. --ratio 4 or --ratio 8")
         if self.admm_epochs < 0 or self.finetune_epochs < 0:
@@ -112,6 +113,13 @@ class CompressConfig:
                              "pass e.g. --distill-temperature 1")
 
     @property
+    def latency_batches(self) -> tuple[int, ...]:
+        """Every batch size the latency budget holds at (the first: the headline)."""
+        from cstar.latency_table import latency_batches
+
+        return latency_batches(self.latency_batch)
+
+    @property
     def total_epochs(self) -> int:
         return self.admm_epochs + self.finetune_epochs
 
@@ -130,8 +138,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-table", default=None,
                         help="latency table of the dense model on the deploy runtime (cstar profile); needed by "
                              "--by latency, recorded (predicted latencies) otherwise")
-    parser.add_argument("--latency-batch", type=int, default=defaults.latency_batch,
-                        help="batch size of the table whose latencies count (default 1)")
+    parser.add_argument("--latency-batch", type=_batch_list, default=defaults.latency_batch,
+                        help="batch size of the table whose latencies count (default 1), or a comma list (1,8): "
+                             "the budget then holds at every one; the first is reported and picks the deploy forms")
     parser.add_argument("--latency-backend", default=None,
                         help="deploy backend the table must come from (default: the table's own backend)")
     parser.add_argument("--latency-threads", type=int, default=None,
@@ -171,6 +180,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format on CUDA")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="data-loader worker processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _batch_list(text: str) -> int | tuple[int, ...]:
+    """--latency-batch: "1" -> 1, "1,8" -> (1, 8) (argparse turns the CstarError into a usage error)."""
+    from cstar.latency_table import latency_batches
+
+    try:
+        batches = latency_batches(text)
+    except CstarError as error:
+        raise argparse.ArgumentTypeError(f"{error.message} ({error.hint})") from None
+    return batches[0] if len(batches) == 1 else batches
 
 
 def main(args: argparse.Namespace) -> int:
@@ -248,7 +268,7 @@ def run_compress(
     log = _logger(progress)
     compressed, details = _compress(dense, spec, bundle.train, cfg, eps, norm, log, table=table)
     compressed = compressed.to(cfg.device).eval()
-    ratios = compression_ratios(dense, compressed, spec.input_shape, table, cfg.latency_batch)
+    ratios = compression_ratios(dense, compressed, spec.input_shape, table, cfg.latency_batches)
     _check_ratio(ratios, cfg)
     test_x, test_y = _test_tensors(bundle, cfg)
     metrics = _evaluate(compressed, test_x, test_y, eps, norm, cfg)
@@ -270,7 +290,7 @@ def run_compress(
     if table is not None:
         from cstar.latency import latency_record
 
-        body["latency"] = latency_record(table, cfg.latency_batch, dense, compressed)
+        body["latency"] = latency_record(table, cfg.latency_batches, dense, compressed)
     if dist.is_main():
         save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
                         source["model"].get("options", {}), spec, body)
@@ -311,9 +331,10 @@ def _resolve_device(name: str) -> Any:
 
 
 def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...], table: Any = None,
-                       latency_batch: int = 1) -> dict[str, float]:
+                       latency_batch: int | tuple[int, ...] = 1) -> dict[str, float]:
     """params and FLOPs (MACs) ratios dense / compressed, counted on the real models (and the predicted
-    latency ratio when a latency table is given)."""
+    latency ratio when a latency table is given: the smallest over the budget's batch sizes, each layer in the
+    form fastest at the first)."""
     from cstar.flops import count_flops, count_params
 
     ratios = {
@@ -327,9 +348,12 @@ def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...]
     if table is not None:
         from cstar.latency import predicted_latency_ms
 
-        dense_ms = predicted_latency_ms(dense, table, latency_batch)
-        compressed_ms = predicted_latency_ms(compressed, table, latency_batch)
-        ratios.update(latency_ratio=dense_ms / compressed_ms, latency_ms=compressed_ms, dense_latency_ms=dense_ms)
+        batches = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch)
+        dense_ms, compressed_ms = (predicted_latency_ms(m, table, batches[0]) for m in (dense, compressed))
+        worst = min(predicted_latency_ms(dense, table, b, batches[0]) / predicted_latency_ms(compressed, table, b,
+                                                                                             batches[0])
+                    for b in batches)
+        ratios.update(latency_ratio=worst, latency_ms=compressed_ms, dense_latency_ms=dense_ms)
     return ratios
 
 
@@ -346,7 +370,8 @@ def _latency_table(cfg: CompressConfig, progress: bool) -> Any:
                          f"not on '{backend}' (--latency-backend)",
                          f"profile on the deploy backend: cstar profile --backend {backend} ..., or drop "
                          "--latency-backend to use the table's")
-    table.check_batch(cfg.latency_batch)
+    for batch in cfg.latency_batches:
+        table.check_batch(batch)
     for warning in table.check_matches(backend, cfg.latency_threads):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return table
@@ -358,7 +383,7 @@ def _check_table_layers(table: Any, dense: Any, cfg: CompressConfig) -> None:
         return
     from cstar.latency import layer_latencies
 
-    layer_latencies(dense, table, cfg.latency_batch)
+    layer_latencies(dense, table, cfg.latency_batches[0])
 
 
 def _check_ratio(ratios: dict[str, float], cfg: CompressConfig) -> None:
@@ -472,7 +497,7 @@ def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: f
     model = copy.deepcopy(dense).to(cfg.device)
     keep = first_and_last(model) if cfg.keep_first_last else ()
     budget = Budget(cfg.ratio, cfg.by, tuple(spec.input_shape), keep, cfg.rank_step,
-                    latency_table=table, latency_batch=cfg.latency_batch)
+                    latency_table=table, latency_batch=cfg.latency_batches)
     trainer = _Trainer(train_set, cfg, eps, norm, progress=log.enabled, teacher=_teacher(dense, cfg))
     result = method(model, budget, cfg, trainer, log)
     compressed, details, epochs = result.model, result.details, result.finetune_epochs

@@ -11,7 +11,8 @@ layer alike. The hybrid spends ONE global budget in two steps, both measured aga
                                                              ratio cost(pruned) / (cost(dense) / ratio))
 
 `cost` is one function of a model (params, MACs, or a predicted latency), so the same code serves
-every budget. The layers CSTAR keeps dense (stem and classifier unless --compress-ends) are kept whole
+every budget. A latency budget at several batch sizes takes the tightest batch's share (budget_cost);
+the residual ratio then holds at every batch (at the others with room to spare). The layers CSTAR keeps dense (stem and classifier unless --compress-ends) are kept whole
 by both steps. `hybrid_compress` is the structural part alone (no training); `cstar compress --method
 hybrid` runs the pruning, then CSTAR's ADMM on the pruned model, then the shared fine-tuning.
 """
@@ -29,14 +30,31 @@ from cstar.errors import CstarError
 from cstar.ranks import Allocation, model_cost
 
 
-def budget_cost(budget: Budget) -> CostFn:
+def budget_cost(budget: Budget, reference: nn.Module | None = None) -> CostFn:
     """The budget's cost of a whole model (what the ratio divides): params, MACs or predicted latency.
 
     Latency is the latency table's prediction at the budget's batch (cstar.latency), so pruned and
-    factorized models are priced by the same measured table.
+    factorized models are priced by the same measured table. A budget at several batch sizes costs a model
+    its largest latency as a fraction of `reference`'s (the dense model) at the same batch, in the reference's
+    headline ms: cost(m) <= cost(reference) / ratio holds exactly when it holds at every batch.
     """
-    return lambda model: float(model_cost(model, budget.input_shape, budget.by, budget.latency_table,
-                                          budget.latency_batch))
+    batches = budget.latency_batches
+    if budget.by != "latency" or len(batches) < 2:
+        return lambda model: float(model_cost(model, budget.input_shape, budget.by, budget.latency_table,
+                                              batches[0]))
+    if reference is None:
+        raise CstarError("internal error: a latency budget at several batch sizes needs the dense reference model",
+                         "pass reference= to budget_cost")
+    from cstar.latency import predicted_latency_ms
+
+    table, headline = budget.latency_table, batches[0]
+    scale = {b: predicted_latency_ms(reference, table, b, headline) for b in batches}
+
+    def cost(model: nn.Module) -> float:
+        shares = [predicted_latency_ms(model, table, b, headline) / scale[b] for b in batches]
+        return max(shares) * scale[headline]
+
+    return cost
 
 
 def budget_widths(budget: Budget) -> WidthOptions | None:
@@ -53,7 +71,8 @@ def prune_for_budget(model: nn.Module, budget: Budget, ratio: float | None = Non
                      cost: CostFn | None = None) -> PruneResult:
     """Channel pruning to `ratio` (default the budget's) of the budget's cost, on the budget's width grid."""
     return prune_to_budget(model, budget.input_shape, budget.ratio if ratio is None else ratio, budget.by,
-                           keep_dense=budget.keep_dense, cost=cost if cost is not None else budget_cost(budget),
+                           keep_dense=budget.keep_dense,
+                           cost=cost if cost is not None else budget_cost(budget, model),
                            widths=budget_widths(budget))
 
 
@@ -76,7 +95,7 @@ class PruneStage:
 
 def prune_stage(model: nn.Module, budget: Budget, share: float, cost: CostFn | None = None) -> PruneStage:
     """Prune `model` to ratio ** share of the budget; the residual CSTAR budget reaches the full ratio."""
-    measure = cost if cost is not None else budget_cost(budget)
+    measure = cost if cost is not None else budget_cost(budget, model)
     dense_cost = measure(model)
     pruned = prune_for_budget(model, budget, prune_ratio(budget.ratio, share), measure)
     pruned_cost = measure(pruned.model)

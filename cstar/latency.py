@@ -31,21 +31,21 @@ MIN_PREDICTED_MS = 1e-6  # a prediction is never <= 0 (the rest can be negative:
 
 
 def module_form_parts(table: LatencyTable, name: str, module: nn.Module, batch: int,
-                      form: str | None = None) -> tuple[str, CostParts] | None:
-    """(deploy form, cost parts) of one module as the table prices it: a Tucker-2 conv in `form`, or in its
-    fastest form by the table when None; None for modules the table does not price."""
+                      form: str | None = None, form_batch: int | None = None) -> tuple[str, CostParts] | None:
+    """(deploy form, cost parts at `batch`) of one module as the table prices it: a Tucker-2 conv in `form`, or
+    in its fastest form by the table at `form_batch` (default `batch`: the form export picks there) when None;
+    None for modules the table does not price."""
     if isinstance(module, LowRankConv2d):
         r_out, r_in = module.ranks
 
-        def parts(name_of_form: str) -> CostParts:
-            return table.form_parts(name, name_of_form, None if name_of_form == "dense" else (r_in, r_out), batch,
+        def parts(name_of_form: str, at: int) -> CostParts:
+            return table.form_parts(name, name_of_form, None if name_of_form == "dense" else (r_in, r_out), at,
                                     module.in_channels, module.out_channels)
 
-        if form is not None:
-            return form, parts(form)
-        priced = [(table.price(parts(f), batch), i, f) for i, f in enumerate(DEPLOY_FORMS)]
-        _, _, fastest = min(priced)
-        return fastest, parts(fastest)
+        if form is None:
+            at = batch if form_batch is None else form_batch
+            _, _, form = min((table.price(parts(f, at), at), i, f) for i, f in enumerate(DEPLOY_FORMS))
+        return form, parts(form, batch)
     if isinstance(module, LowRankLinear):
         ranks = (module.rank, module.rank)
         return "three-conv", table.form_parts(name, "three-conv", ranks, batch, module.in_features, module.out_features)
@@ -62,10 +62,10 @@ def module_form_ms(table: LatencyTable, name: str, module: nn.Module, batch: int
     return None if priced is None else (priced[0], table.price(priced[1], batch))
 
 
-def layer_parts(model: nn.Module, table: LatencyTable, batch: int,
-                forms: dict[str, str] | None = None) -> dict[str, tuple[str, CostParts]]:
+def layer_parts(model: nn.Module, table: LatencyTable, batch: int, forms: dict[str, str] | None = None,
+                form_batch: int | None = None) -> dict[str, tuple[str, CostParts]]:
     """{layer path: (deploy form, cost parts)} for every layer the table prices (Tucker-2 layers in `forms`
-    where given, else their fastest form).
+    where given, else their fastest form at `form_batch`, default `batch`).
 
     CstarError when the model has a conv/linear layer the table lacks, or lacks a layer the table has
     (the table was profiled on another model).
@@ -84,7 +84,7 @@ def layer_parts(model: nn.Module, table: LatencyTable, batch: int,
         if name not in known:
             missing.append(name)
             continue
-        cost = module_form_parts(table, name, module, batch, (forms or {}).get(name))
+        cost = module_form_parts(table, name, module, batch, (forms or {}).get(name), form_batch)
         if cost is not None:
             priced[name] = cost
     if missing:
@@ -105,19 +105,23 @@ def model_parts(model: nn.Module, table: LatencyTable, batch: int, forms: dict[s
     return total
 
 
-def layer_latencies(model: nn.Module, table: LatencyTable, batch: int) -> dict[str, tuple[str, float]]:
+def layer_latencies(model: nn.Module, table: LatencyTable, batch: int,
+                    form_batch: int | None = None) -> dict[str, tuple[str, float]]:
     """{layer path: (deploy form, predicted ms)} for every layer the table prices (see layer_parts)."""
-    return {name: (form, table.price(parts, batch)) for name, (form, parts) in layer_parts(model, table, batch).items()}
+    return {name: (form, table.price(parts, batch))
+            for name, (form, parts) in layer_parts(model, table, batch, form_batch=form_batch).items()}
 
 
-def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int) -> float:
-    """Predicted ms of one runtime call of `model` at `batch`: the table's rest + each layer's (fastest) form."""
-    total = table.rest_ms(batch) + sum(ms for _, ms in layer_latencies(model, table, batch).values())
+def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None = None) -> float:
+    """Predicted ms of one runtime call of `model` at `batch`: the table's rest + each layer in its fastest form
+    at `form_batch` (default `batch`; export picks the forms at the headline batch of a multi-batch budget)."""
+    total = table.rest_ms(batch) + sum(ms for _, ms in layer_latencies(model, table, batch, form_batch).values())
     return max(total, MIN_PREDICTED_MS)
 
 
-def latency_cost_model(table: LatencyTable, batch: int) -> CostModel:
-    """The allocator's cost model: a candidate layer's ms at `batch`, dense or in its fastest factorized form.
+def latency_cost_model(table: LatencyTable, batch: int, form_batch: int | None = None) -> CostModel:
+    """The allocator's cost model: a candidate layer's ms at `batch`, dense or in its fastest factorized form
+    (fastest at `form_batch`, default `batch`).
 
     LayerBudget ranks are (r_out, r_in) (Linear: (r,)); the table takes (r_in, r_out). The dense layer is
     priced at the LayerBudget's channel counts (a pruned model's narrower layers included). Ranks are
@@ -125,6 +129,7 @@ def latency_cost_model(table: LatencyTable, batch: int) -> CostModel:
     count off the SIMD width can fall off the fast kernel path).
     """
     table.check_batch(batch)
+    pick = table.check_batch(batch if form_batch is None else form_batch)
 
     def cost(layer: LayerBudget, ranks: Ranks | None) -> float:
         cin, cout = layer.in_channels, layer.out_channels
@@ -134,7 +139,8 @@ def latency_cost_model(table: LatencyTable, batch: int) -> CostModel:
             (rank,) = ranks
             return table.form_ms(layer.name, "three-conv", (rank, rank), batch, cin, cout)
         r_out, r_in = ranks
-        return table.fastest_form(layer.name, (r_in, r_out), batch, cin, cout)[1]
+        form = table.fastest_form(layer.name, (r_in, r_out), pick, cin, cout)[0]
+        return table.form_ms(layer.name, form, (r_in, r_out), batch, cin, cout)
 
     def grid(layer: LayerBudget) -> tuple[list[int], ...]:
         entry = table.layer(layer.name)
@@ -164,19 +170,38 @@ def table_widths(table: LatencyTable) -> Callable[[Any, int], list[int]]:
     return options
 
 
-def latency_record(table: LatencyTable, batch: int, dense: nn.Module, compressed: nn.Module) -> dict[str, Any]:
-    """Manifest block: the table's provenance and the predicted dense / compressed latency at `batch`."""
-    dense_ms = predicted_latency_ms(dense, table, batch)
-    compressed_ms = predicted_latency_ms(compressed, table, batch)
-    forms = layer_latencies(compressed, table, batch)
-    return {
+def latency_cost_models(table: LatencyTable, batches: tuple[int, ...]) -> list[CostModel]:
+    """One cost model per budget batch, every layer in the form fastest at the first (headline) batch: the
+    deploy form export picks, so each batch's budget is checked on the model that ships."""
+    return [latency_cost_model(table, batch, batches[0]) for batch in batches]
+
+
+def latency_record(table: LatencyTable, batch: int | tuple[int, ...], dense: nn.Module,
+                   compressed: nn.Module) -> dict[str, Any]:
+    """Manifest block: the table's provenance and the predicted dense / compressed latency at the (headline)
+    batch, and at every budget batch of a multi-batch budget (`by_batch`; forms picked at the headline)."""
+    batches = (batch,) if isinstance(batch, int) else tuple(batch)
+    headline = batches[0]
+
+    def at(size: int) -> tuple[float, float]:
+        return (predicted_latency_ms(dense, table, size, headline),
+                predicted_latency_ms(compressed, table, size, headline))
+
+    dense_ms, compressed_ms = at(headline)
+    forms = layer_latencies(compressed, table, headline)
+    record: dict[str, Any] = {
         "table": table.describe(),
-        "batch": batch,
+        "batch": headline,
         "predicted_dense_ms": dense_ms,
         "predicted_ms": compressed_ms,
         "predicted_speedup": dense_ms / compressed_ms if compressed_ms > 0 else None,
         "layers": {name: {"form": form, "ms": round(ms, 5)} for name, (form, ms) in forms.items()},
     }
+    if len(batches) > 1:
+        record["batches"] = list(batches)
+        record["by_batch"] = {str(size): {"predicted_dense_ms": d, "predicted_ms": c, "predicted_speedup": d / c}
+                              for size, (d, c) in ((size, at(size)) for size in batches)}
+    return record
 
 
 # ------------------------------------------------------------------------------------------ profiling

@@ -228,22 +228,56 @@ def cost_model_for(by: str, table: Any = None, batch: int = 1) -> CostModel:
     return analytic_cost_model(by)
 
 
+def budget_limits(model: nn.Module, input_shape: tuple[int, ...], by: str, table: Any = None,
+                  batches: tuple[int, ...] = (1,)) -> tuple[tuple[CostModel, float], tuple[Limit, ...]]:
+    """((cost model, dense total) of the budget, the further budgets it must also meet): a latency budget at
+    several batch sizes is one budget per batch, each layer in the deploy form fastest at the first."""
+    if by != "latency" or table is None or len(batches) < 2:
+        return (cost_model_for(by, table, batches[0]), model_cost(model, input_shape, by, table, batches[0])), ()
+    from cstar.latency import latency_cost_models, predicted_latency_ms
+
+    budgets = tuple((cost_model, predicted_latency_ms(model, table, batch, batches[0]))
+                    for cost_model, batch in zip(latency_cost_models(table, batches), batches, strict=True))
+    return budgets[0], budgets[1:]
+
+
 Move = tuple["Ranks | None", float, float]  # (new ranks or None=dense, objective gain, cost delta)
 
 
+Limit = tuple[CostModel, float]  # one more budget the allocation must meet: (cost model, dense model's total)
+
+
 class _Costs:
-    """Memoized `cost_model(layer, ranks)` (a latency lookup interpolates; the greedy asks again and again)."""
+    """Memoized costs of the budget's cost models (a latency lookup interpolates; the greedy asks again and
+    again). Several models (a latency budget at several batch sizes) each have a target; `__call__` is the
+    cost summed over them as fractions of their targets (one model: its cost / target, same order), which the
+    greedy ranks moves by; `vector` is each model's own cost, which every budget is checked on."""
 
-    def __init__(self, cost_model: CostModel, layers: list[LayerBudget]) -> None:
+    def __init__(self, cost_model: CostModel, layers: list[LayerBudget], limits: tuple[Limit, ...] = (),
+                 dense_total: float = 1.0, ratio: float = 1.0) -> None:
         self.model = cost_model
+        self.models = [cost_model, *(model for model, _ in limits)]
+        self.targets = [total / ratio for total in (dense_total, *(total for _, total in limits))]
         self.by_name = {layer.name: layer for layer in layers}
-        self.cache: dict[tuple[str, Ranks | None], float] = {}
+        self.cache: dict[tuple[str, Ranks | None], tuple[float, ...]] = {}
 
-    def __call__(self, layer: LayerBudget, ranks: Ranks | None) -> float:
+    def vector(self, layer: LayerBudget, ranks: Ranks | None) -> tuple[float, ...]:
         key = (layer.name, ranks)
         if key not in self.cache:
-            self.cache[key] = float(self.model(layer, ranks))
+            self.cache[key] = tuple(float(model(layer, ranks)) for model in self.models)
         return self.cache[key]
+
+    def __call__(self, layer: LayerBudget, ranks: Ranks | None) -> float:
+        return sum(c / max(abs(t), 1e-12) for c, t in zip(self.vector(layer, ranks), self.targets, strict=True))
+
+    def totals(self, state: dict[str, Ranks | None], dense_total: float,
+               limits: tuple[Limit, ...]) -> tuple[list[float], list[float]]:
+        """(fixed costs, totals of `state`) per cost model: fixed = the dense total minus the candidate layers."""
+        layers = list(self.by_name.values())
+        dense_totals = [dense_total, *(total for _, total in limits)]
+        fixed = [total - sum(self.vector(layer, None)[i] for layer in layers) for i, total in enumerate(dense_totals)]
+        used = [f + sum(self.vector(self.by_name[n], r)[i] for n, r in state.items()) for i, f in enumerate(fixed)]
+        return fixed, used
 
 
 def _moves(layer: LayerBudget, ranks: Ranks, options: tuple[list[int], ...], objective: str,
@@ -304,45 +338,59 @@ def cheapest_start(layer: LayerBudget, options: tuple[list[int], ...], cost: _Co
 
 def allocate(
     layers: list[LayerBudget], dense_total: float, ratio: float, by: str = "params", step: int = 1,
-    objective: str = "log", cost_model: CostModel | None = None,
+    objective: str = "log", cost_model: CostModel | None = None, limits: tuple[Limit, ...] = (),
 ) -> Allocation:
     """Greedy global allocation so that fixed + sum(layer costs) <= dense_total / ratio.
 
     `dense_total` is the dense model's params, MACs or predicted ms (by `cost_model`, which defaults to
-    the exact params/MACs of `by`); everything outside `layers` is fixed. Raises CstarError naming the
-    best reachable ratio when the cheapest ranks everywhere are still too costly.
+    the exact params/MACs of `by`); everything outside `layers` is fixed. `limits`: more (cost model, dense
+    total) budgets held to the same ratio (a latency budget at several batch sizes); a move is taken only
+    when every budget still holds, and moves are ranked by their cost summed over the budgets as fractions
+    of each target. Raises CstarError naming the best reachable ratio when the cheapest ranks everywhere are
+    still too costly.
     """
     cost_model = cost_model if cost_model is not None else analytic_cost_model(by)
     _check_allocation_args(ratio, step)
-    cost = _Costs(cost_model, layers)
-    target = dense_total / ratio
-    fixed = dense_total - sum(cost(layer, None) for layer in layers)
+    cost = _Costs(cost_model, layers, limits, dense_total, ratio)
     options = {layer.name: rank_options(layer, step, cost_model) for layer in layers}
     state = {layer.name: cheapest_start(layer, options[layer.name], cost) for layer in layers}
-    used = fixed + sum(cost(cost.by_name[n], r) for n, r in state.items())
-    if used > target + 1e-9 * max(abs(target), 1.0):
-        raise _unreachable(cost_model, dense_total, used, ratio, step)
+    _, used = cost.totals(state, dense_total, limits)
+    slack = [t + 1e-9 * max(abs(t), 1.0) for t in cost.targets]
+    if any(u > s for u, s in zip(used, slack, strict=True)):
+        dense_totals = [dense_total, *(total for _, total in limits)]
+        worst = min(range(len(used)), key=lambda i: dense_totals[i] / used[i] if used[i] > 0 else math.inf)
+        raise _unreachable(cost_model, dense_totals[worst], used[worst], ratio, step)
     moves = {n: _moves(cost.by_name[n], r, options[n], objective, cost) for n, r in state.items() if r is not None}
     while True:
-        best_move: tuple[float, str, Ranks | None, float] | None = None
+        best_move: tuple[float, str, Ranks | None, tuple[float, ...]] | None = None
         for name, candidates in moves.items():
             for new, gain, delta in candidates:
-                if used + delta > target or gain <= 1e-12:
+                if gain <= 1e-12:
+                    continue
+                step_costs = _step_costs(cost, name, state[name], new)
+                if any(u + d > t for u, d, t in zip(used, step_costs, cost.targets, strict=True)):
                     continue
                 score = gain / max(delta, 1e-9)
                 if best_move is None or score > best_move[0]:
-                    best_move = (score, name, new, delta)
+                    best_move = (score, name, new, step_costs)
         if best_move is None:
             break
-        _, name, new, delta = best_move
+        _, name, new, step_costs = best_move
         state[name] = new
-        used += delta
+        used = [u + d for u, d in zip(used, step_costs, strict=True)]
         if new is None:
             del moves[name]
         else:
             moves[name] = _moves(cost.by_name[name], new, options[name], objective, cost)
     energy = {n: (1.0 if r is None else cost.by_name[n].energy(r)) for n, r in state.items()}
-    return Allocation(state, cost_model.by, target, float(used), dense_total, energy)
+    return Allocation(state, cost_model.by, cost.targets[0], float(used[0]), dense_total, energy)
+
+
+def _step_costs(cost: _Costs, name: str, ranks: Ranks | None, new: Ranks | None) -> tuple[float, ...]:
+    """What moving layer `name` from `ranks` to `new` costs under each budget."""
+    layer = cost.by_name[name]
+    before, after = cost.vector(layer, ranks), cost.vector(layer, new)
+    return tuple(a - b for a, b in zip(after, before, strict=True))
 
 
 def _check_allocation_args(ratio: float, step: int) -> None:
@@ -369,38 +417,43 @@ def _unreachable(cost_model: CostModel, dense_total: float, used: float, ratio: 
 
 def uniform_allocation(
     layers: list[LayerBudget], dense_total: float, ratio: float, by: str = "params",
-    cost_model: CostModel | None = None,
+    cost_model: CostModel | None = None, limits: tuple[Limit, ...] = (),
 ) -> Allocation:
-    """Baseline: the same rank fraction f in every layer (rank = ceil(f * dim)), largest f meeting the budget.
+    """Baseline: the same rank fraction f in every layer (rank = ceil(f * dim)), largest f meeting the budget
+    (and every budget of `limits`, see allocate).
 
     A layer is kept dense when its factorized form at f would not be cheaper.
     """
     cost_model = cost_model if cost_model is not None else analytic_cost_model(by)
-    cost = _Costs(cost_model, layers)
-    target = dense_total / ratio
-    fixed = dense_total - sum(cost(layer, None) for layer in layers)
+    cost = _Costs(cost_model, layers, limits, dense_total, ratio)
+    fixed, _ = cost.totals({}, dense_total, limits)
 
     options = {layer.name: rank_options(layer, 1, cost_model) for layer in layers}
+    dense_totals = [dense_total, *(total for _, total in limits)]
 
-    def at(fraction: float) -> tuple[dict[str, Ranks | None], float]:
+    def at(fraction: float) -> tuple[dict[str, Ranks | None], list[float]]:
         state: dict[str, Ranks | None] = {}
         for layer in layers:
             ranks = tuple(next(r for r in allowed if r >= max(1, math.ceil(fraction * d)))
                           for d, allowed in zip(layer.full_ranks, options[layer.name], strict=True))
             state[layer.name] = ranks if cost(layer, ranks) < cost(layer, None) else None
-        return state, fixed + sum(cost(layer, state[layer.name]) for layer in layers)
+        return state, cost.totals(state, dense_total, limits)[1]
+
+    def worst_share(used: list[float]) -> float:
+        """The tightest budget's cost as a fraction of its target (<= 1: every budget holds)."""
+        return max(u / t for u, t in zip(used, cost.targets, strict=True))
 
     state, used = at(0.0)
-    if used > target:
+    if worst_share(used) > 1.0:
+        best = min(d / u if u > 0 else math.inf for d, u in zip(dense_totals, used, strict=True))
         raise CstarError(
-            f"a {cost_model.by} ratio of {ratio:g} is not reachable with uniform ranks "
-            f"(best {dense_total / used:.2f}x)",
+            f"a {cost_model.by} ratio of {ratio:g} is not reachable with uniform ranks (best {best:.2f}x)",
             "pass a smaller --ratio",
         )
-    low = largest_fraction_within(lambda fraction: at(fraction)[1], target, iterations=40)
+    low = largest_fraction_within(lambda fraction: worst_share(at(fraction)[1]), 1.0, iterations=40)
     state, used = at(low)
     energy = {n: (1.0 if r is None else cost.by_name[n].energy(r)) for n, r in state.items()}
-    return Allocation(state, cost_model.by, target, float(used), dense_total, energy)
+    return Allocation(state, cost_model.by, cost.targets[0], float(used[0]), dense_total, energy)
 
 
 def largest_fraction_within(cost: Callable[[float], float], target: float, iterations: int) -> float:

@@ -60,8 +60,9 @@ class CompressSection:
     ratio: float = 2.0
     by: str = "latency"
     # batch size whose measured latency the budget is spent at (default: the largest bench batch size; on a
-    # model as small as the digits demo batch 1 is mostly the runtime call itself, which no rank changes)
-    latency_batch: int | None = None
+    # model as small as the digits demo batch 1 is mostly the runtime call itself, which no rank changes),
+    # or a list ([1, 64]): the budget then holds at each (compress --latency-batch 1,64)
+    latency_batch: int | list[int] | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -176,14 +177,14 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     stages = [Stage("train", "train", train_argv + config.train.extra_args, d["train"], "dense robust model")]
     latency_args: list[str] = []
     if config.compress.by == "latency":
-        backend, batch = config.verify.backends[0], latency_batch(config)
+        backend, batches = config.verify.backends[0], latency_batches(config)
         table = d["profile"] / LATENCY_TABLE_FILE
         threads = ["--threads", str(config.bench.threads)] if config.bench.threads else []
-        profiled = ",".join(str(b) for b in sorted({*config.bench.batch_sizes, batch}))
+        profiled = ",".join(str(b) for b in sorted({*config.bench.batch_sizes, *batches}))
         stages.append(Stage("profile", "profile", [
             "--model-from", str(d["train"]), "--backend", backend, "--batch-sizes", profiled, *threads,
             "--out", str(table), "--quiet"], d["profile"], f"latency table on {backend} (b{profiled})"))
-        latency_args = ["--latency-table", str(table), "--latency-batch", str(batch)]
+        latency_args = ["--latency-table", str(table), "--latency-batch", ",".join(map(str, batches))]
     stages.append(Stage("compress", "compress", [
         "--from", str(d["train"]), "--ratio", str(config.compress.ratio), "--by", config.compress.by,
         "--method", config.compress.method, *latency_args, "--out", str(d["compress"]), *config.compress.extra_args,
@@ -258,9 +259,12 @@ def select_batch(config: PipelineConfig) -> int:
     return config.bench.select_batch or (config.bench.batch_sizes or [1])[0]
 
 
-def latency_batch(config: PipelineConfig) -> int:
-    """The batch size a latency budget is spent at: [compress] latency_batch, else the largest bench batch."""
-    return config.compress.latency_batch or max(config.bench.batch_sizes or [1])
+def latency_batches(config: PipelineConfig) -> tuple[int, ...]:
+    """The batch size(s) a latency budget is spent at: [compress] latency_batch, else the largest bench batch."""
+    from cstar.latency_table import latency_batches as parse
+
+    chosen = config.compress.latency_batch
+    return parse(chosen) if chosen else (max(config.bench.batch_sizes or [1]),)
 
 
 def calibrate_dirs(backends: list[str], run_dir: Path) -> dict[str, Path]:

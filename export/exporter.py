@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-table", default=None, metavar="TABLE",
                         help="latency table (cstar profile) choosing each factorized layer's deploy form "
                              "(default: fewest MACs)")
-    parser.add_argument("--latency-batch", type=int, default=None, metavar="N",
-                        help="batch size whose latencies decide (default: the table's first)")
+    parser.add_argument("--latency-batch", default=None, metavar="N[,M...]",
+                        help="batch size whose latencies decide (default: the table's first); of a list (a "
+                             "compress budget at several batch sizes) the first decides, as in compress")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -102,7 +103,7 @@ def run_export(
     progress: bool = True,
     parity_data: tuple[Any, Any] | None = None,
     latency_table: str | Path | None = None,
-    latency_batch: int | None = None,
+    latency_batch: int | str | Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Export the checkpoint in `from_dir` to `out_dir/model.onnx` + manifest; returns the manifest.
 
@@ -147,17 +148,18 @@ class _Table:
     batch: int
 
 
-def _load_table(path: str | Path | None, batch: int | None) -> _Table | None:
-    """Load `--latency-table` up front (before any long work); check `--latency-batch` against it."""
+def _load_table(path: str | Path | None, batch: int | str | Sequence[int] | None) -> _Table | None:
+    """Load `--latency-table` up front (before any long work); check `--latency-batch` (of a list, the first:
+    the headline batch of a multi-batch compress budget) against it."""
     if path is None:
         if batch is not None:
             raise CstarError("--latency-batch needs --latency-table", "pass --latency-table TABLE (cstar profile)")
         return None
-    from cstar.latency_table import LatencyTable
+    from cstar.latency_table import LatencyTable, latency_batches
 
     table = LatencyTable.load(path)
     sizes = tuple(int(b) for b in table.batch_sizes)
-    chosen = sizes[0] if batch is None and sizes else batch
+    chosen = sizes[0] if batch is None and sizes else (None if batch is None else latency_batches(batch)[0])
     if chosen is None or chosen < 1 or (sizes and chosen not in sizes):
         raise CstarError(f"--latency-batch {chosen} is not a batch size of the table {path} "
                          f"(it has {', '.join(map(str, sizes)) or 'none'})",

@@ -412,7 +412,7 @@ def test_latency_budget_quick(tmp_path: Path) -> None:
         assert row["prediction_error"] == pytest.approx((row["predicted_ms"] - row["p50_ms"]) / row["p50_ms"])
         if row["target"] is not None:
             assert row["of_target"] == pytest.approx(row["speedup"] / row["target"])
-            if row["batch"] == row["budget_batch"]:  # the allocator met its budget on the table's prediction
+            if row["batch"] in row["budget_batches"]:  # the allocator met its budget on the table's prediction
                 assert dense[row["batch"]]["predicted_ms"] / row["predicted_ms"] >= row["target"] * (1 - 1e-9)
     for method in ("cstar", "prune"):
         measured = [r for r in cifar["rows"] if r["method"] == method and r["target"] == 16.0]

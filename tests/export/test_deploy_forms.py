@@ -213,8 +213,11 @@ def _fake_table_module(monkeypatch: pytest.MonkeyPatch, table: FakeTable) -> lis
             loaded.append(str(path))
             return table
 
+    from cstar.latency_table import latency_batches  # the real parser of --latency-batch
+
     module = types.ModuleType("cstar.latency_table")
     module.LatencyTable = LatencyTable  # type: ignore[attr-defined]
+    module.latency_batches = latency_batches  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "cstar.latency_table", module)
     return loaded
 
@@ -252,6 +255,11 @@ def test_export_with_latency_table_records_forms(tmp_path: Path, monkeypatch: py
     assert manifest["flops"] == count_flops(to_deploy(model, favourite), (1, 16, 16))
     assert count_flops(model, (1, 16, 16)) - manifest["flops"] == sum(
         entry["macs"]["three-conv"] - entry["macs"][entry["form"]] for entry in macs.values())
+    listed = run_export(tmp_path / "ckpt", tmp_path / "out3", parity_samples=8, progress=False,
+                        parity_data=(images, torch.arange(8)), latency_table=tmp_path / "table.json",
+                        latency_batch="8,1")  # a multi-batch compress budget: its first batch picks the forms
+    assert listed["deploy_forms"]["table"]["batch"] == 8
+    assert {name: entry["form"] for name, entry in listed["deploy_forms"]["layers"].items()} == favourite
     with pytest.raises(CstarError, match="--latency-batch 4 is not a batch size"):
         run_export(tmp_path / "ckpt", tmp_path / "out2", progress=False, latency_table=tmp_path / "table.json",
                    latency_batch=4)
