@@ -101,7 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cifar-budget-batches", default=None,
                         help="budgets, one structure each: a batch size whose predicted latency is the budget, or "
                              "several joined by + that it must hold at together (1,8,1+8; quick 1+8)")
-    parser.add_argument("--cifar-iters", type=int, default=None, help="part 1 timed calls per batch (30; quick 5)")
+    parser.add_argument("--cifar-iters", type=int, default=None,
+                        help="part 1 timed calls per batch and round (10; quick 5)")
+    parser.add_argument("--cifar-rounds", type=int, default=None,
+                        help="part 1 interleaved bench rounds, median taken (9; quick 1): many short rounds drop a "
+                             "neighbour's burst on a shared machine")
     parser.add_argument("--cifar-images", type=int, default=2, help="random images per class (export parity data)")
     parser.add_argument("--flops-reference", type=float, default=None,
                         help="also time cross_runtime's --by flops structures at this ratio (8; quick 0 = skip)")
@@ -129,7 +133,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.cifar_targets = args.cifar_targets or ("1.5,16" if quick else "4,8,16")
     args.cifar_methods = args.cifar_methods or ("cstar,prune" if quick else "cstar,prune,hybrid")
     args.cifar_budget_batches = args.cifar_budget_batches or ("1+8" if quick else "1,8,1+8")
-    args.cifar_iters = args.cifar_iters or (5 if quick else 30)
+    args.cifar_iters = args.cifar_iters or (5 if quick else 10)
+    args.cifar_rounds = args.cifar_rounds or (1 if quick else 9)
     args.flops_reference = args.flops_reference if args.flops_reference is not None else (0.0 if quick else 8.0)
     args.targets = args.targets or ("1.25" if quick else "1.25,1.5,2")
     args.seeds = args.seeds or ("0" if quick else "0,1,2,3")
@@ -196,14 +201,16 @@ def ensure_table_export(source: Path, out: Path, table: Path, batch: int) -> Sta
                         expect)
 
 
-def bench(exports: dict[str, Path], sizes: list[int], iters: int, args: argparse.Namespace) -> dict[str, Any]:
+def bench(exports: dict[str, Path], sizes: list[int], iters: int, args: argparse.Namespace,
+          rounds: int | None = None) -> dict[str, Any]:
     """{key: {batch: {p50_ms, rounds_p50_ms}}}: deploy_speed.bench_rounds over every export (rounds interleave
     the models, so load drift hits them alike)."""
     from benchmarks.deploy_speed import bench_rounds
 
+    rounds = rounds or args.rounds
     settings = argparse.Namespace(batch_sizes=",".join(map(str, sizes)), iters=iters, warmup=args.warmup,
-                                  threads=args.threads, seed=args.seed, rounds=args.rounds)
-    log(f"bench {len(exports)} models on {BACKEND}, {args.threads} thread(s), batch {sizes}, {args.rounds} round(s)")
+                                  threads=args.threads, seed=args.seed, rounds=rounds)
+    log(f"bench {len(exports)} models on {BACKEND}, {args.threads} thread(s), batch {sizes}, {rounds} round(s)")
     timed = bench_rounds({key: {"fp32": directory} for key, directory in exports.items()}, settings)
     return {key: per["fp32"] for key, per in timed.items()}
 
@@ -368,10 +375,11 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     exports = {key: ensure_table_export(m["run"].directory, root / "artifacts" / key / "onnx", table_path,
                                         m["batches"][0] if m.get("batches") else sizes[0]).directory
                for key, m in models.items()}
-    latency = bench(exports, sizes, args.cifar_iters, args)
+    latency = bench(exports, sizes, args.cifar_iters, args, args.cifar_rounds)
     rows = cifar_rows(models, latency, table, sizes)
     return {"model": args.cifar_model, "options": {"width": args.cifar_width}, "random_weights": True,
             "backend": BACKEND, "threads": args.threads, "batch_sizes": sizes, "iters": args.cifar_iters,
+            "rounds": args.cifar_rounds,
             "table": {"path": str(table_path), **table.describe(),
                       "dense_model_ms": {str(b): table.model_ms(b) for b in sizes},
                       "calibration": _calibration_summary(table)},
@@ -686,8 +694,9 @@ def cifar_markdown(block: dict[str, Any]) -> str:
             + "). Each structure is what `cstar compress --by latency` allocates before training (same Budget, "
             "allocator, pruning and cost function), budgeted at the predicted latency of its budget batch (budget "
             "batch 1+8: `--latency-batch 1,8`, the budget must hold at both); exported with the table (deploy form "
-            "per layer, fastest at the first budget batch); p50 over "
-            f"{block['iters']} calls, rounds interleaved with the dense model. Predicted = the manifest's latency "
+            "per layer, fastest at the first budget batch); measured p50: the median over "
+            f"{block.get('rounds', 3)} rounds interleaved with the dense model of each round's p50 over "
+            f"{block['iters']} calls. Predicted = the manifest's latency "
             "record; prediction error = (predicted - measured) / measured; dense-anchored error: the same with the "
             "prediction scaled by the dense model's measured / predicted latency in these rounds (machine drift since "
             "the profile taken out). `flops` rows: the `--by flops` structures of cross_runtime, for contrast."
@@ -809,7 +818,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload = {"machine": machine, "data": args.data, "cifar": cifar, "accuracy": accuracy,
                "config": {key: getattr(args, key) for key in (
                    "threads", "iters", "warmup", "rounds", "cifar_model", "cifar_width", "cifar_targets",
-                   "cifar_methods", "cifar_batch_sizes", "cifar_budget_batches", "cifar_iters", "flops_reference",
+                   "cifar_methods", "cifar_batch_sizes", "cifar_budget_batches", "cifar_iters", "cifar_rounds",
+                   "flops_reference",
                    "hybrid_prune_share", "methods", "targets", "seeds", "batch_sizes", "latency_batch", "admm_epochs",
                    "finetune_epochs", "seed", "torch_threads")},
                "seconds": {"cifar": round(first["seconds"], 1), "total": round(total["seconds"], 1)}}

@@ -192,7 +192,11 @@ def chain_graph(nodes: int, channels: int = 8, size: int = 4) -> Any:
     return _model(convs, [x], [weight], ["N", channels, size, size])
 
 
-CALIBRATION_ROUNDS = 3  # interleaved timing rounds of the whole models the table is calibrated on
+# Interleaved timing rounds of the whole models the table is calibrated on, each a third of --model-iters
+# calls. Many short rounds, not a few long ones: on a shared machine a neighbour's burst lasts longer than one
+# short round, and the median of nine rounds drops it (measured at batch 1 on 2 shared cores: the same seven
+# ResNet-18 structures timed three times, 3 rounds x 30 calls spread up to 16% per model, 9 x 10 up to 7%).
+CALIBRATION_ROUNDS = 9
 NODE_CHAIN = 9  # nodes in the long chain of `measure_node_cost`
 
 
@@ -596,9 +600,15 @@ def run_profile(model_dir: str | Path, out: str | Path, settings: ProfileSetting
             log("calibrating on whole reference models (Tucker-2 and pruned)")
             timer = MicroTimer(settings, Path(tmp))
             body = calibrate_table(body, model, input_shape, onnx_path, Path(tmp),
-                                   lambda paths: timer.time_files(paths, input_shape, settings.model_iters,
+                                   lambda paths: timer.time_files(paths, input_shape, calibration_iters(settings),
                                                                   CALIBRATION_ROUNDS))
     return write_table(body, out)
+
+
+def calibration_iters(settings: ProfileSettings) -> int:
+    """Timed calls per calibration round: a third of --model-iters (at least 5), so nine rounds cost about as much
+    as three of --model-iters."""
+    return max(5, settings.model_iters // 3)
 
 
 def dense_model(model_dir: str | Path) -> tuple[Any, tuple[int, ...], dict[str, Any]]:
