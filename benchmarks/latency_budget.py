@@ -382,6 +382,7 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.cifar_rounds,
             "table": {"path": str(table_path), **table.describe(),
                       "dense_model_ms": {str(b): table.model_ms(b) for b in sizes},
+                      "dense_reference_ms": {str(b): table.dense_reference_ms(b) for b in sizes},
                       "calibration": _calibration_summary(table)},
             "rows": rows, "errors": errors, "checks": cifar_checks(rows, errors),
             "models": {key: {"dir": str(m["run"].directory), "export": str(exports[key]),
@@ -403,9 +404,10 @@ def cifar_rows(models: dict[str, dict[str, Any]], latency: dict[str, Any], table
                sizes: list[int]) -> list[dict[str, Any]]:
     """One row per (model, measured batch): predicted ms, measured p50, speedup, speedup/target, error, and the
     error of the prediction anchored on the dense model measured in the same rounds (predicted x dense measured
-    / dense predicted): what is left once drift of the whole machine since the profile is taken out."""
+    now / dense measured at profile time, the reference a ratio divides): what is left once drift of the whole
+    machine since the profile is taken out."""
     rows = []
-    dense_predicted = predicted_by_batch(models["dense"]["run"], table, sizes[0])
+    reference = {str(b): table.dense_reference_ms(b) for b in sizes}
     for key, info in models.items():
         predicted = predicted_by_batch(info["run"], table, info["batches"][0] if info["batches"] else sizes[0])
         for size in sizes:
@@ -418,7 +420,7 @@ def cifar_rows(models: dict[str, dict[str, Any]], latency: dict[str, Any], table
                          "p50_ms": cell["p50_ms"], "rounds_p50_ms": cell["rounds_p50_ms"], "speedup": speedup,
                          "of_target": speedup / target if target else None,
                          "prediction_error": (predicted[str(size)] - cell["p50_ms"]) / cell["p50_ms"],
-                         "anchored_error": (predicted[str(size)] * dense["p50_ms"] / dense_predicted[str(size)]
+                         "anchored_error": (predicted[str(size)] * dense["p50_ms"] / reference[str(size)]
                                             - cell["p50_ms"]) / cell["p50_ms"]})
     return rows
 
@@ -689,17 +691,18 @@ def cifar_markdown(block: dict[str, Any]) -> str:
     head = (f"## Latency budget on {block['model']} (width {block['options']['width']}), CIFAR-10 shapes, "
             f"RANDOM WEIGHTS\n\nRANDOM WEIGHTS (latency only, no accuracy). `cstar profile` on {block['backend']} "
             f"({table['runtime'].get('name')} {table['runtime'].get('version')}, {block['threads']} thread, batch "
-            f"{', '.join(map(str, block['batch_sizes']))}; its dense model: "
-            + ", ".join(f"b{b} {v:.3f} ms" for b, v in table["dense_model_ms"].items())
+            f"{', '.join(map(str, block['batch_sizes']))}; its dense model, measured in the calibration rounds: "
+            + ", ".join(f"b{b} {v:.3f} ms" for b, v in (table.get("dense_reference_ms") or table["dense_model_ms"]).items())
             + "). Each structure is what `cstar compress --by latency` allocates before training (same Budget, "
-            "allocator, pruning and cost function), budgeted at the predicted latency of its budget batch (budget "
+            "allocator, pruning and cost function): predicted latency <= that measured dense latency / target at its "
+            "budget batch (budget "
             "batch 1+8: `--latency-batch 1,8`, the budget must hold at both); exported with the table (deploy form "
             "per layer, fastest at the first budget batch); measured p50: the median over "
             f"{block.get('rounds', 3)} rounds interleaved with the dense model of each round's p50 over "
             f"{block['iters']} calls. Predicted = the manifest's latency "
-            "record; prediction error = (predicted - measured) / measured; dense-anchored error: the same with the "
-            "prediction scaled by the dense model's measured / predicted latency in these rounds (machine drift since "
-            "the profile taken out). `flops` rows: the `--by flops` structures of cross_runtime, for contrast."
+            "record (the dense row: the table's additive price of the dense layers); prediction error = (predicted - "
+            "measured) / measured; dense-anchored error: the same with the prediction scaled by the dense model's "
+            "latency measured in these rounds / at profile time (machine drift since the profile taken out). `flops` rows: the `--by flops` structures of cross_runtime, for contrast."
             + _calibration_text(table) + "\n\n")
     checks = markdown_table(
         ["method", "min speedup/target 4x, 8x (own budget batch)", "min speedup/target 4x, 8x (budget at 1+8)",

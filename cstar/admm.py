@@ -88,13 +88,13 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
         for item in budgets:
             if item.name in weights:
                 item.spectra = weight_spectra(weights[item.name])
-    (cost_model, dense_total), limits = budget_limits(model, budget.input_shape, budget.by, budget.latency_table,
-                                                      budget.latency_batches)
+    (cost_model, dense_total, reference), limits = budget_limits(model, budget.input_shape, budget.by,
+                                                                 budget.latency_table, budget.latency_batches)
     if uniform:
-        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by, cost_model, limits)
+        allocation = uniform_allocation(budgets, dense_total, budget.ratio, budget.by, cost_model, limits, reference)
     else:
         allocation = allocate(budgets, dense_total, budget.ratio, budget.by, budget.rank_step, budget.objective,
-                              cost_model, limits)
+                              cost_model, limits, reference)
     return dist.broadcast_object(allocation)
 
 

@@ -333,8 +333,8 @@ def _resolve_device(name: str) -> Any:
 def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...], table: Any = None,
                        latency_batch: int | tuple[int, ...] = 1) -> dict[str, float]:
     """params and FLOPs (MACs) ratios dense / compressed, counted on the real models (and the predicted
-    latency ratio when a latency table is given: the smallest over the budget's batch sizes, each layer in the
-    form fastest at the first)."""
+    latency ratio when a latency table is given: the dense model's measured latency over the compressed one's
+    predicted, the smallest over the budget's batch sizes, each layer in the form fastest at the first)."""
     from cstar.flops import count_flops, count_params
 
     ratios = {
@@ -346,11 +346,11 @@ def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...]
         "dense_flops": count_flops(dense, input_shape),
     }
     if table is not None:
-        from cstar.latency import predicted_latency_ms
+        from cstar.latency import reference_latency_ms
 
         batches = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch)
-        dense_ms, compressed_ms = (predicted_latency_ms(m, table, batches[0]) for m in (dense, compressed))
-        worst = min(predicted_latency_ms(dense, table, b, batches[0]) / predicted_latency_ms(compressed, table, b,
+        dense_ms, compressed_ms = (reference_latency_ms(m, table, batches[0]) for m in (dense, compressed))
+        worst = min(reference_latency_ms(dense, table, b, batches[0]) / reference_latency_ms(compressed, table, b,
                                                                                              batches[0])
                     for b in batches)
         ratios.update(latency_ratio=worst, latency_ms=compressed_ms, dense_latency_ms=dense_ms)

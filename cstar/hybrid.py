@@ -34,7 +34,8 @@ def budget_cost(budget: Budget, reference: nn.Module | None = None) -> CostFn:
     """The budget's cost of a whole model (what the ratio divides): params, MACs or predicted latency.
 
     Latency is the latency table's prediction at the budget's batch (cstar.latency), so pruned and
-    factorized models are priced by the same measured table. A budget at several batch sizes costs a model
+    factorized models are priced by the same measured table; the dense model itself costs its measured latency
+    (cstar.latency.reference_latency_ms), so a ratio divides what the runtime measured. A budget at several batch sizes costs a model
     its largest latency as a fraction of `reference`'s (the dense model) at the same batch, in the reference's
     headline ms: cost(m) <= cost(reference) / ratio holds exactly when it holds at every batch.
     """
@@ -45,13 +46,13 @@ def budget_cost(budget: Budget, reference: nn.Module | None = None) -> CostFn:
     if reference is None:
         raise CstarError("internal error: a latency budget at several batch sizes needs the dense reference model",
                          "pass reference= to budget_cost")
-    from cstar.latency import predicted_latency_ms
+    from cstar.latency import reference_latency_ms
 
     table, headline = budget.latency_table, batches[0]
-    scale = {b: predicted_latency_ms(reference, table, b, headline) for b in batches}
+    scale = {b: reference_latency_ms(reference, table, b, headline) for b in batches}
 
     def cost(model: nn.Module) -> float:
-        shares = [predicted_latency_ms(model, table, b, headline) / scale[b] for b in batches]
+        shares = [reference_latency_ms(model, table, b, headline) / scale[b] for b in batches]
         return max(shares) * scale[headline]
 
     return cost

@@ -119,6 +119,35 @@ def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int, form
     return max(total, MIN_PREDICTED_MS)
 
 
+def is_table_dense(model: nn.Module, table: LatencyTable) -> bool:
+    """True when `model` is the table's own dense model in structure: no factorized layer, and every layer the
+    table prices at the width it was profiled at."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LowRankConv2d, LowRankLinear)):
+            return False
+        entry = table.layers.get(name)
+        if entry is None:
+            continue
+        if isinstance(module, nn.Conv2d):
+            widths = (module.in_channels, module.out_channels)
+        elif isinstance(module, nn.Linear):
+            widths = (module.in_features, module.out_features)
+        else:
+            continue
+        if widths != (entry.in_channels, entry.out_channels):
+            return False
+    return True
+
+
+def reference_latency_ms(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None = None) -> float:
+    """The latency a ratio divides: the table's MEASURED dense latency when `model` is its dense model
+    (LatencyTable.dense_reference_ms), else the prediction. A budget is then measured dense / R, spent on
+    predicted compressed latencies."""
+    if is_table_dense(model, table):
+        return table.dense_reference_ms(batch)
+    return predicted_latency_ms(model, table, batch, form_batch)
+
+
 def latency_cost_model(table: LatencyTable, batch: int, form_batch: int | None = None) -> CostModel:
     """The allocator's cost model: a candidate layer's ms at `batch`, dense or in its fastest factorized form
     (fastest at `form_batch`, default `batch`).
@@ -178,29 +207,28 @@ def latency_cost_models(table: LatencyTable, batches: tuple[int, ...]) -> list[C
 
 def latency_record(table: LatencyTable, batch: int | tuple[int, ...], dense: nn.Module,
                    compressed: nn.Module) -> dict[str, Any]:
-    """Manifest block: the table's provenance and the predicted dense / compressed latency at the (headline)
+    """Manifest block: the table's provenance, the dense model's reference (measured) and predicted latency, the
+    compressed model's predicted latency and the predicted speedup (reference / predicted) at the (headline)
     batch, and at every budget batch of a multi-batch budget (`by_batch`; forms picked at the headline)."""
     batches = (batch,) if isinstance(batch, int) else tuple(batch)
     headline = batches[0]
 
-    def at(size: int) -> tuple[float, float]:
-        return (predicted_latency_ms(dense, table, size, headline),
-                predicted_latency_ms(compressed, table, size, headline))
+    def at(size: int) -> dict[str, float]:
+        reference = reference_latency_ms(dense, table, size, headline)
+        predicted = predicted_latency_ms(compressed, table, size, headline)
+        return {"dense_ms": reference, "predicted_dense_ms": predicted_latency_ms(dense, table, size, headline),
+                "predicted_ms": predicted, "predicted_speedup": reference / predicted}
 
-    dense_ms, compressed_ms = at(headline)
     forms = layer_latencies(compressed, table, headline)
     record: dict[str, Any] = {
         "table": table.describe(),
         "batch": headline,
-        "predicted_dense_ms": dense_ms,
-        "predicted_ms": compressed_ms,
-        "predicted_speedup": dense_ms / compressed_ms if compressed_ms > 0 else None,
+        **at(headline),
         "layers": {name: {"form": form, "ms": round(ms, 5)} for name, (form, ms) in forms.items()},
     }
     if len(batches) > 1:
         record["batches"] = list(batches)
-        record["by_batch"] = {str(size): {"predicted_dense_ms": d, "predicted_ms": c, "predicted_speedup": d / c}
-                              for size, (d, c) in ((size, at(size)) for size in batches)}
+        record["by_batch"] = {str(size): at(size) for size in batches}
     return record
 
 

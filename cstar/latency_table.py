@@ -411,6 +411,19 @@ class LatencyTable:
         """The measured whole dense model (one runtime call)."""
         return self.dense_model_ms[self.check_batch(batch)]
 
+    def dense_reference_ms(self, batch: int) -> float:
+        """The dense model's latency a latency ratio divides: as measured in the calibration's interleaved rounds
+        (the median of many short rounds, beside the models it was fitted on) when the table is calibrated, else
+        the profile's one measurement. Measured, not predicted: the additive price of a large dense model is off
+        by several percent (its big convs run faster inside the model than alone), and a budget of predicted
+        dense / R would carry that error into every speedup."""
+        fit = ((self.calibration or {}).get("by_batch") or {}).get(str(self.check_batch(batch))) or {}
+        for row in fit.get("models") or []:
+            if row.get("model") == "dense" and isinstance(row.get("measured_ms"), (int, float)) \
+                    and math.isfinite(row["measured_ms"]) and row["measured_ms"] > 0:
+                return float(row["measured_ms"])
+        return self.model_ms(batch)
+
     def rest_ms(self, batch: int) -> float:
         """What the layers do not cover: measured (ort-cpu), else the whole dense model minus the sum of its
         dense layers (may then be < 0)."""

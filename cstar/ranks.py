@@ -209,13 +209,14 @@ def layer_budgets(
 
 
 def model_cost(model: nn.Module, input_shape: tuple[int, ...], by: str, table: Any = None, batch: int = 1) -> float:
-    """Params or MACs of the whole model as cstar.flops counts them, or its latency predicted by `table`."""
+    """Params or MACs of the whole model as cstar.flops counts them, or its latency by `table`: measured for the
+    table's own dense model, predicted for any other (cstar.latency.reference_latency_ms)."""
     if by == "latency":
         if table is None:
             raise CstarError("a latency budget needs a latency table", "pass --latency-table TABLE (cstar profile)")
-        from cstar.latency import predicted_latency_ms
+        from cstar.latency import reference_latency_ms
 
-        return predicted_latency_ms(model, table, batch)
+        return reference_latency_ms(model, table, batch)
     return count_params(model) if by == "params" else count_flops(model, input_shape)
 
 
@@ -229,14 +230,17 @@ def cost_model_for(by: str, table: Any = None, batch: int = 1) -> CostModel:
 
 
 def budget_limits(model: nn.Module, input_shape: tuple[int, ...], by: str, table: Any = None,
-                  batches: tuple[int, ...] = (1,)) -> tuple[tuple[CostModel, float], tuple[Limit, ...]]:
-    """((cost model, dense total) of the budget, the further budgets it must also meet): a latency budget at
-    several batch sizes is one budget per batch, each layer in the deploy form fastest at the first."""
-    if by != "latency" or table is None or len(batches) < 2:
-        return (cost_model_for(by, table, batches[0]), model_cost(model, input_shape, by, table, batches[0])), ()
-    from cstar.latency import latency_cost_models, predicted_latency_ms
+                  batches: tuple[int, ...] = (1,)) -> tuple[Limit, tuple[Limit, ...]]:
+    """((cost model, dense total, reference) of the budget, the further budgets it must also meet). params/MACs:
+    the reference is the total; latency: the measured dense latency when `model` is the table's dense model
+    (cstar.latency.reference_latency_ms), one budget per batch size, each layer in the form fastest at the first."""
+    if by != "latency" or table is None:
+        total = model_cost(model, input_shape, by, table, batches[0])
+        return (cost_model_for(by, table, batches[0]), total, total), ()
+    from cstar.latency import latency_cost_models, predicted_latency_ms, reference_latency_ms
 
-    budgets = tuple((cost_model, predicted_latency_ms(model, table, batch, batches[0]))
+    budgets = tuple((cost_model, predicted_latency_ms(model, table, batch, batches[0]),
+                     reference_latency_ms(model, table, batch, batches[0]))
                     for cost_model, batch in zip(latency_cost_models(table, batches), batches, strict=True))
     return budgets[0], budgets[1:]
 
@@ -244,7 +248,8 @@ def budget_limits(model: nn.Module, input_shape: tuple[int, ...], by: str, table
 Move = tuple["Ranks | None", float, float]  # (new ranks or None=dense, objective gain, cost delta)
 
 
-Limit = tuple[CostModel, float]  # one more budget the allocation must meet: (cost model, dense model's total)
+# one more budget the allocation must meet: (cost model, dense model's total by it, the total its ratio divides)
+Limit = tuple[CostModel, float, float]
 
 
 class _Costs:
@@ -254,10 +259,10 @@ class _Costs:
     greedy ranks moves by; `vector` is each model's own cost, which every budget is checked on."""
 
     def __init__(self, cost_model: CostModel, layers: list[LayerBudget], limits: tuple[Limit, ...] = (),
-                 dense_total: float = 1.0, ratio: float = 1.0) -> None:
+                 reference: float = 1.0, ratio: float = 1.0) -> None:
         self.model = cost_model
-        self.models = [cost_model, *(model for model, _ in limits)]
-        self.targets = [total / ratio for total in (dense_total, *(total for _, total in limits))]
+        self.models = [cost_model, *(model for model, _, _ in limits)]
+        self.targets = [total / ratio for total in (reference, *(ref for _, _, ref in limits))]
         self.by_name = {layer.name: layer for layer in layers}
         self.cache: dict[tuple[str, Ranks | None], tuple[float, ...]] = {}
 
@@ -274,7 +279,7 @@ class _Costs:
                limits: tuple[Limit, ...]) -> tuple[list[float], list[float]]:
         """(fixed costs, totals of `state`) per cost model: fixed = the dense total minus the candidate layers."""
         layers = list(self.by_name.values())
-        dense_totals = [dense_total, *(total for _, total in limits)]
+        dense_totals = [dense_total, *(total for _, total, _ in limits)]
         fixed = [total - sum(self.vector(layer, None)[i] for layer in layers) for i, total in enumerate(dense_totals)]
         used = [f + sum(self.vector(self.by_name[n], r)[i] for n, r in state.items()) for i, f in enumerate(fixed)]
         return fixed, used
@@ -339,27 +344,31 @@ def cheapest_start(layer: LayerBudget, options: tuple[list[int], ...], cost: _Co
 def allocate(
     layers: list[LayerBudget], dense_total: float, ratio: float, by: str = "params", step: int = 1,
     objective: str = "log", cost_model: CostModel | None = None, limits: tuple[Limit, ...] = (),
+    reference: float | None = None,
 ) -> Allocation:
-    """Greedy global allocation so that fixed + sum(layer costs) <= dense_total / ratio.
+    """Greedy global allocation so that fixed + sum(layer costs) <= reference / ratio.
 
     `dense_total` is the dense model's params, MACs or predicted ms (by `cost_model`, which defaults to
-    the exact params/MACs of `by`); everything outside `layers` is fixed. `limits`: more (cost model, dense
-    total) budgets held to the same ratio (a latency budget at several batch sizes); a move is taken only
+    the exact params/MACs of `by`); everything outside `layers` is fixed (dense_total minus the dense
+    layers). `reference` (default `dense_total`) is what the ratio divides: a latency budget divides the
+    dense model's MEASURED latency. `limits`: more (cost model, dense total, reference) budgets held to the
+    same ratio (a latency budget at several batch sizes); a move is taken only
     when every budget still holds, and moves are ranked by their cost summed over the budgets as fractions
     of each target. Raises CstarError naming the best reachable ratio when the cheapest ranks everywhere are
     still too costly.
     """
     cost_model = cost_model if cost_model is not None else analytic_cost_model(by)
     _check_allocation_args(ratio, step)
-    cost = _Costs(cost_model, layers, limits, dense_total, ratio)
+    reference = dense_total if reference is None else reference
+    cost = _Costs(cost_model, layers, limits, reference, ratio)
     options = {layer.name: rank_options(layer, step, cost_model) for layer in layers}
     state = {layer.name: cheapest_start(layer, options[layer.name], cost) for layer in layers}
     _, used = cost.totals(state, dense_total, limits)
     slack = [t + 1e-9 * max(abs(t), 1.0) for t in cost.targets]
     if any(u > s for u, s in zip(used, slack, strict=True)):
-        dense_totals = [dense_total, *(total for _, total in limits)]
-        worst = min(range(len(used)), key=lambda i: dense_totals[i] / used[i] if used[i] > 0 else math.inf)
-        raise _unreachable(cost_model, dense_totals[worst], used[worst], ratio, step)
+        references = [reference, *(ref for _, _, ref in limits)]
+        worst = min(range(len(used)), key=lambda i: references[i] / used[i] if used[i] > 0 else math.inf)
+        raise _unreachable(cost_model, references[worst], used[worst], ratio, step)
     moves = {n: _moves(cost.by_name[n], r, options[n], objective, cost) for n, r in state.items() if r is not None}
     while True:
         best_move: tuple[float, str, Ranks | None, tuple[float, ...]] | None = None
@@ -383,7 +392,7 @@ def allocate(
         else:
             moves[name] = _moves(cost.by_name[name], new, options[name], objective, cost)
     energy = {n: (1.0 if r is None else cost.by_name[n].energy(r)) for n, r in state.items()}
-    return Allocation(state, cost_model.by, cost.targets[0], float(used[0]), dense_total, energy)
+    return Allocation(state, cost_model.by, cost.targets[0], float(used[0]), reference, energy)
 
 
 def _step_costs(cost: _Costs, name: str, ranks: Ranks | None, new: Ranks | None) -> tuple[float, ...]:
@@ -417,7 +426,7 @@ def _unreachable(cost_model: CostModel, dense_total: float, used: float, ratio: 
 
 def uniform_allocation(
     layers: list[LayerBudget], dense_total: float, ratio: float, by: str = "params",
-    cost_model: CostModel | None = None, limits: tuple[Limit, ...] = (),
+    cost_model: CostModel | None = None, limits: tuple[Limit, ...] = (), reference: float | None = None,
 ) -> Allocation:
     """Baseline: the same rank fraction f in every layer (rank = ceil(f * dim)), largest f meeting the budget
     (and every budget of `limits`, see allocate).
@@ -425,11 +434,12 @@ def uniform_allocation(
     A layer is kept dense when its factorized form at f would not be cheaper.
     """
     cost_model = cost_model if cost_model is not None else analytic_cost_model(by)
-    cost = _Costs(cost_model, layers, limits, dense_total, ratio)
+    reference = dense_total if reference is None else reference
+    cost = _Costs(cost_model, layers, limits, reference, ratio)
     fixed, _ = cost.totals({}, dense_total, limits)
 
     options = {layer.name: rank_options(layer, 1, cost_model) for layer in layers}
-    dense_totals = [dense_total, *(total for _, total in limits)]
+    references = [reference, *(ref for _, _, ref in limits)]
 
     def at(fraction: float) -> tuple[dict[str, Ranks | None], list[float]]:
         state: dict[str, Ranks | None] = {}
@@ -445,7 +455,7 @@ def uniform_allocation(
 
     state, used = at(0.0)
     if worst_share(used) > 1.0:
-        best = min(d / u if u > 0 else math.inf for d, u in zip(dense_totals, used, strict=True))
+        best = min(d / u if u > 0 else math.inf for d, u in zip(references, used, strict=True))
         raise CstarError(
             f"a {cost_model.by} ratio of {ratio:g} is not reachable with uniform ranks (best {best:.2f}x)",
             "pass a smaller --ratio",
@@ -453,7 +463,7 @@ def uniform_allocation(
     low = largest_fraction_within(lambda fraction: worst_share(at(fraction)[1]), 1.0, iterations=40)
     state, used = at(low)
     energy = {n: (1.0 if r is None else cost.by_name[n].energy(r)) for n, r in state.items()}
-    return Allocation(state, cost_model.by, cost.targets[0], float(used[0]), dense_total, energy)
+    return Allocation(state, cost_model.by, cost.targets[0], float(used[0]), reference, energy)
 
 
 def largest_fraction_within(cost: Callable[[float], float], target: float, iterations: int) -> float:

@@ -361,7 +361,9 @@ def test_compress_by_latency_records_the_table_and_predicted_latency(robust_digi
     assert latency["table"]["sha256"] == sha256_file(table) and latency["table"]["backend"] == "ort-cpu"
     assert latency["batch"] == 8
     assert latency["predicted_dense_ms"] == pytest.approx(8 * body["dense_model_ms"]["1"], rel=1e-6)
-    assert latency["predicted_dense_ms"] / latency["predicted_ms"] >= 1.4 - 1e-9
+    assert latency["dense_ms"] == pytest.approx(body["dense_model_ms"]["8"])  # measured: what the ratio divides
+    assert latency["predicted_speedup"] == pytest.approx(latency["dense_ms"] / latency["predicted_ms"])
+    assert latency["predicted_speedup"] >= 1.4 - 1e-9
     assert manifest["compression"]["latency_ratio"] >= 1.4 - 1e-9 and manifest["compression"]["by"] == "latency"
     assert any(entry["kind"] == "tucker2" for entry in manifest["ranks"].values())
 

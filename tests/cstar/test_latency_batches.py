@@ -130,3 +130,29 @@ def test_export_picks_forms_at_the_first_batch_of_a_list(tmp_path: Path) -> None
     assert loaded is not None and loaded.batch == 8
     with pytest.raises(CstarError, match="--latency-batch must be one batch size"):
         _load_table(table_path, "0")
+
+
+def test_a_latency_ratio_divides_the_measured_dense_latency() -> None:
+    """The budget is the dense model's MEASURED latency / R (the calibration's, else the profile's), spent on
+    predicted compressed latencies: the additive prediction of the dense model is not what a ratio divides."""
+    from cstar.latency import is_table_dense, reference_latency_ms
+
+    model = tiny_model()
+    body = synthetic_table(candidate_geometry(model, SPEC.input_shape))
+    body["rest_ms"] = {"1": 0.001}  # a measured rest: the additive prediction of the dense model is now ~9% low
+    plain = LatencyTable.from_dict(body)
+    measured, predicted = plain.model_ms(1), predicted_latency_ms(model, plain, 1)
+    assert measured / predicted > 1.05 and plain.dense_reference_ms(1) == measured
+    calibrated_ms = 0.85 * predicted  # the dense model ran faster whole than its layers add up to (as measured)
+    table = LatencyTable.from_dict({**body, "calibration": {"by_batch": {"1": {"models": [
+        {"model": "dense", "measured_ms": calibrated_ms}, {"model": "tucker2-0.5", "measured_ms": 0.1}]}}}})
+    assert table.dense_reference_ms(1) == pytest.approx(calibrated_ms)
+    assert is_table_dense(model, table) and reference_latency_ms(model, table, 1) == pytest.approx(calibrated_ms)
+    ratio = 1.2
+    for method in ("cstar", "lowrank-uniform", "prune", "hybrid"):
+        budget = Budget(ratio, "latency", SPEC.input_shape, first_and_last(model), latency_table=table)
+        small = compressed(method, budget, model)
+        assert not is_table_dense(small, table)
+        assert reference_latency_ms(small, table, 1) == pytest.approx(predicted_latency_ms(small, table, 1))
+        assert predicted_latency_ms(small, table, 1) <= calibrated_ms / ratio + 1e-9, method
+        assert predicted_latency_ms(small, table, 1) > calibrated_ms / ratio / 1.5, method  # spent, not far past
