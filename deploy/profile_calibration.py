@@ -159,8 +159,9 @@ def _fit_into(body: dict[str, Any], uncalibrated: LatencyTable,
                                         uncalibrated.rest_ms(batch) if measured_rest else None)
         body["op_scale"][str(batch)] = fit.op_scale
         body["weight_ms_per_mb"][str(batch)] = fit.weight_ms_per_mb
+        body["node_ms"] = {**(body.get("node_ms") or {}), str(batch): fit.node_ms}
         if not measured_rest:
             body["rest_ms"] = {**(body.get("rest_ms") or {}), str(batch): fit.rest_ms}
-        block["by_batch"][str(batch)] = fit.to_dict(before)
+        block["by_batch"][str(batch)] = {**fit.to_dict(before), "measured_node_ms": uncalibrated.node_ms.get(batch, 0.0)}
     body["calibration"] = block
     return body

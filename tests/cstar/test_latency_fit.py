@@ -64,3 +64,18 @@ def test_the_table_prices_parts_with_its_calibration_and_keeps_the_block() -> No
         table.price(table.form_parts("a", "three-conv", (8, 8), 1), 1))
     again = LatencyTable.from_dict(table.to_dict())
     assert again.calibration == {"by_batch": {"1": {"max_abs_error": 0.05}}}
+
+
+def test_an_overpriced_node_cost_is_refitted_and_a_supported_one_kept() -> None:
+    """The measured per-node cost (a chain of tiny convs) can overprice the extra nodes of deploy forms inside a
+    model: the fit then lowers it (never below 0) and recovers the rest of the price; where the data supports the
+    measured value, it stays."""
+    data = points(1.1, 0.02, 0.05, 0.0)  # the models' extra nodes cost nothing beyond their convs
+    fit = fit_price(data, node_ms=0.004, rest_ms=0.05)
+    assert fit.node_ms == pytest.approx(0.0, abs=1e-9) and fit.op_scale == pytest.approx(1.1, rel=1e-6)
+    assert max(abs(e) for e in fit.errors().values()) < 1e-6
+    kept = fit_price(points(1.1, 0.02, 0.05, 0.004), node_ms=0.004, rest_ms=0.05)
+    assert kept.node_ms == pytest.approx(0.004, rel=1e-6)
+    # and the measured one is what the fit would have used: with it the error would not be 0
+    stale = CalibrationPoint("m", PARTS[3], 0.05 + 1.1 * PARTS[3].alone_ms)
+    assert abs((0.05 + 1.1 * PARTS[3].alone_ms + 0.004 * PARTS[3].extra_nodes) / stale.measured_ms - 1) > 0.1
