@@ -159,6 +159,11 @@ def test_latency_budget_profiles_the_first_backend_before_compress(tmp_path: Pat
     config.compress.latency_batch = 8
     assert next(s.argv[s.argv.index("--latency-batch") + 1] for s in _stage_plan(config, tmp_path)
                        if s.key == "compress") == "8"
+    config.compress.latency_batch = [1, 64]  # a budget held at both: profiled at both, passed on to both stages
+    planned = {s.key: s.argv for s in _stage_plan(config, tmp_path)}
+    assert planned["profile"][planned["profile"].index("--batch-sizes") + 1] == "1,8,64"
+    for key in ("compress", "export"):
+        assert planned[key][planned[key].index("--latency-batch") + 1] == "1,64"
     assert "--latency-table" not in stages["export-dense"].argv
     assert stages["calibrate"].argv[stages["calibrate"].argv.index("--target") + 1] == "openvino"
     assert stages["calibrate-ort-cpu"].argv[stages["calibrate-ort-cpu"].argv.index("--target") + 1] == "ort-cpu"
