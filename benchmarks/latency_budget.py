@@ -160,6 +160,11 @@ def batch_label(batches: tuple[int, ...]) -> str:
     return "+".join(map(str, batches))
 
 
+def config_batch(batches: tuple[int, ...]) -> int | list[int]:
+    """The compress config's `latency_batch` of a budget: one batch size, or the list of them."""
+    return batches[0] if len(batches) == 1 else list(batches)
+
+
 # ------------------------------------------------------------------------------------------ shared stages
 
 
@@ -282,8 +287,8 @@ def save_structure(out: Path, dense_dir: Path, table_path: Path, method: str, ta
     spec = DatasetSpec.from_dict(manifest["dataset"])
     shape = tuple(spec.input_shape)
     model, ranks = latency_structure(dense, table, method, target, batches, shape, share)
-    batch = batches[0] if len(batches) == 1 else list(batches)
-    config = {**manifest["config"], "method": method, "ratio": target, "by": "latency", "latency_batch": batch,
+    config = {**manifest["config"], "method": method, "ratio": target, "by": "latency",
+              "latency_batch": config_batch(batches),
               "latency_table": str(table_path.resolve())}
     body = {"eps": manifest.get("eps", spec.default_eps), "norm": manifest.get("norm", "linf"), "metrics": {},
             "config": config, "method": method, "ranks": ranks,
@@ -299,8 +304,8 @@ def ensure_structure(root: Path, dense: StageRun, table: Path, method: str, targ
                      batches: tuple[int, ...], share: float) -> StageRun | str:
     """The structure's directory (made or reused), or the error text when the target is not reachable."""
     key = structure_key(method, target, batches)
-    batch = batches[0] if len(batches) == 1 else list(batches)
-    expect = Expect(config={"config.method": method, "config.ratio": target, "config.latency_batch": batch,
+    expect = Expect(config={"config.method": method, "config.ratio": target,
+                            "config.latency_batch": config_batch(batches),
                             "config.options": dense.manifest["config"].get("options"),
                             "config.seed": dense.manifest["config"].get("seed")},
                     sources=(dense.directory / "manifest.json", table))

@@ -67,10 +67,6 @@ class Budget:
 
         return latency_batches(self.latency_batch)
 
-    @property
-    def headline_batch(self) -> int:
-        return self.latency_batches[0]
-
 
 def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tensor] | None = None,
                  uniform: bool = False) -> Allocation:

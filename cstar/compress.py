@@ -347,13 +347,13 @@ def compression_ratios(dense: Any, compressed: Any, input_shape: tuple[int, ...]
     }
     if table is not None:
         from cstar.latency import reference_latency_ms
+        from cstar.latency_table import latency_batches
 
-        batches = (latency_batch,) if isinstance(latency_batch, int) else tuple(latency_batch)
-        dense_ms, compressed_ms = (reference_latency_ms(m, table, batches[0]) for m in (dense, compressed))
-        worst = min(reference_latency_ms(dense, table, b, batches[0]) / reference_latency_ms(compressed, table, b,
-                                                                                             batches[0])
-                    for b in batches)
-        ratios.update(latency_ratio=worst, latency_ms=compressed_ms, dense_latency_ms=dense_ms)
+        batches = latency_batches(latency_batch)
+        dense_ms, compressed_ms = ({b: reference_latency_ms(m, table, b, batches[0]) for b in batches}
+                                   for m in (dense, compressed))
+        ratios.update(latency_ratio=min(dense_ms[b] / compressed_ms[b] for b in batches),
+                      latency_ms=compressed_ms[batches[0]], dense_latency_ms=dense_ms[batches[0]])
     return ratios
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from cstar.errors import CstarError
 from cstar.flops import probe_forward
-from cstar.latency_table import DEPLOY_FORMS, CostParts, LatencyTable
+from cstar.latency_table import DEPLOY_FORMS, CostParts, LatencyTable, latency_batches
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.ranks import CostModel, LayerBudget, Ranks, candidate_layers
 
@@ -210,7 +210,7 @@ def latency_record(table: LatencyTable, batch: int | tuple[int, ...], dense: nn.
     """Manifest block: the table's provenance, the dense model's reference (measured) and predicted latency, the
     compressed model's predicted latency and the predicted speedup (reference / predicted) at the (headline)
     batch, and at every budget batch of a multi-batch budget (`by_batch`; forms picked at the headline)."""
-    batches = (batch,) if isinstance(batch, int) else tuple(batch)
+    batches = latency_batches(batch)
     headline = batches[0]
 
     def at(size: int) -> dict[str, float]:
