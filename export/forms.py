@@ -34,7 +34,8 @@ CONVS_PER_FORM = {"three-conv": 3, "merge-input": 2, "merge-output": 2, "dense":
 class FormTable(Protocol):
     """What `choose_forms` needs of a latency table (cstar.latency_table.LatencyTable)."""
 
-    def form_ms(self, layer: str, form: str, ranks: tuple[int, int] | None, batch: int) -> float: ...
+    def form_ms(self, layer: str, form: str, ranks: tuple[int, int] | None, batch: int,
+                cin: int | None = None, cout: int | None = None) -> float: ...
 
 
 @dataclass
@@ -159,8 +160,12 @@ def _fastest(costs: dict[str, Any]) -> str:
 
 
 def _table_ms(table: FormTable, name: str, layer: LowRankConv2d, batch: int) -> dict[str, float]:
+    """Each form's ms at the layer's OWN widths: a pruned-then-factorized layer (hybrid) is narrower than the
+    layer the table profiled, and priced at full width its choice would differ from the one the prediction
+    (cstar.latency) priced."""
     r_out, r_in = layer.ranks
-    return {form: float(table.form_ms(name, form, None if form == "dense" else (r_in, r_out), batch)) for form in FORMS}
+    return {form: float(table.form_ms(name, form, None if form == "dense" else (r_in, r_out), batch,
+                                      layer.in_channels, layer.out_channels)) for form in FORMS}
 
 
 def _in_table(table: FormTable, name: str) -> bool:

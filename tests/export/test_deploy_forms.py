@@ -143,12 +143,15 @@ class FakeTable:
         self.ms = ms
         self.batch_sizes = batch_sizes
         self.calls: list[tuple[str, str, tuple[int, int] | None, int]] = []
+        self.widths: list[tuple[int | None, int | None]] = []
 
     def layer_names(self) -> list[str]:
         return list(self.ms)
 
-    def form_ms(self, layer: str, form: str, ranks: tuple[int, int] | None, batch: int) -> float:
+    def form_ms(self, layer: str, form: str, ranks: tuple[int, int] | None, batch: int,
+                cin: int | None = None, cout: int | None = None) -> float:
         self.calls.append((layer, form, ranks, batch))
+        self.widths.append((cin, cout))
         return self.ms[layer][form] * batch
 
 
@@ -162,10 +165,48 @@ def test_table_choice_picks_the_fastest_per_layer() -> None:
     # ranks go to the table as (r_in, r_out); the dense form has none
     assert ("conv", "three-conv", (2, 4), 8) in table.calls and ("proj", "merge-output", (4, 8), 8) in table.calls
     assert ("conv", "dense", None, 8) in table.calls
+    assert set(table.widths) == {(8, 16), (16, 8)}  # every form priced at the layer's own (cin, cout)
     tie = FakeTable({"conv": dict.fromkeys(FORMS, 1.0)})  # ties keep the unmerged form; proj is not in it
     tied = choose_form_details(model, tie, input_shape=(8, 8, 8))
     assert (tied["conv"].form, tied["conv"].reason) == ("three-conv", "table")
     assert (tied["proj"].form, tied["proj"].reason, tied["proj"].predicted_ms) == ("merge-output", "macs", {})
+
+
+class _Narrow(nn.Module):
+    """One 3x3 Tucker-2 layer pruned to 8 -> 8 channels with r_out = 8 (its output factor is a full-width 1x1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _layer(8, 8, (8, 4), padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_pruned_layer_takes_the_form_priced_at_its_own_widths() -> None:
+    """The table profiled the layer at 16 -> 16; pruned to 8 -> 8 (hybrid) its forms are priced at 8 -> 8, as the
+    prediction (cstar.latency) prices them. Priced per MAC, three-conv wins at 16 -> 16 (its 8 -> 16 output factor is
+    cheaper than a wider core) but merge-output wins at 8 -> 8 (three-conv's output factor is then pure waste)."""
+    latency = pytest.importorskip("cstar.latency")
+    latency_table = pytest.importorskip("cstar.latency_table")
+    geometry = {"name": "conv", "type": "conv", "in_channels": 16, "out_channels": 16, "kernel": [3, 3],
+                "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "input_hw": [8, 8], "output_hw": [8, 8]}
+    grid = latency_table.channel_grid(16)
+
+    def per_mac(op: str, rows: int, cols: int) -> float:
+        return 1e-6 * rows * cols * (9 if op == "conv" else 1) * 64
+
+    ms = {op: [[per_mac(op, i, j) for j in grid] for i in grid] for op in ("conv", "in_factor", "out_factor")}
+    table = latency_table.LatencyTable.from_dict({
+        "kind": latency_table.TABLE_KIND, "schema_version": 1, "backend": "ort-cpu",
+        "runtime": {"name": "onnxruntime", "version": "0"}, "machine": {"cpu_model": "test"}, "threads": 1,
+        "batch_sizes": [1], "model": {"name": "narrow", "input_shape": [8, 8, 8]}, "overhead_ms": {"1": 0.0},
+        "dense_model_ms": {"1": 1.0}, "layers": {"conv": {**geometry, "in_grid": grid, "out_grid": grid, "ms": {"1": ms}}}})
+    model = _Narrow().eval()
+    assert table.fastest_form("conv", (4, 8), 1)[0] == "three-conv"  # at the profiled 16 -> 16
+    chosen = choose_forms(model, table, 1, input_shape=(8, 8, 8))
+    predicted = {name: form for name, (form, _) in latency.layer_latencies(model, table, 1).items()}
+    assert chosen == predicted == {"conv": "merge-output"}
 
 
 def test_to_deploy_applies_given_forms_and_rejects_unknown_layers() -> None:
