@@ -24,9 +24,10 @@ winner per target, and a Pareto plot (PGD-20 vs measured p50) written as PNG nex
 Default targets: digits' small-resnet keeps its stem and classifier dense, and at batch 1 the runtime
 call dominates: no method reaches more than ~1.7x there; at batch 8 (the default --latency-batch) cstar
 and lowrank-uniform reach ~2.6x and prune ~2.3x, hence targets 1.25, 1.5, 2 (the reachable ratios are
-recorded). Wall time on 2 shared cores, 1 thread: part 1 ~8 min (its profile, calibrated on whole
-reference models, ~3 min), part 2 ~45 min (36 compress runs of ~75 s; ~25 min with --admm-epochs 2
---finetune-epochs 6), plus the dense model when none is given; --quick ~45 s.
+recorded). hybrid (prune, then Tucker-2 on what remains) joins part 2 in full runs: issue 15 asks it in the
+Pareto benchmark once it holds on the runtime (part 1). Wall time on 2 shared cores, 1 thread: part 1 ~8 min
+(its profile, calibrated on whole reference models, ~3 min), part 2 ~60 min (48 compress runs of ~75 s;
+~25 min with --admm-epochs 2 --finetune-epochs 6), plus the dense model when none is given; --quick ~60 s.
 
     python benchmarks/latency_budget.py [--quick] [--no-cifar] [--no-accuracy] [--targets 1.25,1.5,2]
                                         [--seeds 0,1,2,3] [--latency-batch 8] [--admm-epochs N --finetune-epochs N]
@@ -111,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time cross_runtime's --by flops structures at this ratio (8; quick 0 = skip)")
     parser.add_argument("--hybrid-prune-share", type=float, default=0.5, help="hybrid: share of the budget pruned")
     parser.add_argument("--no-accuracy", action="store_true", help="skip part 2 (robust accuracy at equal latency)")
-    parser.add_argument("--methods", default="cstar,prune,lowrank-uniform", help="part 2 methods")
+    parser.add_argument("--methods", default=None,
+                        help="part 2 methods (cstar,prune,lowrank-uniform,hybrid; quick cstar,prune,lowrank-uniform)")
     parser.add_argument("--targets", default=None,
                         help="part 2 latency ratios at --latency-batch (1.25,1.5,2; quick 1.25); the best reachable "
                              "ratio per method is printed and recorded")
@@ -136,6 +138,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.cifar_iters = args.cifar_iters or (5 if quick else 10)
     args.cifar_rounds = args.cifar_rounds or (1 if quick else 9)
     args.flops_reference = args.flops_reference if args.flops_reference is not None else (0.0 if quick else 8.0)
+    args.methods = args.methods or ("cstar,prune,lowrank-uniform" if quick else "cstar,prune,lowrank-uniform,hybrid")
     args.targets = args.targets or ("1.25" if quick else "1.25,1.5,2")
     args.seeds = args.seeds or ("0" if quick else "0,1,2,3")
     quick_epochs(args)
