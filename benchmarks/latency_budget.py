@@ -89,9 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
     add_common_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="runtime threads of profile and bench (default 1)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per batch size (100; quick 10)")
+    parser.add_argument("--iters", type=int, default=None, help="part 2 timed calls per batch size and round (30; quick 10)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (10; quick 2)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved bench rounds, median taken (3; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="part 2 interleaved bench rounds, median taken (9; quick 1): this shared VM has phases of "
+                             "~0.1-1 s where every call runs ~1.4x slower, and three long rounds let one cover a model")
     parser.add_argument("--no-cifar", action="store_true", help="skip part 1 (CIFAR ResNet-18 shapes)")
     parser.add_argument("--cifar-model", default="resnet18", help="registry model of part 1 (default resnet18)")
     parser.add_argument("--cifar-width", type=int, default=None, help="its width option (64; quick 8)")
@@ -128,9 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the quick/full defaults left as None."""
     quick = args.quick
-    args.iters = args.iters or (10 if quick else 100)
+    args.iters = args.iters or (10 if quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 10)
-    args.rounds = args.rounds or (1 if quick else 3)
+    args.rounds = args.rounds or (1 if quick else 9)
     args.cifar_width = args.cifar_width or (8 if quick else 64)
     args.cifar_targets = args.cifar_targets or ("1.5,16" if quick else "4,8,16")
     args.cifar_methods = args.cifar_methods or ("cstar,prune" if quick else "cstar,prune,hybrid")
@@ -552,7 +554,7 @@ def accuracy_part(root: Path, args: argparse.Namespace, plot_path: Path) -> dict
     summary = summarize_runs(rows, methods, targets, args.latency_batch, dense_row)
     block = {"dense": dense_row, "dense_dir": str(dense.directory), "methods": methods, "targets": targets,
              "seeds": parse_list(args.seeds, int), "latency_batch": args.latency_batch, "batch_sizes": sizes,
-             "threads": args.threads,
+             "threads": args.threads, "rounds": args.rounds, "iters": args.iters,
              "table": {"path": str(table_path), **table.describe(),
                        "dense_model_ms": {str(b): table.model_ms(b) for b in sizes},
                        "calibration": _calibration_summary(table)},
@@ -781,7 +783,7 @@ def accuracy_markdown(block: dict[str, Any]) -> str:
             f"ONE dense model ({block['dense_dir']}), profiled on {BACKEND} (1 thread, batch "
             f"{', '.join(map(str, block['batch_sizes']))}); every run is `cstar compress --by latency --latency-batch "
             f"{batch}` with the normal recipe, seeds {', '.join(map(str, block['seeds']))}, exported with the table "
-            f"and timed at batch {batch} (rounds interleaved). Accuracy: the compress manifest's test metrics on {n} "
+            f"and timed at batch {batch}: {_timing(block)}. Accuracy: the compress manifest's test metrics on {n} "
             "test images (clean; PGD-20 robust accuracy, the stage's own PyTorch evaluation). Mean +- sample std over "
             f"seeds. Best reachable latency ratio at batch {batch} (stem and classifier dense): {reach}.\n\n")
     lines = [_winner_line(w) for w in block["winners"]]
@@ -800,6 +802,14 @@ def _winner_line(w: dict[str, Any]) -> str:
     verdict = "exceeds" if w["exceeds_std"] else "does NOT exceed"
     return (f"- {w['target']:g}x: **{w['winner']}** has the highest mean PGD-20, {100 * w['lead']:+.1f} points over "
             f"{w['runner_up']}; the lead {verdict} the larger seed std ({100 * w['std']:.1f} points).")
+
+
+def _timing(block: dict[str, Any]) -> str:
+    """How part 2 timed each model (older result files lack the numbers)."""
+    if not block.get("rounds"):
+        return "rounds interleaved"
+    return (f"the median over {block['rounds']} interleaved rounds (a fresh session each) of each round's p50 over "
+            f"{block['iters']} calls")
 
 
 def render(payload: dict[str, Any]) -> str:
