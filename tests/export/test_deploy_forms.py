@@ -187,25 +187,18 @@ def test_a_pruned_layer_takes_the_form_priced_at_its_own_widths() -> None:
     """The table profiled the layer at 16 -> 16; pruned to 8 -> 8 (hybrid) its forms are priced at 8 -> 8, as the
     prediction (cstar.latency) prices them. Priced per MAC, three-conv wins at 16 -> 16 (its 8 -> 16 output factor is
     cheaper than a wider core) but merge-output wins at 8 -> 8 (three-conv's output factor is then pure waste)."""
-    latency = pytest.importorskip("cstar.latency")
-    latency_table = pytest.importorskip("cstar.latency_table")
-    geometry = {"name": "conv", "type": "conv", "in_channels": 16, "out_channels": 16, "kernel": [3, 3],
-                "stride": [1, 1], "padding": [1, 1, 1, 1], "dilation": [1, 1], "input_hw": [8, 8], "output_hw": [8, 8]}
-    grid = latency_table.channel_grid(16)
+    from cstar.latency import layer_latencies
+    from cstar.latency_table import LatencyTable
+    from tests.cstar.test_latency import geometry, synthetic_table
 
-    def per_mac(op: str, rows: int, cols: int) -> float:
+    def per_mac(layer: dict[str, Any], op: str, rows: int, cols: int) -> float:
         return 1e-6 * rows * cols * (9 if op == "conv" else 1) * 64
 
-    ms = {op: [[per_mac(op, i, j) for j in grid] for i in grid] for op in ("conv", "in_factor", "out_factor")}
-    table = latency_table.LatencyTable.from_dict({
-        "kind": latency_table.TABLE_KIND, "schema_version": 1, "backend": "ort-cpu",
-        "runtime": {"name": "onnxruntime", "version": "0"}, "machine": {"cpu_model": "test"}, "threads": 1,
-        "batch_sizes": [1], "model": {"name": "narrow", "input_shape": [8, 8, 8]}, "overhead_ms": {"1": 0.0},
-        "dense_model_ms": {"1": 1.0}, "layers": {"conv": {**geometry, "in_grid": grid, "out_grid": grid, "ms": {"1": ms}}}})
+    table = LatencyTable.from_dict(synthetic_table([geometry("conv", 16, 16)], per_mac))
     model = _Narrow().eval()
     assert table.fastest_form("conv", (4, 8), 1)[0] == "three-conv"  # at the profiled 16 -> 16
     chosen = choose_forms(model, table, 1, input_shape=(8, 8, 8))
-    predicted = {name: form for name, (form, _) in latency.layer_latencies(model, table, 1).items()}
+    predicted = {name: form for name, (form, _) in layer_latencies(model, table, 1).items()}
     assert chosen == predicted == {"conv": "merge-output"}
 
 
