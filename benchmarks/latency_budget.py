@@ -752,11 +752,19 @@ def _calibration_text(table: dict[str, Any]) -> str:
     if not by_batch:
         return ""
     models = next(iter(by_batch.values())).get("models", 0)
-    fits = ", ".join(f"b{b} op_scale {v['op_scale']:.2f}, max error {100 * v['max_abs_error']:.1f}%"
+    fits = ", ".join(f"b{b} op_scale {v['op_scale']:.2f}, {_spill_text(v)}, max error {100 * v['max_abs_error']:.1f}%"
                      for b, v in by_batch.items())
     return (f" The table is calibrated on {models} whole models timed at profile time (the dense one, uniform "
             f"Tucker-2 and pruned references, the allocator's own picks; {calibration.get('passes', 1)} passes): "
             f"{fits}.")
+
+
+def _spill_text(fit: dict[str, Any]) -> str:
+    """The fitted spill of one batch: rate beyond the shared cache, or that the fit found none."""
+    rate = fit.get("spill_ms_per_mb") or 0.0
+    if rate <= 0:
+        return "no weight spill"
+    return f"weights beyond {fit.get('spill_cache_mib', 0.0):.1f} MiB spill at {1000 * rate:.0f} us/MiB"
 
 
 def _num(value: float | None, digits: int = 2) -> str:

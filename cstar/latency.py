@@ -9,8 +9,9 @@ dense layers: activations, adds, pooling, the runtime call) plus, for each layer
   `cstar export --latency-table` picks;
 - a LowRankLinear: its two Gemms (cin -> r -> cout).
 
-Costs between the table's channel grid points are interpolated (cstar.latency_table). The "rest" is
-held at its dense value, so pruning that narrows activations is predicted a little slow.
+plus the spill of the whole model's weights beyond the shared cache they stay in (LatencyTable.spill_ms: not
+a sum over layers). Costs between the table's channel grid points are interpolated (cstar.latency_table). The
+"rest" is held at its dense value, so pruning that narrows activations is predicted a little slow.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cstar.errors import CstarError
 from cstar.flops import probe_forward
 from cstar.latency_table import DEPLOY_FORMS, CostParts, LatencyTable, latency_batches
 from cstar.lowrank import LowRankConv2d, LowRankLinear
-from cstar.ranks import CostModel, LayerBudget, Ranks, candidate_layers
+from cstar.ranks import CostModel, LayerBudget, Limit, Ranks, candidate_layers
 
 MIN_PREDICTED_MS = 1e-6  # a prediction is never <= 0 (the rest can be negative: micro-graphs run cold)
 
@@ -112,11 +113,24 @@ def layer_latencies(model: nn.Module, table: LatencyTable, batch: int,
             for name, (form, parts) in layer_parts(model, table, batch, form_batch=form_batch).items()}
 
 
+def _summed_parts(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None) -> CostParts:
+    total = CostParts()
+    for _, parts in layer_parts(model, table, batch, form_batch=form_batch).values():
+        total = total + parts
+    return total
+
+
 def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None = None) -> float:
     """Predicted ms of one runtime call of `model` at `batch`: the table's rest + each layer in its fastest form
-    at `form_batch` (default `batch`; export picks the forms at the headline batch of a multi-batch budget)."""
-    total = table.rest_ms(batch) + sum(ms for _, ms in layer_latencies(model, table, batch, form_batch).values())
+    at `form_batch` (default `batch`; export picks the forms at the headline batch of a multi-batch budget) + the
+    spill of its weights (LatencyTable.model_price)."""
+    total = table.rest_ms(batch) + table.model_price(_summed_parts(model, table, batch, form_batch), batch)
     return max(total, MIN_PREDICTED_MS)
+
+
+def predicted_spill_ms(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None = None) -> float:
+    """The part of `predicted_latency_ms` that is the spill of the model's weights beyond the shared cache."""
+    return table.spill_ms(_summed_parts(model, table, batch, form_batch).weight_mib, batch)
 
 
 def is_table_dense(model: nn.Module, table: LatencyTable) -> bool:
@@ -148,9 +162,10 @@ def reference_latency_ms(model: nn.Module, table: LatencyTable, batch: int, form
     return predicted_latency_ms(model, table, batch, form_batch)
 
 
-def latency_cost_model(table: LatencyTable, batch: int, form_batch: int | None = None) -> CostModel:
+def latency_cost_model(table: LatencyTable, batch: int, form_batch: int | None = None, spill: bool = False) -> CostModel:
     """The allocator's cost model: a candidate layer's ms at `batch`, dense or in its fastest factorized form
-    (fastest at `form_batch`, default `batch`).
+    (fastest at `form_batch`, default `batch`); with `spill`, plus the table's spill rate x its weight MiB (the
+    spill budget's linear side, see latency_limits).
 
     LayerBudget ranks are (r_out, r_in) (Linear: (r,)); the table takes (r_in, r_out). The dense layer is
     priced at the LayerBudget's channel counts (a pruned model's narrower layers included). Ranks are
@@ -159,17 +174,22 @@ def latency_cost_model(table: LatencyTable, batch: int, form_batch: int | None =
     """
     table.check_batch(batch)
     pick = table.check_batch(batch if form_batch is None else form_batch)
+    rate = table.spill_ms_per_mb.get(batch, 0.0) if spill else 0.0
 
-    def cost(layer: LayerBudget, ranks: Ranks | None) -> float:
+    def parts(layer: LayerBudget, ranks: Ranks | None) -> CostParts:
         cin, cout = layer.in_channels, layer.out_channels
         if ranks is None:
-            return table.form_ms(layer.name, "dense", None, batch, cin, cout)
+            return table.form_parts(layer.name, "dense", None, batch, cin, cout)
         if layer.linear:
             (rank,) = ranks
-            return table.form_ms(layer.name, "three-conv", (rank, rank), batch, cin, cout)
+            return table.form_parts(layer.name, "three-conv", (rank, rank), batch, cin, cout)
         r_out, r_in = ranks
         form = table.fastest_form(layer.name, (r_in, r_out), pick, cin, cout)[0]
-        return table.form_ms(layer.name, form, (r_in, r_out), batch, cin, cout)
+        return table.form_parts(layer.name, form, (r_in, r_out), batch, cin, cout)
+
+    def cost(layer: LayerBudget, ranks: Ranks | None) -> float:
+        priced = parts(layer, ranks)
+        return table.price(priced, batch) + rate * priced.weight_mib
 
     def grid(layer: LayerBudget) -> tuple[list[int], ...]:
         entry = table.layer(layer.name)
@@ -178,6 +198,27 @@ def latency_cost_model(table: LatencyTable, batch: int, form_batch: int | None =
         return list(entry.out_grid), list(entry.in_grid)  # (r_out, r_in)
 
     return CostModel("latency", cost, monotone=False, rank_grid=grid)
+
+
+def latency_limits(model: nn.Module, table: LatencyTable, batches: tuple[int, ...]) -> tuple[Limit, ...]:
+    """The allocator's budgets of a latency budget at `batches` (cstar.ranks.Limit: cost model, `model`'s total by
+    it, the total the ratio divides), each layer in the form fastest at the first batch.
+
+    Per batch: the layers' summed price (rest included) <= target, and where the table has a spill, also
+    summed (price + spill rate x weight MiB) + rest - spill rate x spill cache <= target. Both hold exactly when
+    rest + price + spill rate x max(0, weight MiB - spill cache) <= target: max(0, x) <= y is 0 <= y and x <= y,
+    so the allocator's linear budgets meet the whole-model prediction."""
+    limits: list[Limit] = []
+    for batch in batches:
+        reference = reference_latency_ms(model, table, batch, batches[0])
+        summed = _summed_parts(model, table, batch, batches[0])
+        additive = table.rest_ms(batch) + table.price(summed, batch)
+        limits.append((latency_cost_model(table, batch, batches[0]), additive, reference))
+        rate = table.spill_ms_per_mb.get(batch, 0.0)
+        if rate > 0:
+            spilled = additive + rate * (summed.weight_mib - table.spill_cache_mib.get(batch, 0.0))
+            limits.append((latency_cost_model(table, batch, batches[0], spill=True), spilled, reference))
+    return tuple(limits)
 
 
 def table_widths(table: LatencyTable) -> Callable[[Any, int], list[int]]:
@@ -199,12 +240,6 @@ def table_widths(table: LatencyTable) -> Callable[[Any, int], list[int]]:
     return options
 
 
-def latency_cost_models(table: LatencyTable, batches: tuple[int, ...]) -> list[CostModel]:
-    """One cost model per budget batch, every layer in the form fastest at the first (headline) batch: the
-    deploy form export picks, so each batch's budget is checked on the model that ships."""
-    return [latency_cost_model(table, batch, batches[0]) for batch in batches]
-
-
 def latency_record(table: LatencyTable, batch: int | tuple[int, ...], dense: nn.Module,
                    compressed: nn.Module) -> dict[str, Any]:
     """Manifest block: the table's provenance, the dense model's reference (measured) and predicted latency, the
@@ -217,7 +252,8 @@ def latency_record(table: LatencyTable, batch: int | tuple[int, ...], dense: nn.
         reference = reference_latency_ms(dense, table, size, headline)
         predicted = predicted_latency_ms(compressed, table, size, headline)
         return {"dense_ms": reference, "predicted_dense_ms": predicted_latency_ms(dense, table, size, headline),
-                "predicted_ms": predicted, "predicted_speedup": reference / predicted}
+                "predicted_ms": predicted, "predicted_speedup": reference / predicted,
+                "predicted_spill_ms": predicted_spill_ms(compressed, table, size, headline)}
 
     forms = layer_latencies(compressed, table, headline)
     record: dict[str, Any] = {

@@ -17,10 +17,16 @@ layer (ranks (r_in, r_out)) are priced as sums of these ops (see DEPLOY_FORMS).
 A micro-graph runs its one op again and again, so its weights stay in cache; inside a whole model an
 op runs slower, and a layer's weights beyond the per-core cache (`cache_bytes`) stream from memory on
 every call. `price` turns an op's (or a model's) `CostParts` into ms inside a model:
-op_scale[batch] x its ms alone + weight_ms_per_mb[batch] x its MiB beyond the cache + node_ms[batch] x
-its extra nodes. `cstar profile` fits op_scale and weight_ms_per_mb on whole models (the dense one and
+op_scale[batch] x its ms alone + weight_ms_per_mb[batch] x its MiB beyond the cache + stream_ms_per_mb[batch]
+x all its weight MiB (inside a model whose weights exceed the per-core cache, none of them is still there
+when its op runs again) + node_ms[batch] x its extra nodes. A whole model also pays `spill_ms(batch)`:
+spill_ms_per_mb[batch] x its weight MiB beyond spill_cache_mib[batch], the shared cache the model's weights
+stay in between calls (fitted: on a VM whose L3 neighbours also use, it is far below the L3's size; a model
+above it reads its weights from memory, one below from L3). That term is not a sum over layers, so
+`model_price` adds it to the summed parts and the allocator meets it as a second linear budget
+(cstar.latency.latency_limits). `cstar profile` fits these coefficients on whole models (the dense one and
 reference compressed ones, deploy.profile_calibration / cstar.latency_fit; the fit is kept in
-`calibration`); without that step they come from the dense model alone. What the table's
+`calibration`); without that step they come from the dense model alone (no stream, no spill). What the table's
 layers do not cover ("rest": activations, adds, pooling, the call itself) is `rest_ms[batch]` when the
 profile measured it (ort-cpu: the call overhead plus every other node's kernel time inside the dense
 model), else the measured model minus its calibrated dense layers. Kernel-timed tables (ort-cpu) also
@@ -148,10 +154,11 @@ class CostParts:
     alone_ms: float = 0.0
     beyond_mib: float = 0.0
     extra_nodes: int = 0
+    weight_mib: float = 0.0  # all its float32 weights
 
     def __add__(self, other: CostParts) -> CostParts:
         return CostParts(self.alone_ms + other.alone_ms, self.beyond_mib + other.beyond_mib,
-                         self.extra_nodes + other.extra_nodes)
+                         self.extra_nodes + other.extra_nodes, self.weight_mib + other.weight_mib)
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,9 @@ class LatencyTable:
     # batch -> what one more node costs inside a model beyond its kernel (dispatch, intermediate tensor):
     # kernel-timed tables (ort-cpu) charge it for every conv a deploy form adds over the dense layer
     node_ms: dict[int, float] = field(default_factory=dict)
+    stream_ms_per_mb: dict[int, float] = field(default_factory=dict)  # batch -> ms per MiB of every weight
+    spill_ms_per_mb: dict[int, float] = field(default_factory=dict)  # batch -> ms per model MiB beyond spill_cache_mib
+    spill_cache_mib: dict[int, float] = field(default_factory=dict)  # batch -> the shared cache a model's weights stay in
     calibration: dict[str, Any] | None = None  # the whole-model fit of op_scale etc. (cstar.latency_fit)
     path: Path | None = None
 
@@ -280,6 +290,9 @@ class LatencyTable:
                               _per_batch(data["rest_ms"], batches, f"{where}: rest_ms", allow_zero=True)),
             node_ms=_per_batch(data.get("node_ms", {str(b): 0.0 for b in batches}), batches, f"{where}: node_ms",
                                allow_zero=True),
+            stream_ms_per_mb=_optional_per_batch(data, "stream_ms_per_mb", batches, where),
+            spill_ms_per_mb=_optional_per_batch(data, "spill_ms_per_mb", batches, where),
+            spill_cache_mib=_optional_per_batch(data, "spill_cache_mib", batches, where),
             calibration=dict(data["calibration"]) if isinstance(data.get("calibration"), dict) else None,
         )
 
@@ -296,6 +309,9 @@ class LatencyTable:
             "op_scale": {str(b): v for b, v in self.op_scale.items()},
             "rest_ms": None if self.measured_rest_ms is None else {str(b): v for b, v in self.measured_rest_ms.items()},
             "node_ms": {str(b): v for b, v in self.node_ms.items()},
+            "stream_ms_per_mb": {str(b): v for b, v in self.stream_ms_per_mb.items()},
+            "spill_ms_per_mb": {str(b): v for b, v in self.spill_ms_per_mb.items()},
+            "spill_cache_mib": {str(b): v for b, v in self.spill_cache_mib.items()},
             "calibration": self.calibration,
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
         }
@@ -340,12 +356,25 @@ class LatencyTable:
         entry = self.layer(layer)
         grid_rows, grid_cols = entry.axes(op)
         measured = interpolate(grid_rows, grid_cols, entry.ms[self.check_batch(batch)][op], rows, cols)
-        return CostParts(measured, max(0.0, entry.weight_bytes(op, rows, cols) - self.cache_bytes) / MIB, 0)
+        weight = entry.weight_bytes(op, rows, cols)
+        return CostParts(measured, max(0.0, weight - self.cache_bytes) / MIB, 0, weight / MIB)
 
     def price(self, parts: CostParts, batch: int) -> float:
-        """ms inside a model: op_scale x the ops alone + weight streaming + the extra nodes' dispatch."""
+        """ms inside a model: op_scale x the ops alone + weight streaming + the extra nodes' dispatch (a sum over
+        ops: no spill, see model_price)."""
         return (self.op_scale.get(batch, 1.0) * parts.alone_ms + self.weight_ms_per_mb.get(batch, 0.0) * parts.beyond_mib
+                + self.stream_ms_per_mb.get(batch, 0.0) * parts.weight_mib
                 + self.node_ms.get(batch, 0.0) * parts.extra_nodes)
+
+    def spill_ms(self, weight_mib: float, batch: int) -> float:
+        """What a whole model whose priced layers hold `weight_mib` MiB of weights pays for those beyond the shared
+        cache they stay in between calls (0 without a fitted spill)."""
+        rate = self.spill_ms_per_mb.get(batch, 0.0)
+        return rate * max(0.0, weight_mib - self.spill_cache_mib.get(batch, 0.0)) if rate > 0 else 0.0
+
+    def model_price(self, parts: CostParts, batch: int) -> float:
+        """ms of a whole model's summed layer `parts` inside the model (the rest not included): price + spill."""
+        return self.price(parts, batch) + self.spill_ms(parts.weight_mib, batch)
 
     def op_ms(self, layer: str, op: str, rows: float, cols: float, batch: int) -> float:
         """ms of one op of `layer` at channel counts (rows, cols): interpolated, plus its weight streaming."""
@@ -432,8 +461,11 @@ class LatencyTable:
         return self.model_ms(batch) - sum(self.dense_ms(name, batch) for name in self.layers)
 
     def predicted_dense_ms(self, batch: int) -> float:
-        """The dense model as the table predicts it (rest + dense layers); model_ms is what was measured."""
-        return self.rest_ms(batch) + sum(self.dense_ms(name, batch) for name in self.layers)
+        """The dense model as the table predicts it (rest + dense layers + spill); model_ms is what was measured."""
+        parts = CostParts()
+        for name, entry in self.layers.items():
+            parts = parts + self.op_parts(name, "conv", entry.in_channels, entry.out_channels, batch)
+        return self.rest_ms(batch) + self.model_price(parts, batch)
 
     # -------------------------------------------------------------- provenance
     def check_matches(self, backend: str, threads: int | None = None, cpu: str | None = None) -> list[str]:
@@ -513,6 +545,13 @@ def _per_batch(value: Any, batches: tuple[int, ...], where: str, allow_zero: boo
             raise CstarError(f"{where} has no entry for batch {batch}", _PROFILE_FIX)
         result[batch] = _number(value[str(batch)], f"{where}[{batch}]", allow_zero)
     return result
+
+
+def _optional_per_batch(data: dict[str, Any], key: str, batches: tuple[int, ...], where: str) -> dict[int, float]:
+    """A per-batch coefficient older tables lack (then 0 at every batch)."""
+    if data.get(key) is None:
+        return {b: 0.0 for b in batches}
+    return _per_batch(data[key], batches, f"{where}: {key}", allow_zero=True)
 
 
 def _grid(value: Any, full: Any, where: str) -> tuple[int, ...]:

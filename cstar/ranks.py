@@ -237,11 +237,9 @@ def budget_limits(model: nn.Module, input_shape: tuple[int, ...], by: str, table
     if by != "latency" or table is None:
         total = model_cost(model, input_shape, by, table, batches[0])
         return (cost_model_for(by, table, batches[0]), total, total), ()
-    from cstar.latency import latency_cost_models, predicted_latency_ms, reference_latency_ms
+    from cstar.latency import latency_limits
 
-    budgets = tuple((cost_model, predicted_latency_ms(model, table, batch, batches[0]),
-                     reference_latency_ms(model, table, batch, batches[0]))
-                    for cost_model, batch in zip(latency_cost_models(table, batches), batches, strict=True))
+    budgets = latency_limits(model, table, batches)
     return budgets[0], budgets[1:]
 
 

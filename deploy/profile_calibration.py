@@ -14,8 +14,8 @@ models from the same architecture with random weights, the shapes `cstar compres
   or optimistic table underprices, so the fit must see such models, not only uniform ones.
 
 Each is exported as `cstar export` deploys it and timed whole on the runtime (the same runner and
-settings as the dense model); `cstar.latency_fit.fit_price` then fits op_scale and weight_ms_per_mb
-per batch size over the dense and reference models. The fit and each model's error are written to
+settings as the dense model); `cstar.latency_fit.fit_price` then fits op_scale, the weight streaming
+and spill terms and node_ms per batch size over the dense and reference models. The fit and each model's error are written to
 the table ("calibration"), so a user sees how well the table predicts models of this kind.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from cstar.errors import CstarError
 from cstar.latency_fit import CalibrationFit, CalibrationPoint, fit_price
-from cstar.latency_table import LatencyTable
+from cstar.latency_table import MIB, LatencyTable
 
 REFERENCE_RANK_FRACTIONS = (0.5, 0.25, 0.125)
 REFERENCE_PRUNE_FRACTIONS = (0.5, 0.25)
@@ -154,11 +154,14 @@ def _fit_into(body: dict[str, Any], uncalibrated: LatencyTable,
     for batch in uncalibrated.batch_sizes:
         points = [CalibrationPoint(name, model_parts(model, uncalibrated, batch, forms), ms[batch])
                   for name, (model, forms, ms) in timed.items()]
-        before = {p.name: uncalibrated.rest_ms(batch) + uncalibrated.price(p.parts, batch) for p in points}
+        before = {p.name: uncalibrated.rest_ms(batch) + uncalibrated.model_price(p.parts, batch) for p in points}
         fit: CalibrationFit = fit_price(points, uncalibrated.node_ms.get(batch, 0.0),
-                                        uncalibrated.rest_ms(batch) if measured_rest else None)
+                                        uncalibrated.rest_ms(batch) if measured_rest else None,
+                                        spill_floor_mib=uncalibrated.cache_bytes / MIB)
         body["op_scale"][str(batch)] = fit.op_scale
         body["weight_ms_per_mb"][str(batch)] = fit.weight_ms_per_mb
+        for key in ("stream_ms_per_mb", "spill_ms_per_mb", "spill_cache_mib"):
+            body[key] = {**(body.get(key) or {}), str(batch): getattr(fit, key)}
         body["node_ms"] = {**(body.get("node_ms") or {}), str(batch): fit.node_ms}
         if not measured_rest:
             body["rest_ms"] = {**(body.get("rest_ms") or {}), str(batch): fit.rest_ms}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,14 @@ from cstar.checkpoint import save_checkpoint, set_submodule
 from cstar.cli import main as cli_main
 from cstar.data import DatasetSpec
 from cstar.errors import CstarError
-from cstar.latency import candidate_geometry, latency_cost_model, layer_latencies, predicted_latency_ms
-from cstar.latency_table import TABLE_KIND, LatencyTable, channel_grid, interpolate
+from cstar.latency import (
+    candidate_geometry,
+    latency_cost_model,
+    layer_latencies,
+    predicted_latency_ms,
+    predicted_spill_ms,
+)
+from cstar.latency_table import TABLE_KIND, CostParts, LatencyTable, channel_grid, interpolate
 from cstar.lowrank import LowRankConv2d
 from cstar.models import build_model
 from cstar.ranks import LayerBudget, allocate, first_and_last, rank_options
@@ -400,3 +407,73 @@ def test_each_extra_node_of_a_deploy_form_is_charged_node_ms() -> None:
         assert charged.form_ms(name, form, ranks, 1) == pytest.approx(plain.form_ms(name, form, ranks, 1) + 0.01 * nodes)
     assert charged.to_dict()["node_ms"] == {"1": 0.01}
     assert plain.node_ms == {1: 0.0}  # older tables without the key read as no charge
+
+
+# ------------------------------------------------------------------------------------------ spill
+
+
+def spilling_table(model: nn.Module, share: float = 0.2, cache: float = 0.1) -> LatencyTable:
+    """A synthetic table of `model` with a spill: the dense model's weights beyond `cache` of them cost `share` of
+    its latency."""
+    body = synthetic_table(candidate_geometry(model, SPEC.input_shape))
+    plain = LatencyTable.from_dict(body)
+    dense_mib = sum(plain.op_parts(n, "conv", e.in_channels, e.out_channels, 1).weight_mib for n, e in plain.layers.items())
+    rate = share * plain.model_ms(1) / ((1 - cache) * dense_mib)
+    return LatencyTable.from_dict({**body, "spill_ms_per_mb": {"1": rate}, "spill_cache_mib": {"1": cache * dense_mib},
+                                   "stream_ms_per_mb": {"1": 0.0}})
+
+
+def test_spill_is_paid_by_the_whole_model_beyond_its_cache_only() -> None:
+    """A layer's price has no spill (it is not a sum over layers); the model's price adds rate x MiB beyond the
+    cache, and nothing below it; the table keeps the coefficients, older tables read as none."""
+    model = tiny_model()
+    table = spilling_table(model)
+    rate, cache = table.spill_ms_per_mb[1], table.spill_cache_mib[1]
+    parts = table.op_parts("net.layer2.0.conv2", "conv", 16, 16, 1)
+    assert parts.weight_mib == pytest.approx(16 * 16 * 9 * 4 / 2**20)
+    assert table.price(parts, 1) == pytest.approx(table.form_ms("net.layer2.0.conv2", "dense", None, 1))
+    small = CostParts(1.0, 0.0, 0, 0.5 * cache)
+    assert table.model_price(small, 1) == pytest.approx(table.price(small, 1))  # below the cache
+    big = CostParts(1.0, 0.0, 0, cache + 2.0)
+    assert table.model_price(big, 1) == pytest.approx(table.price(big, 1) + 2.0 * rate)
+    assert table.spill_ms(cache, 1) == 0.0
+    again = LatencyTable.from_dict(table.to_dict())
+    assert (again.spill_ms_per_mb, again.spill_cache_mib) == (table.spill_ms_per_mb, table.spill_cache_mib)
+    assert LatencyTable.from_dict(synthetic_table([geometry("a", 8, 8)])).spill_ms_per_mb == {1: 0.0}
+    with pytest.raises(CstarError, match="spill_ms_per_mb"):
+        LatencyTable.from_dict({**table.to_dict(), "spill_ms_per_mb": {"1": float("nan")}})
+    dense_parts = CostParts()
+    for name, entry in table.layers.items():
+        dense_parts = dense_parts + table.op_parts(name, "conv", entry.in_channels, entry.out_channels, 1)
+    assert table.predicted_dense_ms(1) == pytest.approx(table.rest_ms(1) + table.model_price(dense_parts, 1))
+    assert predicted_spill_ms(model, table, 1) == pytest.approx(rate * (dense_parts.weight_mib - cache))
+
+
+def test_allocator_meets_the_whole_model_prediction_with_its_spill() -> None:
+    """The spill is a second linear budget: the allocation meets rest + price + spill <= target, where the layers'
+    summed price alone would have left the spill over the budget."""
+    model = tiny_model()
+    table = spilling_table(model)
+    budget = Budget(1.4, "latency", SPEC.input_shape, first_and_last(model), latency_table=table)
+    target = table.model_ms(1) / 1.4
+    compressed = factorize_model(model, allocate_for(model, budget).ranks, sweeps=1)
+    assert predicted_latency_ms(compressed, table, 1) <= target + 1e-9
+    assert predicted_spill_ms(compressed, table, 1) > 0  # the budget held the spill the model still pays
+    plain = LatencyTable.from_dict({**table.to_dict(), "spill_ms_per_mb": None, "spill_cache_mib": None})
+    unaware = factorize_model(model, allocate_for(model, replace(budget, latency_table=plain)).ranks, sweeps=1)
+    assert predicted_latency_ms(unaware, table, 1) > target
+
+
+def test_prune_and_hybrid_meet_a_latency_budget_with_a_spill() -> None:
+    from cstar.baselines import prune_to_budget
+    from cstar.hybrid import budget_cost, hybrid_compress
+
+    model = tiny_model()
+    table = spilling_table(model)
+    budget = Budget(1.4, "latency", SPEC.input_shape, first_and_last(model), latency_table=table)
+    cost = budget_cost(budget)
+    target = table.model_ms(1) / 1.4
+    pruned = prune_to_budget(model, SPEC.input_shape, 1.4, "latency", keep_dense=first_and_last(model), cost=cost)
+    assert predicted_latency_ms(pruned.model, table, 1) <= target + 1e-9
+    hybrid = hybrid_compress(model, budget, share=0.5, cost=cost)
+    assert predicted_latency_ms(hybrid.model, table, 1) <= target + 1e-9

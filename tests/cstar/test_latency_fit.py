@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from cstar.latency_fit import CalibrationPoint, fit_price
+from cstar.latency_fit import CalibrationPoint, fit_price, spill_caches
 from cstar.latency_table import CostParts, LatencyTable
 from tests.cstar.test_latency import geometry, synthetic_table
 
@@ -79,3 +80,51 @@ def test_an_overpriced_node_cost_is_refitted_and_a_supported_one_kept() -> None:
     # and the measured one is what the fit would have used: with it the error would not be 0
     stale = CalibrationPoint("m", PARTS[3], 0.05 + 1.1 * PARTS[3].alone_ms)
     assert abs((0.05 + 1.1 * PARTS[3].alone_ms + 0.004 * PARTS[3].extra_nodes) / stale.measured_ms - 1) > 0.1
+
+
+# ------------------------------------------------------------------------------------------ spill
+
+SPILL_PARTS = [CostParts(alone, 0.0, nodes, weight) for alone, nodes, weight in
+               [(0.3, 30, 0.5), (0.5, 20, 1.0), (0.6, 34, 2.0), (1.1, 10, 3.0), (1.4, 26, 5.0), (2.6, 12, 8.0),
+                (3.1, 0, 12.0), (4.0, 18, 20.0), (9.5, 0, 40.0)]]
+
+
+def spill_points(rate: float, cache: float) -> list[CalibrationPoint]:
+    """Models priced 0.03 + 1.1 x alone + 0.002 per extra node + 0.02 ms per weight MiB, + `rate` per MiB beyond
+    `cache`."""
+    return [CalibrationPoint(f"m{i}", p, 0.03 + 1.1 * p.alone_ms + 0.002 * p.extra_nodes + 0.02 * p.weight_mib
+                             + rate * max(0.0, p.weight_mib - cache)) for i, p in enumerate(SPILL_PARTS)]
+
+
+def test_fit_finds_the_spill_of_weights_beyond_a_shared_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models whose weights exceed a shared cache pay per MiB beyond it: the fit finds the rate and the cache
+    size (on its grid, ~1.2x apart here) and predicts every model within 1%; the per-op terms alone cannot."""
+    data = spill_points(0.06, 6.0)
+    fit = fit_price(data, node_ms=0.002, rest_ms=0.03)
+    assert fit.spill_ms_per_mb == pytest.approx(0.06, rel=0.15)
+    assert 6.0 / 1.25 <= fit.spill_cache_mib <= 6.0 * 1.25
+    assert max(abs(e) for e in fit.errors().values()) < 0.01
+    assert fit.predict(SPILL_PARTS[-1]) == pytest.approx(data[-1].measured_ms, rel=0.01)
+    block = fit.to_dict()
+    assert block["spill_ms_per_mb"] == fit.spill_ms_per_mb and block["spill_cache_mib"] == fit.spill_cache_mib
+    monkeypatch.setattr("cstar.latency_fit.spill_caches", lambda weights, floor_mib=0.0: [])
+    per_op = fit_price(data, node_ms=0.002, rest_ms=0.03)
+    assert per_op.spill_ms_per_mb == 0.0 and max(abs(e) for e in per_op.errors().values()) > 0.05
+
+
+def test_no_spill_in_the_data_fits_no_spill() -> None:
+    fit = fit_price(spill_points(0.0, 6.0), node_ms=0.002, rest_ms=0.03)
+    assert fit.spill_ms_per_mb == 0.0 and fit.stream_ms_per_mb == pytest.approx(0.02, rel=1e-6)
+    assert max(abs(e) for e in fit.errors().values()) < 1e-9
+
+
+def test_a_spill_cache_leaves_two_models_on_each_side() -> None:
+    """One model alone above (or below) the cache would set the rate to fit that model exactly."""
+    assert spill_caches(np.array([1.0, 2.0, 3.0])) == []
+    weights = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    caches = spill_caches(weights)
+    assert caches and all((weights <= c).sum() >= 2 and (weights > c).sum() >= 2 for c in caches)
+    assert min(spill_caches(weights, floor_mib=3.0)) >= 3.0
+    assert spill_caches(weights, floor_mib=16.0) == []  # every model fits the per-core cache: nothing spills
+    small = spill_points(0.06, 6.0)[:5]  # 0.5-5 MiB of weights, all below a 6 MiB per-core cache
+    assert fit_price(small, node_ms=0.002, rest_ms=0.03, spill_floor_mib=6.0).spill_ms_per_mb == 0.0
