@@ -291,6 +291,8 @@ def run_compress(
         from cstar.latency import latency_record
 
         body["latency"] = latency_record(table, cfg.latency_batches, dense, compressed)
+        if isinstance(body.get("allocation"), dict):  # the allocator's sum has no spill: the model's prediction has
+            body["allocation"]["planned_cost"] = body["latency"]["predicted_ms"]
     if dist.is_main():
         save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
                         source["model"].get("options", {}), spec, body)

@@ -23,8 +23,9 @@ The spill term is the shared cache (L3) seen from one model: the weights of a mo
 2-core VM (L3 shared with other tenants) batch 1 showed it plainly: with per-op terms only, ResNet-18
 models of 8-12 MiB of weights ran 6-9% slower than priced and models of 4-7 MiB up to 11% faster (26
 models at CIFAR shapes fitted in-sample: worst error 11.4%; with the hinge at ~5 MiB, 4.3%; the
-profile's own fit on its 18 references: 13.6% before, 6.7% with the spill). The cache size is searched
-on a grid between the timed models' weights (at least two models on each side).
+profile's own fit on its 18 references: 12.4-13.6% before, 6.6-6.7% with the spill). The cache size is
+searched on a grid between the timed models' weights (at least two models on each side), never below the
+per-core cache (weights that fit there do not spill: digits' models fit no spill).
 Every subset of the optional coefficients is solved and the best feasible one kept, so a coefficient
 the data does not support keeps its measured value (node_ms, rest) or 0 (weight_ms_per_mb, stream, spill).
 """

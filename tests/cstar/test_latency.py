@@ -373,6 +373,8 @@ def test_compress_by_latency_records_the_table_and_predicted_latency(robust_digi
     assert latency["predicted_speedup"] >= 1.4 - 1e-9
     assert manifest["compression"]["latency_ratio"] >= 1.4 - 1e-9 and manifest["compression"]["by"] == "latency"
     assert any(entry["kind"] == "tucker2" for entry in manifest["ranks"].values())
+    assert manifest["allocation"]["planned_cost"] == pytest.approx(latency["predicted_ms"])
+    assert latency["predicted_spill_ms"] == 0.0  # the synthetic table has no spill
 
 
 def test_prune_and_hybrid_meet_a_latency_budget_priced_by_the_same_table() -> None:
