@@ -98,10 +98,11 @@ def layer_parts(model: nn.Module, table: LatencyTable, batch: int, forms: dict[s
     return priced
 
 
-def model_parts(model: nn.Module, table: LatencyTable, batch: int, forms: dict[str, str] | None = None) -> CostParts:
-    """The summed cost parts of every priced layer (the prediction is rest + table.price of them)."""
+def model_parts(model: nn.Module, table: LatencyTable, batch: int, forms: dict[str, str] | None = None,
+                form_batch: int | None = None) -> CostParts:
+    """The summed cost parts of every priced layer (the prediction is rest + table.model_price of them)."""
     total = CostParts()
-    for _, parts in layer_parts(model, table, batch, forms).values():
+    for _, parts in layer_parts(model, table, batch, forms, form_batch).values():
         total = total + parts
     return total
 
@@ -113,24 +114,17 @@ def layer_latencies(model: nn.Module, table: LatencyTable, batch: int,
             for name, (form, parts) in layer_parts(model, table, batch, form_batch=form_batch).items()}
 
 
-def _summed_parts(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None) -> CostParts:
-    total = CostParts()
-    for _, parts in layer_parts(model, table, batch, form_batch=form_batch).values():
-        total = total + parts
-    return total
-
-
 def predicted_latency_ms(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None = None) -> float:
     """Predicted ms of one runtime call of `model` at `batch`: the table's rest + each layer in its fastest form
     at `form_batch` (default `batch`; export picks the forms at the headline batch of a multi-batch budget) + the
     spill of its weights (LatencyTable.model_price)."""
-    total = table.rest_ms(batch) + table.model_price(_summed_parts(model, table, batch, form_batch), batch)
+    total = table.rest_ms(batch) + table.model_price(model_parts(model, table, batch, form_batch=form_batch), batch)
     return max(total, MIN_PREDICTED_MS)
 
 
 def predicted_spill_ms(model: nn.Module, table: LatencyTable, batch: int, form_batch: int | None = None) -> float:
     """The part of `predicted_latency_ms` that is the spill of the model's weights beyond the shared cache."""
-    return table.spill_ms(_summed_parts(model, table, batch, form_batch).weight_mib, batch)
+    return table.spill_ms(model_parts(model, table, batch, form_batch=form_batch).weight_mib, batch)
 
 
 def is_table_dense(model: nn.Module, table: LatencyTable) -> bool:
@@ -211,7 +205,7 @@ def latency_limits(model: nn.Module, table: LatencyTable, batches: tuple[int, ..
     limits: list[Limit] = []
     for batch in batches:
         reference = reference_latency_ms(model, table, batch, batches[0])
-        summed = _summed_parts(model, table, batch, batches[0])
+        summed = model_parts(model, table, batch, form_batch=batches[0])
         additive = table.rest_ms(batch) + table.price(summed, batch)
         limits.append((latency_cost_model(table, batch, batches[0]), additive, reference))
         rate = table.spill_ms_per_mb.get(batch, 0.0)

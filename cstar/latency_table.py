@@ -21,8 +21,8 @@ op_scale[batch] x its ms alone + weight_ms_per_mb[batch] x its MiB beyond the ca
 x all its weight MiB (inside a model whose weights exceed the per-core cache, none of them is still there
 when its op runs again) + node_ms[batch] x its extra nodes. A whole model also pays `spill_ms(batch)`:
 spill_ms_per_mb[batch] x its weight MiB beyond spill_cache_mib[batch], the shared cache the model's weights
-stay in between calls (fitted: on a VM whose L3 neighbours also use, it is far below the L3's size; a model
-above it reads its weights from memory, one below from L3). That term is not a sum over layers, so
+stay in between calls (fitted: on a VM whose L3 other tenants also use, it is far below the L3's size; a
+model above it reads its weights from memory, one below from L3). That term is not a sum over layers, so
 `model_price` adds it to the summed parts and the allocator meets it as a second linear budget
 (cstar.latency.latency_limits). `cstar profile` fits these coefficients on whole models (the dense one and
 reference compressed ones, deploy.profile_calibration / cstar.latency_fit; the fit is kept in
