@@ -43,12 +43,15 @@ DENSE_EPOCHS = 3  # 1 epoch of PGD-AT leaves digits near chance (~0.2 clean); 3 
 
 
 @pytest.mark.slow
-def test_run_all_quick(tmp_path: Path) -> None:
+def test_run_all_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """run_all --quick end to end: provenance in every file, budgets met, a dense model that learned,
-    exports equal to PyTorch; then a changed config and a deleted input are refused, not reused."""
+    exports equal to PyTorch, cross_runtime on ort-cpu and its skip path; then a changed config and a deleted
+    input are refused, not reused."""
     results, work = tmp_path / "results", tmp_path / "work"
     common = ["--quick", "--work", str(work), "--results-dir", str(results), "--dense-epochs", str(DENSE_EPOCHS)]
-    done = _run(str(REPO / "benchmarks" / "run_all.py"), *common)
+    # cross_runtime on ort-cpu plus a runtime this host lacks (its skip path), on the shared dense model
+    done = _run(str(REPO / "benchmarks" / "run_all.py"), *common,
+                "--extra", "cross_runtime:--backends ort-cpu,openvino-npu --all-threads 2")
     assert done.returncode == 0, done.stderr[-4000:]
     for name in BENCHMARKS:
         payload = _load(results, name)
@@ -60,6 +63,7 @@ def test_run_all_quick(tmp_path: Path) -> None:
     _check_table(_load(results, "compression_table"))
     _check_speed(_load(results, "deploy_speed"))
     _check_exports(_load(results, "export_robustness"))
+    _check_cross_runtime(results, monkeypatch)
     overhead = _load(results, "training_overhead")
     assert all(row["epoch_seconds"] > 0 and row["images_per_s"] > 0 for row in overhead["rows"])
     assert overhead["rows"][0]["phase"] == "dense_pgd_at" and overhead["rows"][0]["vs_dense"] == 1.0
@@ -119,14 +123,9 @@ def _check_refusals(work: Path, common: list[str]) -> None:
     assert "was deleted" in gone.stderr and "prune-x8-e1+0" in gone.stderr and "fix: delete " in gone.stderr
 
 
-@pytest.mark.slow
-def test_cross_runtime_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _check_cross_runtime(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """cross_runtime --quick on ort-cpu plus a runtime this host lacks: every (model, runtime, precision)
     verified and timed, the INT8 check, fastest and headline recomputed from the rows; a skip has its reason."""
-    results = tmp_path / "results"
-    done = _run(str(REPO / "benchmarks" / "cross_runtime.py"), "--quick", "--work", str(tmp_path / "work"),
-                "--results-dir", str(results), "--backends", "ort-cpu,openvino-npu", "--all-threads", "2")
-    assert done.returncode == 0, done.stderr[-4000:]
     payload, markdown = _load(results, "cross_runtime"), (results / "cross_runtime_digits.md").read_text()
     ran = [name for name, entry in payload["backends"].items() if entry["available"]]
     assert ran[0] == "ort-cpu"
