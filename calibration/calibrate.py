@@ -4,8 +4,10 @@ Reads an export directory (model.onnx verified by sha256), builds a class-strati
 from the TRAIN split (optionally part PGD on the PyTorch reference), quantizes with ONNX Runtime in
 the format `--target` runs fast (ort-cpu/openvino: U8S8 QDQ; tensorrt: symmetric S8S8 QDQ, then the
 TensorRT preflight; see calibration.quantize), then measures INT8 against the FP32 ONNX model on a
-stratified subset of the TEST split (on ONNX Runtime CPU): agreement, logit difference, clean accuracy
-and robust accuracy under PGD crafted on the PyTorch reference (transfer). Writes
+stratified subset of the TEST split: agreement, logit difference, clean accuracy and robust accuracy
+under PGD crafted on the PyTorch reference (transfer). INT8 is executed as its target executes it
+(calibration.execution): the TensorRT format as Q/DQ arithmetic (ORT CPU, graph optimizations off,
+`parity.executed_as: qdq-reference`), the U8S8 formats on ORT CPU's fused kernels (`ort-cpu`). Writes
 DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
 target, which `cstar build` checks against the backend. `--target executorch` instead quantizes the
 PyTorch reference with PT2E (XNNPACKQuantizer) and writes DIR/model.pte (format xnnpack-pt2e-int8,
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.execution import ORT_CPU, Execution, execution_for, open_session, run_logits
 from calibration.quantize import DEFAULT_TARGET, TARGETS
 from calibration.trt_check import PreflightReport, preflight
 from cstar.errors import CstarError, GateFailure
@@ -84,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
     written = (manifest.get("onnx") or manifest.get("artifact") or {}).get("file", INT8_NAME)
     print(f"wrote {Path(args.out) / written} ({quant['format']} for {quant['target']}): clean {metrics['clean_acc']:.4f} "
           f"(fp32 {metrics['fp32_clean_acc']:.4f}){robust_text}; agreement {parity['agreement']:.4f}, "
-          f"max |dlogit| {parity['max_abs_diff']:.4g} on {parity['n']} test images")
+          f"max |dlogit| {parity['max_abs_diff']:.4g} on {parity['n']} test images "
+          f"(executed as {parity.get('executed_as', 'ort-cpu')})")
     return 0
 
 
@@ -128,19 +132,13 @@ def find_reference(export_manifest: dict[str, Any]) -> tuple[Path | None, str | 
     return None, why
 
 
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def _session(path: Path, execution: Execution | str = ORT_CPU) -> Any:
+    """ONNX Runtime CPU session of `path` executed as `execution` (calibration.execution, the one source)."""
+    return open_session(path, execution)
 
 
 def _run(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outputs = [session.run(None, {name: np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32)})[0]
-               for s in range(0, images.shape[0], batch_size)]
-    return np.concatenate(outputs).astype(np.float32)
+    return run_logits(session, images, batch_size)
 
 
 def _parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -273,7 +271,8 @@ def run_calibrate(
                                     per_channel=per_channel)
         trt_report = _trt_preflight(tmp, strict_trt, verbose, warnings) if target == "tensorrt" else None
 
-        fp32_session, int8_session = _session(fp32_path), _session(tmp)
+        execution = execution_for(target)  # the TensorRT format as Q/DQ arithmetic, not ORT CPU's S8S8 kernels
+        fp32_session, int8_session = _session(fp32_path), _session(tmp, execution)
         fp32_logits, int8_logits = _run(fp32_session, eval_images), _run(int8_session, eval_images)
         parity = _parity(int8_logits, fp32_logits)
         metrics: dict[str, Any] = {
@@ -282,6 +281,7 @@ def run_calibrate(
             "fp32_clean_acc": _accuracy(fp32_logits, eval_labels),
             "fp32_robust_acc": None,
             "n": int(eval_labels.shape[0]),
+            "executed_as": execution.executed_as,
         }
         parity_torch: dict[str, Any] | None = None
         if reference_dir is not None:
@@ -315,9 +315,10 @@ def run_calibrate(
         for key in ("params", "flops", "compression", "ranks", "classes", "input"):
             if key in export:
                 body[key] = export[key]
-        body["parity"] = {**parity, "against": "fp32-onnx", "runtime": "ort-cpu"}
+        body["parity"] = {**parity, "against": "fp32-onnx", **execution.describe()}
         if parity_torch is not None:
-            body["parity_torch"] = {**parity_torch, "against": "pytorch-reference"}
+            body["parity_torch"] = {**parity_torch, "against": "pytorch-reference",
+                                   "executed_as": execution.executed_as}
         body["onnx"] = {
             "file": INT8_NAME,
             "sha256": sha256_file(final),

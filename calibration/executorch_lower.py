@@ -420,10 +420,12 @@ def _metrics(job: CalibrationJob, pte: Path,
         "fp32_robust_acc": _accuracy(_run(fp32, adv), job.eval_labels),
         "reference_robust_acc": _accuracy(reference_adv, job.eval_labels),
         "n": int(job.eval_labels.shape[0]),
+        "executed_as": BACKEND,  # measured on the ExecuTorch runtime itself
         "attack": {**AttackConfig("pgd", job.eps, job.pgd_steps, None, job.norm, True).to_dict(),
                    "transfer": True, "crafted_on": "pytorch-reference", "seed": job.seed},
     }
-    parity = {**_parity(int8_logits, fp32_logits), "against": "fp32-onnx", "runtime": BACKEND}
+    parity = {**_parity(int8_logits, fp32_logits), "against": "fp32-onnx", "runtime": BACKEND,
+              "executed_as": BACKEND}
     parity_torch = {**_parity(int8_logits, torch_logits), "against": "pytorch-reference"}
     return metrics, parity, parity_torch
 

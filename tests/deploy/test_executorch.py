@@ -233,6 +233,7 @@ def test_int8_calibrate_manifest(int8_calibrate: tuple[Path, dict[str, Any]]) ->
     assert manifest["executorch"]["delegation"]["delegated_fraction"] >= 0.9
     metrics, parity = manifest["metrics"], manifest["parity"]
     assert metrics["n"] == parity["n"] == 100
+    assert parity["runtime"] == parity["executed_as"] == metrics["executed_as"] == BACKEND  # on its own runtime
     # clean accuracy can only move on examples whose top-1 changed
     assert abs(metrics["clean_acc"] - metrics["fp32_clean_acc"]) <= 1.0 - parity["agreement"] + 1e-9
     assert abs(metrics["clean_acc"] - metrics["fp32_clean_acc"]) <= 0.05
