@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from cstar import validate
 from cstar.errors import CstarError
 from cstar.manifest import (
     MANIFEST_NAME,
@@ -128,12 +129,15 @@ def run_attackset(
     from cstar.data import load_dataset, to_tensors
 
     started = time.perf_counter()
+    if eps is not None:
+        validate.eps(eps)  # before the model is loaded
     model, ref_manifest = load_checkpoint(reference)
     _check_dataset(data, ref_manifest["dataset"])
     eps = float(ref_manifest.get("eps", 0.0) if eps is None else eps)
     norm = str(ref_manifest.get("norm", "linf"))
-    if eps < 0 or steps < 1:
-        raise CstarError(f"invalid attack: eps={eps}, steps={steps}", "pass --eps >= 0 and --steps >= 1")
+    validate.eps(eps, "--eps", str(ref_manifest["dataset"].get("name")))
+    validate.count("--steps", steps)
+    validate.count("--batch-size", batch_size)
     input_shape = tuple(ref_manifest["dataset"]["input_shape"])
     bundle = load_dataset(data, image_size=input_shape[-1])
     if tuple(bundle.spec.input_shape) != input_shape:
