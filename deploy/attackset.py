@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,10 @@ def run_attackset(
         validate.eps(eps)  # before the model is loaded
     model, ref_manifest = load_checkpoint(reference)
     _check_dataset(data, ref_manifest["dataset"])
+    ref_eps = ref_manifest.get("eps")
+    if eps is not None and isinstance(ref_eps, (int, float)) and abs(float(ref_eps) - eps) > 1e-9:
+        print(f"warning: --eps {eps:g} differs from the reference's eps {float(ref_eps):g}; `cstar verify` accepts "
+              f"this set only for an artifact whose threat model is eps {eps:g}", file=sys.stderr)
     eps = float(ref_manifest.get("eps", 0.0) if eps is None else eps)
     norm = str(ref_manifest.get("norm", "linf"))
     validate.eps(eps, "--eps", str(ref_manifest["dataset"].get("name")))

@@ -157,6 +157,15 @@ def test_attackset_refuses_eps(eps: str, train_copy: Path, tmp_path: Path, capsy
                     "--out", str(out)], [train_copy], capsys, out, "--eps")
 
 
+def test_attackset_at_another_eps_warns(train_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid eps other than the reference's is crafted, with a warning that verify will hold it to that eps."""
+    from deploy.attackset import run_attackset
+
+    manifest = run_attackset(train_copy, "digits", tmp_path / "set", samples=10, eps=0.25, steps=1)
+    assert manifest["eps"] == 0.25
+    assert "differs from the reference's eps 0.2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("set_eps", "set_norm"), [(5.0, "linf"), (0.3, "linf"), (0.1, "l2")])
 def test_verify_refuses_a_set_of_another_threat_model(set_eps: float, set_norm: str, export_copy: Path,
                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
