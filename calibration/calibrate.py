@@ -29,6 +29,7 @@ import numpy as np
 from calibration.execution import ORT_CPU, Execution, execution_for, open_session, run_logits
 from calibration.quantize import DEFAULT_TARGET, TARGETS
 from calibration.trt_check import PreflightReport, preflight
+from cstar import validate
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import (
     MANIFEST_NAME,
@@ -108,6 +109,27 @@ def _check_data(data: str, spec: Any) -> Any:
             f"pass --data {spec.data_arg}",
         )
     return spec if path is None else replace(spec, path=path)
+
+
+def check_onnx_input(model_path: Path, shape: tuple[int, ...], from_dir: Path) -> None:
+    """Refuse an ONNX model whose input is not (N, *shape), the input its manifest records (before any work)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - a broken protobuf is one clear message
+        raise CstarError(f"{model_path} is not a readable ONNX model ({exc})", "re-run cstar export") from exc
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    fixed = dims[1:]
+    if len(inputs) != 1 or len(dims) != len(shape) + 1 or any(
+            d is not None and d != want for d, want in zip(fixed, shape, strict=True)):
+        got = f"{len(inputs)} inputs" if len(inputs) != 1 else \
+            "input (" + ", ".join("N" if d is None else str(d) for d in dims) + ")"
+        raise CstarError(f"{model_path} takes {got}, but {from_dir}/{MANIFEST_NAME} records (N, "
+                         f"{', '.join(str(d) for d in shape)})", "re-run cstar export (the model and its manifest disagree)")
 
 
 def find_reference(export_manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
@@ -223,6 +245,8 @@ def run_calibrate(
                          "add --target tensorrt, or drop --strict-trt")
     if samples <= 0:
         raise CstarError(f"--samples must be positive, got {samples}", "pass --samples 512 (or the train size)")
+    validate.fraction("--include-adversarial", include_adversarial,
+                      "pass the adversarial share of the calibration set in [0, 1], e.g. 0.5 (0: clean only)")
     export = read_manifest(from_dir, ("export",))
     for key in ("onnx", "dataset"):
         if key not in export:
@@ -232,6 +256,7 @@ def run_calibrate(
     onnx_block = export["onnx"]
     fp32_path = verify_file(from_dir, onnx_block["file"], onnx_block["sha256"])
     spec = _check_data(data, DatasetSpec.from_dict(export["dataset"]))
+    check_onnx_input(fp32_path, tuple(spec.input_shape), from_dir)
     eps = float(export.get("eps", spec.default_eps))
     norm = str(export.get("norm", "linf"))
     warnings: list[str] = []

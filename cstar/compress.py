@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cstar import validate
 from cstar.errors import CstarError
 
 METHODS = ("cstar", "prune", "lowrank-uniform", "hybrid")  # the names of COMPRESSION_METHODS (a test checks they agree)
@@ -72,7 +73,7 @@ class CompressConfig:
     latency_table: str | None = None  # `cstar profile` table: the budget for --by latency (else recorded only)
     # the table's batch size whose latencies count, or several ("1,8" / [1, 8]): the budget then holds at each,
     # the first is the headline (reported; picks each layer's deploy form)
-    latency_batch: int | list[int] | tuple[int, ...] = 1
+    latency_batch: int | str | list[int] | tuple[int, ...] = 1
     latency_backend: str | None = None  # the deploy backend the table must come from (None: the table's own)
     latency_threads: int | None = None  # warn when the table was profiled with another thread count
     seed: int = 0
@@ -92,8 +93,10 @@ class CompressConfig:
                              "profile the dense model first: cstar profile --model-from DENSE_DIR --backend ort-cpu "
                              "--out TABLE.json, then pass --latency-table TABLE.json")
         self.latency_batches  # noqa: B018 (validates: CstarError naming the fix)
-        if not self.ratio >= 1.0:
-            raise CstarError(f"compression ratio must be >= 1, got {self.ratio}", "pass e.g. --ratio 4 or --ratio 8")
+        validate.ratio("--ratio", self.ratio)
+        validate.device(self.device)
+        for name in ("lr", "finetune_lr", "rho", "weight_decay"):
+            validate.in_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0)
         if self.admm_epochs < 0 or self.finetune_epochs < 0:
             raise CstarError("epoch counts must be >= 0", "pass --admm-epochs / --finetune-epochs >= 0")
         if self.batch_size < 1:

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, TypeVar
 
 from cstar.errors import CstarError
+from cstar.validate import typed_value
 
 T = TypeVar("T")
 
 
-def config_from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from `values`, refusing keys it does not define."""
+def config_from_dict(cls: type[T], values: Any, where: str = "config") -> T:
+    """Build dataclass `cls` from `values`, refusing keys it does not define and values of the wrong type.
+
+    Types are checked against the field annotations before anything runs, so `epochs = "two"` or
+    `backends = "ort-cpu"` (a string where a list belongs) is an error naming the key, not a late crash.
+    """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise CstarError(f"{where} must be a table of keys, got {values!r} ({type(values).__name__})",
+                         "write it as a table: a [section] header followed by key = value lines")
     known = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -21,6 +32,9 @@ def config_from_dict(cls: type[T], values: dict[str, Any], where: str = "config"
             f"unknown key(s) {unknown} in {where}",
             f"valid keys are: {', '.join(sorted(known))}",
         )
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        typed_value(where, key, value, hints.get(key, Any))
     return cls(**values)
 
 

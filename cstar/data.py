@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cstar.errors import CstarError
+from cstar.validate import classes as check_classes
+from cstar.validate import open_image
 
 FASHION_MNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -167,7 +169,9 @@ def load_dataset(arg: str, image_size: int | None = None, augment: bool = False)
     name, path = parse_dataset_arg(arg)
     if image_size is not None and image_size < 4:
         raise CstarError(f"image size {image_size} is too small", "use an image size of at least 4 pixels")
-    return _REGISTRY[name](path, image_size, augment)
+    bundle = _REGISTRY[name](path, image_size, augment)
+    check_classes(bundle.spec.classes, f"dataset {arg}")
+    return bundle
 
 
 def load_dataset_from_spec(spec: DatasetSpec | dict[str, Any], augment: bool = False) -> DataBundle:
@@ -398,7 +402,7 @@ def _load_image_tree_cached(split_dir_name: str, _mtime_ns: int, classes: tuple[
     arrays = []
     bars = len(files) >= 2000 and sys.stderr.isatty()  # a terminal only: no carriage-return frames in logs
     for path, _ in tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=not bars):
-        with Image.open(path) as image:
+        with open_image(path) as image:
             rgb = image.convert("RGB")
             if size is not None and rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
@@ -495,10 +499,8 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
         path, label = self.samples[index]
-        with Image.open(path) as image:
+        with open_image(path) as image:
             rgb = image.convert("RGB")
         transform = self.train_transform if self.train and self.augment else self.test_transform
         return transform(rgb).as_subclass(torch.Tensor), torch.tensor(label, dtype=torch.long)

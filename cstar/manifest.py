@@ -126,6 +126,13 @@ def read_manifest(directory: str | os.PathLike[str], stages: Iterable[str] | Non
         raise CstarError(f"{path} is corrupt ({exc})", "re-run the stage that produces it") from exc
     if not isinstance(manifest, dict) or "schema_version" not in manifest or "stage" not in manifest:
         raise CstarError(f"{path} is not a cstar manifest (no schema_version/stage)", "re-run the stage")
+    version, stage = manifest["schema_version"], manifest["stage"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CstarError(f"{path} has schema_version {version!r}; it must be a positive integer",
+                         "re-run the stage that produces it (the manifest was edited or written by another tool)")
+    if not isinstance(stage, str):
+        raise CstarError(f"{path} has stage {stage!r}; expected one of {list(STAGES)}",
+                         "re-run the stage that produces it (the manifest was edited or written by another tool)")
     if manifest["schema_version"] > SCHEMA_VERSION:
         raise CstarError(
             f"{path} has schema_version {manifest['schema_version']}, newer than this cstar ({SCHEMA_VERSION})",
@@ -141,8 +148,13 @@ def read_manifest(directory: str | os.PathLike[str], stages: Iterable[str] | Non
 
 
 def verify_file(directory: str | os.PathLike[str], filename: str, expected_sha256: str) -> Path:
-    """Return directory/filename after checking it exists and matches the manifest's sha256."""
-    path = Path(directory) / filename
+    """Return directory/filename after checking it stays inside `directory`, exists and matches the sha256."""
+    from cstar.validate import confined_file
+
+    path = confined_file(directory, filename)
+    if not isinstance(expected_sha256, str):
+        raise CstarError(f"{directory}/{MANIFEST_NAME}: the sha256 of {filename} is {expected_sha256!r}",
+                         "re-run the stage that produces it")
     if not path.is_file():
         raise CstarError(f"{path} is missing", "re-run the stage that produces it")
     actual = sha256_file(path)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cstar import distributed as dist
+from cstar import validate
 from cstar.attacks import AttackConfig, default_step_size, eval_mode, pgd
 from cstar.errors import CstarError
 from cstar.lowrank import LowRankConv2d, LowRankLinear
@@ -84,8 +85,10 @@ class TrainConfig:
         """Reject user mistakes with a hint."""
         if self.epochs < 1:
             raise CstarError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
-        if self.eps < 0:
-            raise CstarError(f"eps must be >= 0, got {self.eps}", "pass a non-negative --eps (inputs are [0,1])")
+        validate.eps(self.eps, "eps")
+        validate.device(self.device)
+        for name in ("lr", "momentum", "weight_decay", "trades_beta"):
+            validate.in_range(name, getattr(self, name), 0.0)
         if self.method not in METHODS:
             raise CstarError(f"unknown training method '{self.method}'", f"use one of: {', '.join(METHODS)}")
         if self.optimizer not in ("sgd", "adam"):
@@ -121,6 +124,7 @@ class FitResult:
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> the local CUDA device when there is one (per torchrun rank), else CPU."""
+    validate.device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -761,16 +765,22 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.epochs is not None and args.epochs < 1:
         raise CstarError(f"epochs must be >= 1, got {args.epochs}", "pass --epochs 1 or more")
-    if args.eps is not None and args.eps < 0:
-        raise CstarError(f"eps must be >= 0, got {args.eps}", "pass a non-negative --eps (inputs are [0,1])")
+    if args.eps is not None:
+        validate.eps(args.eps)
+    validate.device(args.device)
     out: Path = args.out
     finished = check_run_dir(out, args.resume)
+    if args.resume and finished is None and not (out / ".state" / STATE_NAME).exists() and dist.is_main():
+        print(f"note: --resume: {out} holds no saved training state; starting from scratch", file=sys.stderr,
+              flush=True)
     if finished is not None:
         if dist.is_main():
             print(f"{out} already holds a finished run: nothing to resume", flush=True)
         return finished
     bundle = load_dataset(args.data, image_size=args.image_size, augment=args.augment)
     spec = bundle.spec
+    if args.eps is not None:
+        validate.eps(args.eps, dataset=spec.name)  # the warning above the dataset's usual range
     model_name = args.model or default_model_for(spec.name)
     options = {"width": args.width} if args.width else {}
     cfg = TrainConfig(

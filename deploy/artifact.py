@@ -13,6 +13,7 @@ import numpy as np
 
 from cstar.errors import CstarError
 from cstar.manifest import read_manifest, verify_file
+from cstar.validate import class_count, confined_file
 from deploy.backends.base import Runner
 from deploy.backends.registry import backend_names, create_runner
 
@@ -122,7 +123,8 @@ def runner_options_from_build(build: dict[str, Any], directory: Path) -> dict[st
     options: dict[str, Any] = dict(build.get("runner_options") or {})
     for key, value in list(options.items()):
         if key.endswith("_path") and isinstance(value, str) and not Path(value).is_absolute():
-            options[key] = str(directory / value)
+            # relative: inside the build directory (an absolute path is a user-chosen cache, e.g. --timing-cache)
+            options[key] = str(confined_file(directory, value, f"runner_options.{key}"))
     if build.get("backend") == "tensorrt":
         options.setdefault("build_info", build)
     return options
@@ -195,6 +197,7 @@ class Predictor:
         probs = _softmax(self.predict(x).astype(np.float64))
         k = max(1, min(int(k), probs.shape[1]))
         names = self.classes
+        class_count(names, probs.shape[1], f"{self.artifact.directory}/manifest.json")
         result: list[list[tuple[str, float]]] = []
         for row in probs:
             top = np.argsort(-row, kind="stable")[:k]

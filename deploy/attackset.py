@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cstar import validate
 from cstar.errors import CstarError
 from cstar.manifest import (
     MANIFEST_NAME,
@@ -128,12 +130,19 @@ def run_attackset(
     from cstar.data import load_dataset, to_tensors
 
     started = time.perf_counter()
+    if eps is not None:
+        validate.eps(eps)  # before the model is loaded
     model, ref_manifest = load_checkpoint(reference)
     _check_dataset(data, ref_manifest["dataset"])
+    ref_eps = ref_manifest.get("eps")
+    if eps is not None and isinstance(ref_eps, (int, float)) and abs(float(ref_eps) - eps) > 1e-9:
+        print(f"warning: --eps {eps:g} differs from the reference's eps {float(ref_eps):g}; `cstar verify` accepts "
+              f"this set only for an artifact whose threat model is eps {eps:g}", file=sys.stderr)
     eps = float(ref_manifest.get("eps", 0.0) if eps is None else eps)
     norm = str(ref_manifest.get("norm", "linf"))
-    if eps < 0 or steps < 1:
-        raise CstarError(f"invalid attack: eps={eps}, steps={steps}", "pass --eps >= 0 and --steps >= 1")
+    validate.eps(eps, "--eps", str(ref_manifest["dataset"].get("name")))
+    validate.count("--steps", steps)
+    validate.count("--batch-size", batch_size)
     input_shape = tuple(ref_manifest["dataset"]["input_shape"])
     bundle = load_dataset(data, image_size=input_shape[-1])
     if tuple(bundle.spec.input_shape) != input_shape:

@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from cstar import validate
 from cstar.config import config_from_dict, config_to_dict
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
@@ -141,7 +142,39 @@ def load_config(path: str | Path | None) -> PipelineConfig:
     if unknown:
         raise CstarError(f"unknown section(s) {unknown} in {source}", f"valid sections: {', '.join(_SECTIONS)}")
     sections: dict[str, Any] = {name: config_from_dict(cls, raw.get(name, {}), f"[{name}] of {source}") for name, cls in _SECTIONS.items()}
-    return PipelineConfig(**sections)
+    config = PipelineConfig(**sections)
+    validate_config(config, str(source))
+    return config
+
+
+def validate_config(config: PipelineConfig, source: str = "the pipeline config") -> None:
+    """Numbers and names of a (typed) config, checked before any stage runs; errors name the key."""
+    from deploy.backends.registry import backend_names
+
+    def key(section: str, name: str) -> str:
+        return f"[{section}] {name} in {source}"
+
+    if config.train.eps is not None:
+        validate.eps(config.train.eps, key("train", "eps"), config.data.name.split(":")[0])
+    if config.train.epochs is not None:
+        validate.count(key("train", "epochs"), config.train.epochs)
+    if config.data.image_size is not None:
+        validate.count(key("data", "image_size"), config.data.image_size)
+    validate.ratio(key("compress", "ratio"), config.compress.ratio)
+    validate.count(key("calibrate", "samples"), config.calibrate.samples)
+    validate.fraction(key("calibrate", "include_adversarial"), config.calibrate.include_adversarial)
+    if not config.verify.backends:
+        raise CstarError(f"{key('verify', 'backends')} is empty", 'list at least one, e.g. backends = ["ort-cpu"]')
+    for backend in config.verify.backends:
+        validate.choice(key("verify", "backends") + " entry", backend, backend_names())
+    validate.count(key("verify", "samples"), config.verify.samples)
+    validate.count(key("verify", "square_queries"), config.verify.square_queries, minimum=0)
+    validate.in_range(key("verify", "max_robust_drop"), config.verify.max_robust_drop, 0.0, 100.0)
+    for batch in config.bench.batch_sizes:
+        validate.count(key("bench", "batch_sizes") + " entry", batch)
+    validate.count(key("bench", "iters"), config.bench.iters)
+    if config.bench.threads is not None:
+        validate.count(key("bench", "threads"), config.bench.threads)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -334,6 +367,7 @@ def _invoke(stage: Stage) -> None:
 
 def run_pipeline(config: PipelineConfig, run_dir: Path, force: bool = False) -> list[Stage]:
     """Run (or skip) every stage in order; returns the stages with their status and timings."""
+    validate_config(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = _stage_plan(config, run_dir)
     atomic_write_json(run_dir / STATE_DIR / "config.json", config_to_dict(config))

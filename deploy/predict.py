@@ -41,11 +41,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _pil_image(path: Path) -> Any:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
     except ImportError as exc:
         raise MissingDependencyError("Pillow", None, f"reading the image {path}") from exc
+    from cstar.validate import open_image
+
     try:
-        image = Image.open(path)
+        image = open_image(path)
         image.load()
     except (UnidentifiedImageError, OSError) as exc:
         raise CstarError(f"{path} is not a readable image ({exc})", "pass a PNG/JPEG image or a .npy array") from exc
@@ -84,6 +86,8 @@ def load_npy(path: str | Path, input_shape: tuple[int, int, int] | list[int]) ->
         array = array[None]
     if array.ndim == 3:
         array = array[None]
+    if array.ndim == 4 and array.shape[0] == 0:
+        raise CstarError(f"{path} holds no images (shape {array.shape})", "save at least one image in the array")
     if array.ndim != 4 or tuple(array.shape[1:]) != shape:
         raise CstarError(f"{path} has shape {array.shape}, the model takes (N,) {shape}",
                          "save arrays shaped (C, H, W), (H, W) for 1 channel, or (N, C, H, W)")
@@ -98,6 +102,8 @@ def load_inputs(paths: list[str], input_shape: tuple[int, int, int]) -> tuple[np
     batches, labels = [], []
     for name in paths:
         path = Path(name)
+        if path.is_dir():
+            raise CstarError(f"input {path} is a directory", f"pass the files in it, e.g. {path}/*.png")
         if not path.is_file():
             raise CstarError(f"input {path} does not exist", "pass existing image or .npy files")
         if path.suffix.lower() == ".npy":

@@ -207,7 +207,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         verdict_line(report) + "\n",
         f"- artifact: `{report['artifact']['path']}` (sha256 `{report['artifact']['sha256'][:12]}`)",
         f"- set: `{report.get('set', {}).get('path', '-')}` (n={report.get('set', {}).get('n', '-')}), "
-        f"eps={report.get('eps', '-')}\n",
+        f"eps={report.get('eps', '-')}, norm={report.get('norm', '-')} (verify refuses a set whose eps/norm differ from "
+        "the artifact's)\n",
         "## Accuracy and robustness\n",
         markdown_table(["metric", "reference (PyTorch)", f"runtime ({report['backend']})"], _side_rows(report["metrics"])),
         "## Gate checks\n",

@@ -12,6 +12,7 @@ is imported (through deploy.attackset) only in the host convenience branch `--re
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cstar import validate
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import read_manifest, verify_file
 from cstar.square import NORMS as SQUARE_NORMS
@@ -68,6 +70,15 @@ class Thresholds:
     min_agreement: float = 0.98
     max_clean_drop: float = 1.0
     max_robust_drop: float = 2.0
+
+    def __post_init__(self) -> None:
+        """Bad thresholds are bad arguments (exit 2), never a gate that fails or passes by accident."""
+        self.min_agreement = validate.fraction("--min-agreement", self.min_agreement,
+                                               "pass a fraction in [0, 1], e.g. --min-agreement 0.98")
+        self.max_clean_drop = validate.in_range("--max-clean-drop", self.max_clean_drop, 0.0, 100.0,
+                                                hint="pass accuracy points in [0, 100], e.g. --max-clean-drop 1")
+        self.max_robust_drop = validate.in_range("--max-robust-drop", self.max_robust_drop, 0.0, 100.0,
+                                                 hint="pass accuracy points in [0, 100], e.g. --max-robust-drop 2")
 
     def to_dict(self) -> dict[str, float]:
         return {"min_agreement": self.min_agreement, "max_clean_drop": self.max_clean_drop,
@@ -190,12 +201,29 @@ def check_compatible(artifact: Any, attack_set: AttackSet) -> list[str]:
     if classes and set_classes and classes != set_classes:
         raise CstarError("the attack set and the artifact have different class lists",
                          "craft the set from the reference of this artifact")
-    warnings = []
-    set_eps, art_eps = set_manifest.get("eps"), artifact.eps
-    if set_eps is not None and art_eps is not None and abs(float(set_eps) - float(art_eps)) > 1e-9:
-        warnings.append(f"the attack set uses eps={set_eps} but the artifact was trained for eps={art_eps}; "
-                        "robustness is verified at the set's eps")
-    return warnings
+    check_threat_model(artifact, attack_set)
+    return []
+
+
+def check_threat_model(artifact: Any, attack_set: AttackSet) -> None:
+    """Refuse a set crafted for another threat model (eps or norm) than the artifact's manifest records.
+
+    A mismatch is a wrong pairing of inputs, like another dataset: verify would gate robustness at a
+    radius nobody asked for (a set at eps 5 "passes" any model), so it is an error before any work.
+    """
+    set_eps, art_eps = attack_set.manifest.get("eps"), artifact.eps
+    set_norm, art_norm = attack_set.manifest.get("norm"), artifact.norm
+    fix = ("craft the set at the artifact's threat model: cstar attackset --reference REF_DIR --data DATA "
+           "(its default eps and norm are the reference's)")
+    if set_eps is None:
+        return
+    if isinstance(set_eps, bool) or not isinstance(set_eps, (int, float)) or not math.isfinite(set_eps):
+        raise CstarError(f"{attack_set.directory}/manifest.json records no valid eps ({set_eps!r})", fix)
+    if art_eps is not None and abs(float(set_eps) - float(art_eps)) > 1e-6 * max(1.0, abs(float(art_eps))):
+        raise CstarError(f"the attack set was crafted at eps={set_eps:g}, the artifact's threat model is "
+                         f"eps={art_eps:g} ({artifact.directory}/manifest.json)", fix)
+    if set_norm is not None and art_norm is not None and str(set_norm) != str(art_norm):
+        raise CstarError(f"the attack set uses norm {set_norm}, the artifact's threat model is norm {art_norm}", fix)
 
 
 def runner_options(backend: str, threads: int | None) -> dict[str, Any]:
@@ -448,7 +476,10 @@ def _assemble(artifact: Any, backend: str, attack_set: AttackSet, eps: float, no
         "metrics": metrics,
         "warnings": warnings,
         "set": {"path": str(attack_set.directory.resolve()), "sha256": attack_set.sha256, "n": attack_set.n,
+                "eps": attack_set.manifest.get("eps"), "norm": attack_set.manifest.get("norm"),
                 "attacks": attack_set.manifest.get("set", {}).get("attacks", {})},
+        "threat_model": {"artifact": {"eps": artifact.eps, "norm": artifact.norm},
+                         "set": {"eps": attack_set.manifest.get("eps"), "norm": attack_set.manifest.get("norm")}},
         "eps": eps,
         "norm": norm,
         "runtime_info": runner_info,

@@ -12,7 +12,7 @@ import pytest
 
 from cstar.cli import main as cli_main
 from cstar.errors import CstarError
-from cstar.manifest import read_manifest
+from cstar.manifest import read_manifest, sha256_file
 from deploy.attackset import run_attackset
 from deploy.bench import run_bench
 from deploy.report import REPORT_SCHEMA, markdown_table, validate_report
@@ -135,10 +135,28 @@ def test_square_options_defaults_strict_and_validation(robust_export: Path, atta
     assert any(w.startswith(SQUARE_STALLED_WARNING) for w in report["warnings"]), report["warnings"]
 
 
+def _disagreeing_set(attack_set: Path, out: Path) -> Path:
+    """A copy of the set whose reference clean logits rank the classes backwards (sha256 updated): the runtime
+    disagrees with that reference on every example, so only the agreement check fails (the reference's clean
+    and robust accuracy only go down)."""
+    shutil.copytree(attack_set, out)
+    with np.load(out / "attackset.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["ref_logits_clean"] = np.ascontiguousarray(-arrays["ref_logits_clean"])
+    np.savez_compressed(out / "attackset.npz", **arrays)  # type: ignore[arg-type]
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["set"]["sha256"] = sha256_file(out / "attackset.npz")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def test_gate_failure_exit_code_and_report(robust_build: Path, attack_set: Path, work: Path) -> None:
+    """A failed gate (valid thresholds, a runtime that disagrees) exits 1; a threshold outside its range
+    (--min-agreement 1.01) is a bad argument instead (exit 2, tests/test_bad_inputs.py)."""
     out = work / "report-fail"
-    code = cli_main(["verify", "--artifact", str(robust_build), "--set", str(attack_set), "--square-queries", "0",
-                     "--min-agreement", "1.01", "--out", str(out)])
+    disagreeing = _disagreeing_set(attack_set, work / "set-disagree")
+    code = cli_main(["verify", "--artifact", str(robust_build), "--set", str(disagreeing), "--square-queries", "0",
+                     "--out", str(out)])
     assert code == 1
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is False and report["failed_checks"] == ["agreement"]
