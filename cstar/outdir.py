@@ -200,6 +200,41 @@ def clean_stale(out: PathLike) -> list[Path]:
     return removed
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_orphans(parent: PathLike) -> list[Path]:
+    """Remove other outputs' temporaries in `parent` whose writer is dead here and whose lock is free.
+
+    Both conditions: a pid alone could belong to another host sharing the folder, a free lock alone
+    to a writer between its lock and its mkdir. Returns what went.
+    """
+    removed: list[Path] = []
+    for entry in Path(parent).glob(f".*{TMP_TAG}*"):
+        name, _, tail = entry.name[1:].rpartition(TMP_TAG)
+        pid = tail.split("-", 1)[0]
+        if not name or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        owner = entry.parent / name
+        try:
+            fd = _acquire_lock(owner)
+        except CstarError:
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        finally:
+            _release_lock(owner, fd)
+    return removed
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -245,6 +280,7 @@ class OutputDir:
         try:
             self._check()  # another writer may have published between the first check and the lock
             clean_stale(self.out)
+            clean_orphans(self.out.resolve().parent)
             if self.resumable or self.in_place:
                 self.work = self.out  # created by the stage's first write: a refused run leaves nothing
             else:

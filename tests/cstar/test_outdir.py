@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,18 @@ def test_stale_temporaries_are_removed_and_an_interrupted_swap_is_restored(tmp_p
     os.rename(out, tmp_path / ".out.old-999999-dead")  # killed between the two renames of a --force swap
     assert [p.name for p in clean_stale(out)] == [".export-abc"]
     assert artifact_stage(out) == "export" and not (out / ".export-abc").exists()
+
+
+def test_orphans_of_dead_writers_of_other_outputs_are_removed(tmp_path: Path) -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid names no live process (a killed writer)
+    dead = tmp_path / f".gone.tmp-{finished.pid}-dead"
+    live = tmp_path / f".busy.tmp-{os.getpid()}-live"  # a writer that is still running
+    for path in (dead, live):
+        path.mkdir()
+    with OutputDir(tmp_path / "out", "export") as work:
+        write_manifest(work, "export", {})
+    assert not dead.exists() and live.is_dir()
 
 
 def test_an_unwritable_out_is_an_error_with_a_fix(train_copy: Path, tmp_path: Path,

@@ -122,6 +122,18 @@ def test_weights_without_manifest_is_an_interrupted_run(digits: DataBundle, tmp_
     assert "without a resume state" in err and f"delete {out}" in err
 
 
+@pytest.mark.parametrize("exists", [False, True])
+def test_resume_without_a_saved_state_is_refused(exists: bool, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    if exists:
+        out.mkdir()
+    assert cli_main(_cli(out, "--resume")) == 2  # not a silent fresh start
+    err = capsys.readouterr().err
+    assert "holds no saved state to resume" in err and "  fix: drop --resume" in err
+    assert out.exists() == exists and (not exists or not any(out.iterdir()))
+
+
 def test_manifest_with_mismatching_weights_is_corrupt(digits: DataBundle, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = _finished_dir(tmp_path / "run", digits)
