@@ -251,11 +251,11 @@ def run_compress(
     from cstar import distributed as dist
     from cstar.config import config_from_dict
     from cstar.manifest import read_manifest
-    from cstar.outdir import OutputDir, holding
+    from cstar.outdir import OutputDir, holding, writing_rank
 
     cfg = _resolve_config(config, ratio, by, method, config_from_dict)
     claim = OutputDir(Path(out_dir), "compress", (from_dir, cfg.latency_table), force=force)
-    with holding(claim if dist.is_main() else None, out_dir) as work:
+    with holding(claim if writing_rank() else None, out_dir) as work:
         _compress_into(from_dir, work, cfg, progress)
     dist.barrier()
     return read_manifest(out_dir, ["compress"])

@@ -348,6 +348,11 @@ class OutputDir:
             self.discard()
 
 
+def writing_rank() -> bool:
+    """True in the process that writes outputs: rank 0 under torchrun ($RANK, set before the group exists)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 @contextlib.contextmanager
 def holding(claim: OutputDir | None, fallback: PathLike) -> Iterator[Path]:
     """`with claim` when there is one (the writing rank), else just `fallback` (ranks that never write)."""

@@ -758,11 +758,11 @@ def claim_run_dir(args: argparse.Namespace) -> Any:
     Refuses another stage's directory, user data and the dataset's own path; holds the lock while training.
     """
     from cstar.checkpoint import WEIGHTS_NAME
-    from cstar.outdir import OutputDir, dataset_path
+    from cstar.outdir import OutputDir, dataset_path, writing_rank
 
     claim = OutputDir(Path(args.out), "train", (dataset_path(args.data),), resumable=True,
                       own_files=(".state", WEIGHTS_NAME))
-    return claim if dist.is_main() else None
+    return claim if writing_rank() else None
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
