@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,12 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail (instead of warn) when the TensorRT preflight finds a problem "
                              "(--target tensorrt)")
     parser.add_argument("--out", required=True, help="output directory (model.int8.onnx + manifest.json)")
+    parser.add_argument("--force", action="store_true", help="replace an existing calibrate directory at --out")
 
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry point."""
     manifest = run_calibrate(
-        args.from_dir, args.out, data=args.data, samples=args.samples, method=args.method,
+        args.from_dir, args.out, force=args.force, data=args.data, samples=args.samples, method=args.method,
         include_adversarial=args.include_adversarial, reference=args.reference, seed=args.seed,
         parity_samples=args.parity_samples, strict_trt=args.strict_trt, target=args.target,
     )
@@ -222,14 +222,17 @@ def run_calibrate(
     per_channel: bool = True,
     verbose: bool = True,
     target: str = DEFAULT_TARGET,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Quantize an export directory to INT8 (QDQ, the format `target` runs fast) into `out_dir`.
 
-    Returns the manifest written.
+    Returns the manifest written. `out_dir` follows cstar.outdir's rule (`force` replaces an existing
+    calibrate directory).
     """
     from calibration.calib_set import build_calibration_set, craft_pgd, load_reference
     from calibration.quantize import quantize_for_target, target_format
     from cstar.data import DatasetSpec
+    from cstar.outdir import OutputDir, dataset_path
 
     from_dir, out = Path(from_dir), Path(out_dir)
     if method not in METHODS:
@@ -251,8 +254,7 @@ def run_calibrate(
     for key in ("onnx", "dataset"):
         if key not in export:
             raise CstarError(f"{from_dir}/{MANIFEST_NAME} lacks '{key}'", "re-run cstar export")
-    if out.resolve() == from_dir.resolve():
-        raise CstarError("--out is the export directory itself", "pass a new directory for the INT8 artifact")
+    claim = OutputDir(out, "calibrate", (from_dir, reference, dataset_path(data)), force=force)
     onnx_block = export["onnx"]
     fp32_path = verify_file(from_dir, onnx_block["file"], onnx_block["sha256"])
     spec = _check_data(data, DatasetSpec.from_dict(export["dataset"]))
@@ -280,14 +282,13 @@ def run_calibrate(
         from calibration.executorch_lower import CalibrationJob, calibrate_executorch
 
         assert reference_dir is not None  # refused above
-        return calibrate_executorch(CalibrationJob(
-            from_dir, out, export, fp32_path, spec, eps, norm, reference_dir, calib, eval_images, eval_labels,
-            eval_indices, method, seed, include_adversarial, warnings, pgd_steps=EVAL_PGD_STEPS), verbose)
+        with claim as work:  # staged sibling, renamed into place once the .pte and manifest are written
+            calibrate_executorch(CalibrationJob(
+                from_dir, work, export, fp32_path, spec, eps, norm, reference_dir, calib, eval_images, eval_labels,
+                eval_indices, method, seed, include_adversarial, warnings, pgd_steps=EVAL_PGD_STEPS), verbose)
+        return read_manifest(out, ("calibrate",))
 
-    out.mkdir(parents=True, exist_ok=True)
-    stale = out / MANIFEST_NAME
-    if stale.exists():  # this directory is being rewritten: it is unfinished until the new manifest lands
-        stale.unlink()
+    final_dir, out = out, claim.open()  # write into the staged sibling; renamed into place at the end
     tmp = atomic_target(out / INT8_NAME)
     final = out / INT8_NAME
     placed = False
@@ -380,7 +381,7 @@ def run_calibrate(
         _remove_quietly(tmp)
         if placed:
             _remove_quietly(final)
-        if out.is_dir() and not any(out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
+        claim.discard()
         raise
-    return read_manifest(out, ("calibrate",))
+    claim.publish()
+    return read_manifest(final_dir, ("calibrate",))

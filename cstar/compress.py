@@ -135,6 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CompressConfig()
     parser.add_argument("--from", dest="from_dir", required=True, help="train-stage directory (dense robust model)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--force", action="store_true", help="replace an existing compress directory at --out")
     parser.add_argument("--ratio", type=float, required=True, help="compression ratio, e.g. 8 (dense / compressed)")
     parser.add_argument("--by", choices=BUDGETS, default=defaults.by,
                         help="budget counted in params, FLOPs (MACs) or latency predicted by --latency-table")
@@ -213,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        manifest = run_compress(args.from_dir, args.out, config=config, progress=not args.quiet)
+        manifest = run_compress(args.from_dir, args.out, config=config, progress=not args.quiet, force=args.force)
         main_rank = dist.is_main()
     finally:
         dist.cleanup()
@@ -242,21 +243,37 @@ def run_compress(
     method: str | None = None,
     config: CompressConfig | dict[str, Any] | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Compress the train-stage checkpoint in `from_dir` into `out_dir`; returns the written manifest.
 
     `ratio`/`by`/`method` override the same fields of `config` (a CompressConfig or a dict of its keys).
     Under torchrun (WORLD_SIZE > 1) it joins the process group; rank 0 alone writes `out_dir`.
+    `out_dir` follows cstar.outdir's rule (`force` replaces an existing compress directory).
     """
+    from cstar import distributed as dist
+    from cstar.config import config_from_dict
+    from cstar.manifest import read_manifest
+    from cstar.outdir import OutputDir, holding, writing_rank
+
+    cfg = _resolve_config(config, ratio, by, method, config_from_dict)
+    claim = OutputDir(Path(out_dir), "compress", (from_dir, cfg.latency_table), force=force)
+    with holding(claim if writing_rank() else None, out_dir) as work:
+        _compress_into(from_dir, work, cfg, progress)
+    dist.barrier()
+    return read_manifest(out_dir, ["compress"])
+
+
+def _compress_into(from_dir: str | Path, work: Path, cfg: CompressConfig, progress: bool) -> None:
+    """The stage's work; rank 0 writes the checkpoint into `work` (the staged --out)."""
     import torch
 
     from cstar import distributed as dist
     from cstar.checkpoint import load_checkpoint, save_checkpoint
-    from cstar.config import config_from_dict, config_to_dict
+    from cstar.config import config_to_dict
     from cstar.data import DatasetSpec, load_dataset_from_spec
     from cstar.manifest import file_entry, read_manifest
 
-    cfg = _resolve_config(config, ratio, by, method, config_from_dict)
     source = read_manifest(from_dir, ["train"])
     cfg = _inherit_recipe(cfg, source)
     table = _latency_table(cfg, progress)
@@ -297,10 +314,8 @@ def run_compress(
         if isinstance(body.get("allocation"), dict):  # the allocator's sum has no spill: the model's prediction has
             body["allocation"]["planned_cost"] = body["latency"]["predicted_ms"]
     if dist.is_main():
-        save_checkpoint(out_dir, compressed.cpu(), "compress", source["model"]["name"],
+        save_checkpoint(work, compressed.cpu(), "compress", source["model"]["name"],
                         source["model"].get("options", {}), spec, body)
-    dist.barrier()
-    return read_manifest(out_dir, ["compress"])
 
 
 def _resolve_config(config: CompressConfig | dict[str, Any] | None, ratio: float | None, by: str | None,

@@ -753,11 +753,33 @@ def check_run_dir(out: Path, resume: bool) -> dict[str, Any] | None:
     return None
 
 
+def claim_run_dir(args: argparse.Namespace) -> Any:
+    """The run directory's claim (cstar.outdir, resumable in place); None on ranks that never write.
+
+    Refuses another stage's directory, user data and the dataset's own path; holds the lock while training.
+    """
+    from cstar.checkpoint import WEIGHTS_NAME
+    from cstar.outdir import OutputDir, dataset_path, writing_rank
+
+    claim = OutputDir(Path(args.out), "train", (dataset_path(args.data),), resumable=True,
+                      own_files=(".state", WEIGHTS_NAME))
+    return claim if writing_rank() else None
+
+
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as the CLI arguments say and write the train-stage directory; returns its manifest.
 
-    Under torchrun every rank trains; rank 0 alone writes the state, the weights and the manifest.
+    Under torchrun every rank trains; rank 0 alone writes the state, the weights and the manifest (and
+    holds the run directory's lock, cstar.outdir).
     """
+    from cstar.outdir import holding
+
+    with holding(claim_run_dir(args), args.out):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    """run_train's work, with the run directory claimed."""
     from cstar.checkpoint import save_checkpoint
     from cstar.data import load_dataset, to_tensors
     from cstar.manifest import read_manifest

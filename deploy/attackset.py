@@ -42,12 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling and PGD random-start seed")
     parser.add_argument("--batch-size", type=int, default=256, help="attack batch size")
     parser.add_argument("--out", required=True, help="output directory for attackset.npz + manifest.json")
+    parser.add_argument("--force", action="store_true", help="replace an existing attack set directory at --out")
 
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: craft the set and print a one-line summary."""
     manifest = run_attackset(args.reference, args.data, args.out, samples=args.samples, eps=args.eps,
-                             steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+                             steps=args.steps, seed=args.seed, batch_size=args.batch_size, force=args.force)
     metrics = manifest["metrics"]
     print(f"attackset: n={manifest['set']['n']} eps={manifest['eps']} clean={metrics['clean_acc']:.4f} "
           f"pgd={metrics['robust_acc']:.4f} fgsm={metrics['fgsm_robust_acc']:.4f} -> {args.out}")
@@ -122,16 +123,22 @@ def run_attackset(
     steps: int = 20,
     seed: int = 0,
     batch_size: int = 256,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Craft PGD/FGSM inputs on the reference for a stratified test subset; write the set and its manifest."""
+    """Craft PGD/FGSM inputs on the reference for a stratified test subset; write the set and its manifest.
+
+    `out` follows cstar.outdir's rule (`force` replaces an existing attackset directory).
+    """
     import torch
 
-    from cstar.checkpoint import WEIGHTS_NAME, load_checkpoint
+    from cstar.checkpoint import load_checkpoint
     from cstar.data import load_dataset, to_tensors
+    from cstar.outdir import OutputDir, dataset_path
 
     started = time.perf_counter()
     if eps is not None:
         validate.eps(eps)  # before the model is loaded
+    claim = OutputDir(Path(out), "attackset", (reference, dataset_path(data)), force=force)
     model, ref_manifest = load_checkpoint(reference)
     _check_dataset(data, ref_manifest["dataset"])
     ref_eps = ref_manifest.get("eps")
@@ -155,9 +162,18 @@ def run_attackset(
     arrays = _craft(model, images, labels, configs, batch_size)
     y = labels.numpy().astype(np.int64)
     arrays = {"x_clean": images.numpy().astype(np.float32), "labels": y, "indices": indices.astype(np.int64), **arrays}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # unfinished until the new manifest lands
+    with claim as out_dir:  # staged sibling, renamed into place once set and manifest are written
+        _write_set(out_dir, arrays, reference, ref_manifest, eps, norm, input_shape, seed, configs, started)
+    return read_manifest(out, ("attackset",))
+
+
+def _write_set(out_dir: Path, arrays: dict[str, np.ndarray], reference: str | Path, ref_manifest: dict[str, Any],
+               eps: float, norm: str, input_shape: tuple[int, ...], seed: int, configs: dict[str, Any],
+               started: float) -> None:
+    """attackset.npz, then manifest.json (last) into `out_dir`."""
+    from cstar.checkpoint import WEIGHTS_NAME
+
+    y = arrays["labels"]
     _save_npz(out_dir / SET_FILE, arrays)
     body = {
         "inputs": [file_entry(Path(reference) / MANIFEST_NAME),
@@ -179,4 +195,3 @@ def run_attackset(
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_manifest(out_dir, "attackset", body)
-    return read_manifest(out_dir, ("attackset",))

@@ -82,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime intra-op / OpenVINO inference threads (default: runtime's)")
     parser.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
     parser.add_argument("--workspace", dest="workspace_mb", type=int, default=1024, help="TensorRT workspace MiB")
+    parser.add_argument("--force", action="store_true", help="replace an existing build directory at --out")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = run_build(
         args.from_dir, args.backend, args.out,
         batch_sizes=(args.min_batch, args.max_batch), precision=args.precision, threads=args.threads,
-        workspace_mb=args.workspace_mb, opt_batch=args.opt_batch, timing_cache=args.timing_cache,
+        workspace_mb=args.workspace_mb, opt_batch=args.opt_batch, timing_cache=args.timing_cache, force=args.force,
     )
     build = manifest["build"]
     batch = build["batch"]
@@ -187,23 +188,6 @@ def _batch_range(batch_sizes: tuple[int, ...], opt_batch: int | None) -> tuple[i
     return low, opt, high
 
 
-def _prepare_out(out: Path, source: Path) -> bool:
-    """Check the output directory; returns True when this build creates it."""
-    if out.resolve() == source.resolve():
-        raise CstarError("--out is the same directory as --from", "pass a new output directory")
-    if not out.exists():
-        return True
-    if not out.is_dir():
-        raise CstarError(f"--out {out} exists and is not a directory", "pass a directory path")
-    if (out / MANIFEST_NAME).is_file():
-        stage = read_manifest(out).get("stage")
-        if stage != "build":
-            raise CstarError(f"--out {out} holds a '{stage}' artifact", "pass a new output directory")
-    elif any(out.iterdir()) and not (out / BUILD_INFO_NAME).exists():
-        raise CstarError(f"--out {out} is not empty and is not a build directory", "pass a new or empty directory")
-    return False
-
-
 def _copy_atomic(src: Path, dst: Path) -> None:
     tmp = atomic_target(dst)
     try:
@@ -256,13 +240,20 @@ def run_build(
     workspace_mb: int = 1024,
     opt_batch: int | None = None,
     timing_cache: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Build `backend`'s artifact from an export/calibrate directory into `out_dir`; returns the manifest."""
+    """Build `backend`'s artifact from an export/calibrate directory into `out_dir`; returns the manifest.
+
+    `out_dir` follows cstar.outdir's rule (`force` replaces an existing build directory).
+    """
+    from cstar.outdir import OutputDir
     from deploy.artifact import load_artifact
 
     if backend not in backend_names():
         raise CstarError(f"unknown backend '{backend}'", f"use one of: {', '.join(backend_names())}")
     source_dir, out = Path(from_dir), Path(out_dir)
+    _check_counts(threads, workspace_mb)
+    claim = OutputDir(out, "build", (source_dir, timing_cache), force=force)
     source = load_artifact(source_dir)
     if source.stage == "build":
         raise CstarError(
@@ -280,10 +271,7 @@ def run_build(
         _import_trt()
         if chosen == "fp16":  # a strongly typed network takes FP16 from a converted ONNX
             require_fp16_converter()
-    created_dir = _prepare_out(out, source_dir)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # unfinished until the new manifest lands
+    final_dir, out = out, claim.open()  # write into the staged sibling; renamed into place at the end
     written: list[Path] = []
     try:
         if backend == "tensorrt":
@@ -333,11 +321,22 @@ def run_build(
             if key in source.manifest:
                 body[key] = source.manifest[key]
         body["versions"] = {**source.manifest.get("versions", {}), **library_versions(VERSION_PACKAGES)}
-        path = write_manifest(out, "build", body)
+        write_manifest(out, "build", body)
     except BaseException:
-        _cleanup(out, written, created_dir)
+        _cleanup(out, written)
+        claim.discard()
         raise
-    return read_manifest(path.parent)
+    claim.publish()
+    return read_manifest(final_dir)
+
+
+def _check_counts(threads: int | None, workspace_mb: int) -> None:
+    """Counts that must be positive, refused before any work (never written into build.json)."""
+    if threads is not None and threads < 1:
+        raise CstarError(f"--threads must be >= 1, got {threads}",
+                         "pass a positive thread count, or leave --threads out (the runtime's default)")
+    if workspace_mb < 1:
+        raise CstarError(f"--workspace must be >= 1 MiB, got {workspace_mb}", "pass e.g. --workspace 1024")
 
 
 def _resolved(runner_options: dict[str, Any], out: Path, build_info: dict[str, Any]) -> dict[str, Any]:
@@ -346,7 +345,7 @@ def _resolved(runner_options: dict[str, Any], out: Path, build_info: dict[str, A
     return runner_options_from_build({**build_info, "runner_options": runner_options}, out)
 
 
-def _cleanup(out: Path, written: list[Path], created_dir: bool) -> None:
+def _cleanup(out: Path, written: list[Path]) -> None:
     for path in written:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -354,8 +353,6 @@ def _cleanup(out: Path, written: list[Path], created_dir: bool) -> None:
             path.unlink(missing_ok=True)
     for tmp in out.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-    if created_dir:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def ort_trt_timing_cache_dir(timing_cache: str | Path) -> Path:

@@ -353,12 +353,17 @@ def _upstream_dirs(stage: Stage) -> list[Path]:
     return dirs
 
 
+# stages whose --out needs --force to be replaced (cstar.outdir); the pipeline re-runs a stale one in place
+FORCE_COMMANDS = frozenset({"compress", "export", "calibrate", "build", "attackset", "verify"})
+
+
 def _invoke(stage: Stage) -> None:
-    """Run one stage through its CLI entry point."""
+    """Run one stage through its CLI entry point (with --force over its own earlier, stale output)."""
     from cstar.cli import build_command_parser
 
     parser, module = build_command_parser(stage.command)
-    args = parser.parse_args(stage.argv)
+    replace = stage.command in FORCE_COMMANDS and stage.out_dir is not None and stage.out_dir.exists()
+    args = parser.parse_args([*stage.argv, "--force"] if replace else stage.argv)
     code = int(module.main(args) or 0)  # type: ignore[attr-defined]
     if code != 0:
         raise CstarError(f"stage '{stage.key}' exited with status {code}", f"run: cstar {stage.command} "
@@ -403,14 +408,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cstar.outdir import OutputDir
     from deploy.pipeline_report import summary_table, write_pipeline_report
     from deploy.selection import materialize
 
     config = load_config(args.config)
     started = time.perf_counter()
-    stages = run_pipeline(config, args.out, force=args.force)
-    summary = write_pipeline_report(args.out, config, stages)
-    materialize(args.out, summary.deployed)
+    with OutputDir(args.out, "pipeline", (args.config,), resumable=True):  # checked and locked while it runs
+        stages = run_pipeline(config, args.out, force=args.force)
+        summary = write_pipeline_report(args.out, config, stages)
+        materialize(args.out, summary.deployed)
     print()
     print(summary_table(summary))
     failed = [s.key for s in stages if s.status == "failed"]

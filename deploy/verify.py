@@ -5,7 +5,7 @@ and the score-based Square attack (`cstar.square`, numpy) attacks the runtime it
 whose robustness was lost (or only hidden, e.g. gradient masking after INT8 quantization) in
 deployment is caught. The worst case over every attack is gated against the reference.
 
-Device side: numpy, stdlib, cstar.manifest/errors/square and deploy.artifact/backends only; torch
+Device side: numpy, stdlib, cstar.manifest/errors/square/outdir and deploy.artifact/backends only; torch
 is imported (through deploy.attackset) only in the host convenience branch `--reference`.
 """
 
@@ -116,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="min top-1 agreement with the reference on clean inputs (default 0.98)")
     parser.add_argument("--threads", type=int, default=None, help="runtime intra-op threads (ONNX Runtime backends)")
     parser.add_argument("--out", required=True, help="report directory (report.json, report.md, report.png)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing report directory at --out")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,13 +127,14 @@ def main(args: argparse.Namespace) -> int:
             raise CstarError("--reference needs --data", "pass --data NAME (the reference's dataset)")
         from deploy.attackset import run_attackset  # host only: torch
 
+        report_claim(args.out, args.artifact, None, args.force)  # refuse a wrong --out before crafting
         set_dir = str(Path(args.out) / "attackset")
-        run_attackset(args.reference, args.data, set_dir, samples=args.samples, seed=args.seed)
+        run_attackset(args.reference, args.data, set_dir, samples=args.samples, seed=args.seed, force=args.force)
     thresholds = Thresholds(args.min_agreement, args.max_clean_drop, args.max_robust_drop)
     report = run_verify(args.artifact, set_dir, args.out, backend=args.backend, thresholds=thresholds,
                         square_queries=args.square_queries, square_samples=args.square_samples,
                         square_p_init=args.square_p_init, square_restarts=args.square_restarts, strict=args.strict,
-                        seed=args.seed, threads=args.threads, raise_on_fail=False)
+                        seed=args.seed, threads=args.threads, raise_on_fail=False, force=args.force)
     print(summary_line(report))
     if not report["passed"]:
         raise GateFailure(f"verify on {report['backend']} failed: {', '.join(report['failed_checks'])} "
@@ -408,16 +410,18 @@ def run_verify(
     seed: int = 0,
     threads: int | None = None,
     raise_on_fail: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Verify an artifact on a runtime against a transfer set; write report.{json,md,png}.
 
     Square: `square_queries` None = 1000 (5000 with `strict`), on `square_samples` examples (None = the set
     capped at 200, 1000 with `strict`). Raises GateFailure (after writing the report) when a check fails
-    and `raise_on_fail`.
+    and `raise_on_fail`. `out` follows cstar.outdir's rule (`force` overwrites an existing report).
     """
     from deploy.artifact import load_artifact, open_runner
 
     started = time.perf_counter()
+    claim = report_claim(out, artifact_dir, set_dir, force)
     thresholds = thresholds or Thresholds()
     _check_square_args(square_queries, square_samples, square_p_init, square_restarts, seed)
     attack_set = load_attackset(set_dir)
@@ -440,10 +444,24 @@ def run_verify(
     failed = [c["name"] for c in checks if not c["passed"]]
     report = _assemble(artifact, backend, attack_set, eps, norm, thresholds, checks, failed,
                        {"reference": reference, "runtime": runtime}, warnings, runner_info, started)
-    write_report(out, report)
+    with claim as report_dir:
+        write_report(report_dir, report)
     if failed and raise_on_fail:
         raise GateFailure(f"verify on {backend} failed: {', '.join(failed)}", f"see {Path(out) / 'report.md'}")
     return report
+
+
+def report_claim(out: str | Path, artifact_dir: str | Path, set_dir: str | Path | None, force: bool) -> Any:
+    """The report directory's claim (cstar.outdir, in place): never an input's or another stage's directory.
+
+    A set crafted into OUT/attackset (`--reference`) is the report's own, not an input to protect.
+    """
+    from cstar.outdir import OutputDir
+
+    own = set_dir is not None and Path(out).resolve() in Path(set_dir).resolve().parents
+    inputs = (artifact_dir,) if set_dir is None or own else (artifact_dir, set_dir)
+    return OutputDir(Path(out), "verify", inputs, force=force, in_place=True,
+                     own_files=("attackset", "report.md", "report.png"))
 
 
 def _check_square_args(queries: int | None, samples: int | None, p_init: float, restarts: int, seed: int) -> None:

@@ -1,7 +1,8 @@
 """CLI stage `cstar export`: checkpoint -> deploy form -> ONNX -> simplified -> parity-checked.
 
-Everything is written into a temp directory inside `out_dir` first; `model.onnx` is moved into place
-only after parity passed, and `manifest.json` is written last. A failed export leaves neither.
+Everything is written into a staged sibling of `out_dir` (cstar.outdir's rule): `model.onnx` is moved
+into it only after parity passed, `manifest.json` is written last, and the sibling is renamed into
+place at the end. A failed export leaves neither.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch size whose latencies decide (default: the table's first); of a list (a "
                              "compress budget at several batch sizes) the first decides, as in compress")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("--force", action="store_true", help="replace an existing export directory at --out")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the stage from parsed arguments; prints a one-line summary."""
     manifest = run_export(
-        args.from_dir, args.out, opset=args.opset, simplifier=args.simplifier,
+        args.from_dir, args.out, opset=args.opset, simplifier=args.simplifier, force=args.force,
         dynamic_batch=args.static_batch is None, static_batch=args.static_batch,
         parity_samples=args.parity_samples, tolerance=args.tolerance, progress=not args.quiet,
         latency_table=args.latency_table, latency_batch=args.latency_batch,
@@ -85,10 +87,6 @@ def _validate(from_dir: Path, out_dir: Path, simplifier: str, opset: int, static
         raise CstarError(f"--parity-samples must be >= 1, got {parity_samples}", "pass a positive sample count")
     if not tolerance > 0:
         raise CstarError(f"--tolerance must be > 0, got {tolerance}", "pass e.g. --tolerance 1e-4")
-    if out_dir.exists() and from_dir.exists() and out_dir.resolve() == from_dir.resolve():
-        raise CstarError("--out is the same directory as --from", "write the export into a new directory")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CstarError(f"--out {out_dir} exists and is not a directory", "pick another output path")
 
 
 def run_export(
@@ -104,35 +102,34 @@ def run_export(
     parity_data: tuple[Any, Any] | None = None,
     latency_table: str | Path | None = None,
     latency_batch: int | str | Sequence[int] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Export the checkpoint in `from_dir` to `out_dir/model.onnx` + manifest; returns the manifest.
 
     `parity_data` = (images, labels) replaces the checkpoint's test set for the parity check (used
     for datasets that cannot be reloaded here, e.g. synthetic specs in tests). `latency_table` (a
     `cstar profile` table) picks each factorized layer's deploy form at `latency_batch`.
+    `out_dir` follows cstar.outdir's rule (`force` replaces an existing export directory).
     """
+    from cstar.outdir import OutputDir
+
     from_path, out_path = Path(from_dir), Path(out_dir)
     _validate(from_path, out_path, simplifier, opset, static_batch, parity_samples, tolerance)
+    claim = OutputDir(out_path, "export", (from_path, latency_table), force=force)
     table = _load_table(latency_table, latency_batch)
     log = _logger(progress)
     from cstar.checkpoint import load_checkpoint
 
     model, source = load_checkpoint(from_path)
     log(f"loaded {source['model']['name']} ({source['stage']}) from {from_path}")
-    created = not out_path.exists()
-    out_path.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_path))
-    try:
-        body = _export_into(work, model, source, from_path, opset, simplifier, dynamic_batch, static_batch,
-                            parity_samples, tolerance, parity_data, log, table)
-        _publish(work, out_path, body)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        if created and not any(out_path.iterdir()):
-            out_path.rmdir()
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with claim as staged:  # the whole directory is renamed into place once complete
+        work = Path(tempfile.mkdtemp(prefix=".export-", dir=staged))
+        try:
+            body = _export_into(work, model, source, from_path, opset, simplifier, dynamic_batch, static_batch,
+                                parity_samples, tolerance, parity_data, log, table)
+            _publish(work, staged, body)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {out_path / MODEL_FILE} and {out_path / MANIFEST_NAME}")
     from cstar.manifest import read_manifest
 

@@ -159,8 +159,8 @@ def test_bad_batch_range_and_sources(export_dir: Path, tmp_path: Path) -> None:
         run_build(export_dir, "ort-cpu", tmp_path / "b1", batch_sizes=(8, 4))
     with pytest.raises(CstarError, match="unknown backend"):
         run_build(export_dir, "trt", tmp_path / "b2")
-    with pytest.raises(CstarError, match="same directory"):
-        run_build(export_dir, "ort-cpu", export_dir)
+    with pytest.raises(CstarError, match="is the input"):
+        run_build(export_dir, "ort-cpu", export_dir, force=True)
     built = tmp_path / "b3"
     run_build(export_dir, "ort-cpu", built)
     with pytest.raises(CstarError, match="already a build"):
@@ -186,8 +186,12 @@ def test_smoke_failure_leaves_no_files(tmp_path: Path) -> None:
 def test_rebuild_into_existing_build_dir(export_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "build"
     run_build(export_dir, "ort-cpu", out, batch_sizes=(1, 8))
-    manifest = run_build(export_dir, "ort-cpu", out, batch_sizes=(2, 32))
+    with pytest.raises(CstarError, match="already holds a finished build"):
+        run_build(export_dir, "ort-cpu", out, batch_sizes=(2, 32))
+    assert read_manifest(out)["build"]["batch"]["max"] == 8
+    manifest = run_build(export_dir, "ort-cpu", out, batch_sizes=(2, 32), force=True)
     assert manifest["build"]["batch"]["max"] == 32
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staged/old copy, no lock
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -214,6 +218,18 @@ def test_cli_build(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["build", "--from", str(export_dir), "--backend", "ort-cpu", "--out", str(tmp_path / "x"),
                  "--precision", "int8"]) == 2
     assert "fix:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--threads", "-1"), ("--threads", "0"), ("--workspace", "0")])
+def test_cli_build_refuses_non_positive_counts(export_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               flag: str, value: str) -> None:
+    from cstar.cli import main
+
+    out = tmp_path / "build"
+    assert main(["build", "--from", str(export_dir), "--backend", "ort-cpu", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be >= 1" in err and "  fix: " in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])

@@ -169,3 +169,38 @@ def test_latency_budget_profiles_the_first_backend_before_compress(tmp_path: Pat
     assert stages["calibrate-ort-cpu"].argv[stages["calibrate-ort-cpu"].argv.index("--target") + 1] == "ort-cpu"
     assert stages["build-int8-ort-cpu"].argv[1] == str(tmp_path / "calibrate-ort-cpu")
     assert {"verify-dense-openvino-cpu", "verify-dense-ort-cpu", "bench-dense-ort-cpu"} <= set(keys)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_stale_stage_is_rerun_with_force_only_over_its_own_directory(tmp_path: Path, exists: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import types
+
+    import cstar.cli
+    from deploy.pipeline import Stage, _invoke
+
+    seen: list[argparse.Namespace] = []
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--force", action="store_true")
+    module = types.SimpleNamespace(main=lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(cstar.cli, "build_command_parser", lambda name: (parser, module))
+    out = tmp_path / "export"
+    if exists:
+        out.mkdir()
+    stage = Stage("export", "export", ["--out", str(out)], out, "t")
+    _invoke(stage)
+    assert seen[0].force is exists and stage.argv == ["--out", str(out)]  # the recorded command line stays
+
+
+def test_pipeline_refuses_a_run_dir_holding_user_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cstar.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    assert main(["pipeline", "--out", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty (notes.txt)" in err and "  fix: " in err
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
