@@ -85,7 +85,7 @@ def _parsed_config(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
 
     captured: dict[str, Any] = {}
 
-    def fake_run(from_dir: str, out: str, config: Any, progress: bool) -> dict[str, Any]:
+    def fake_run(from_dir: str, out: str, config: Any, progress: bool, force: bool = False) -> dict[str, Any]:
         captured["config"] = config
         return {"metrics": {"clean_acc": 1.0, "robust_acc": 1.0, "attack": {}},
                 "compression": {"params_ratio": 1.0, "flops_ratio": 1.0}}
