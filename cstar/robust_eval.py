@@ -103,7 +103,7 @@ class SuiteResult:
     @property
     def robust_acc(self) -> float:
         """Per-example worst case over the suite (fraction of examples no attack fooled)."""
-        return float(self.robust.mean()) if self.robust.size else 0.0
+        return int(self.robust.sum()) / max(self.robust.size, 1)
 
     def to_manifest(self) -> dict[str, Any]:
         """The `metrics.attack` block: suite, eps, norm and each attack's name, settings and accuracy."""
@@ -114,6 +114,11 @@ class SuiteResult:
         if self.pgd20_robust_acc is not None:
             block["pgd20_robust_acc"] = self.pgd20_robust_acc
         return block
+
+
+def _fraction(mask: torch.Tensor) -> float:
+    """Share of True entries, as count / n (the same float the numpy mask gives)."""
+    return int(mask.sum()) / max(mask.numel(), 1)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -209,7 +214,7 @@ def evaluate_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     device = _model_device(model)
     x, y = images.detach().float().to(device), labels.detach().long().to(device)
     robust = _predict(model, x, settings.batch_size).argmax(1) == y if x.shape[0] else torch.zeros(0, dtype=torch.bool)
-    result = SuiteResult(suite, float(eps), norm, float(robust.float().mean()) if robust.numel() else 0.0,
+    result = SuiteResult(suite, float(eps), norm, _fraction(robust),
                          np.zeros(0, dtype=bool))
     if _randomized(model, x):
         result.warnings.append("the model is randomized (two forward passes on the same inputs differ): gradient "
@@ -222,7 +227,7 @@ def evaluate_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             fooled = _attack_fooled(name, model, x[todo], y[todo], eps, norm, settings)
         robust[todo[fooled]] = False
         result.attacks.append(AttackRecord(name, _attack_settings(name, norm, eps, settings),
-                                           float(robust.float().mean()) if robust.numel() else 0.0,
+                                           _fraction(robust),
                                            int(fooled.sum()), time.monotonic() - started))
     result.robust = robust.cpu().numpy()
     _diagnose(result, model, x, y, eps, norm, settings, compare_pgd20)
@@ -240,7 +245,7 @@ def _diagnose(result: SuiteResult, model: nn.Module, x: torch.Tensor, y: torch.T
         correct = _predict(model, x, settings.batch_size).argmax(1) == y
         if eps > 0:
             correct &= ~_pgd_fooled(model, x, y, eps, norm, replace(settings, pgd_steps=20))
-        result.pgd20_robust_acc = float(correct.float().mean())
+        result.pgd20_robust_acc = _fraction(correct)
         gap = result.pgd20_robust_acc - result.robust_acc
         if gap > PGD_GAP_WARN:
             result.warnings.append(f"PGD-20 reads {100 * gap:.1f} points above the {result.suite} suite "
