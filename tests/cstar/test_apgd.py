@@ -29,12 +29,13 @@ def _linear_problem(norm: str, n: int = 300) -> tuple[nn.Module, torch.Tensor, t
     (dual norm: L1 for Linf, L2 for L2); eps stays small enough that the [0,1] box never binds.
     """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    linear = nn.Linear(16, 10)
+    model = nn.Sequential(nn.Flatten(), linear)
     x = 0.3 + 0.4 * torch.rand(n, 1, 4, 4)
     with torch.no_grad():
         logits = model(x)
         y = logits.argmax(1)
-        weights = model[1].weight
+        weights = linear.weight
         dual = (weights[y][:, None, :] - weights[None, :, :]).norm(p=1 if norm == "linf" else 2, dim=2)
         distance = (logits.gather(1, y[:, None]) - logits) / dual.clamp_min(1e-12)
         distance[torch.arange(n), y] = float("inf")
@@ -93,16 +94,18 @@ def test_every_attack_stays_in_the_eps_ball_and_unit_box(name: str, norm: str) -
 
 def test_attack_is_seeded_restores_train_mode_and_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    norm = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), norm, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     model.train()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    stats = model[1].running_mean.clone()
+    assert norm.running_mean is not None
+    stats = norm.running_mean.clone()
     rng = torch.random.get_rng_state()
     first = apgd(model, x, y, 0.1, APGDConfig(n_iter=10, seed=3))
     second = apgd(model, x, y, 0.1, APGDConfig(n_iter=10, seed=3))
     other = apgd(model, x, y, 0.1, APGDConfig(n_iter=10, seed=4))
     assert model.training
-    assert torch.equal(model[1].running_mean, stats)   # ran in eval mode: BatchNorm statistics untouched
+    assert torch.equal(norm.running_mean, stats)   # ran in eval mode: BatchNorm statistics untouched
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert torch.equal(first.x_adv, second.x_adv)
     assert not torch.equal(first.x_adv, other.x_adv)
