@@ -10,8 +10,8 @@ order, so a suite costs little more than its first attack):
   only; far too weak for a robustness claim on these models.
 The headline is the per-example worst case over the suite (`SuiteResult.robust_acc`); each
 attack's settings and the robust accuracy after it are recorded beside it (`to_manifest`).
-Diagnostics (AutoAttack's own checks) land in `SuiteResult.warnings`: Square fooling points the
-white-box attacks missed (gradient masking), PGD-20 above the suite by more than 5 points (with
+Diagnostics (AutoAttack's own checks) land in `SuiteResult.warnings`: Square fooling more than 0.2%
+of the points the white-box attacks missed (gradient masking), PGD-20 above the suite by more than 5 points (with
 `compare_pgd20`), and a randomized model (two forward passes differ).
 """
 
@@ -33,6 +33,7 @@ from cstar.square import P_INIT, square_attack
 SUITES = ("aa", "apgd", "pgd20")
 PGD20_PURPOSE = "training-time validation (PGD-20 overstates robustness; report aa or apgd)"
 PGD_GAP_WARN = 0.05
+SQUARE_GAIN_WARN = 0.002  # AutoAttack's check_square_sr: Square lowering robust accuracy by more than 0.2 points
 
 
 @dataclass
@@ -238,9 +239,10 @@ def _diagnose(result: SuiteResult, model: nn.Module, x: torch.Tensor, y: torch.T
               settings: SuiteSettings, compare_pgd20: bool) -> None:
     """AutoAttack's checks: black-box beating white-box, PGD-20 far above the suite."""
     square = next((a for a in result.attacks if a.name == "square"), None)
-    if square is not None and square.fooled > 0:
+    if square is not None and square.fooled > SQUARE_GAIN_WARN * result.n:
         result.warnings.append(f"Square (black-box) fooled {square.fooled} point(s) the white-box attacks left "
-                               "robust: a sign of gradient masking; trust the worst case, not the white-box numbers")
+                               f"robust ({100 * square.fooled / result.n:.1f} points): a sign of gradient masking; "
+                               "trust the worst case, not the white-box numbers")
     if compare_pgd20 and result.suite != "pgd20" and result.n:
         correct = _predict(model, x, settings.batch_size).argmax(1) == y
         if eps > 0:
