@@ -9,6 +9,7 @@ STAMP := $(VENV)/.cstar-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check -e ".[train,dev]"
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)
 
 demo: $(STAMP)
