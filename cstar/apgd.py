@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cstar.attacks import NORMS, eval_mode
+from cstar.attacks import NORMS, eval_mode, project_delta
 from cstar.errors import CstarError
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -143,12 +143,7 @@ def _norm(t: torch.Tensor, norm: str) -> torch.Tensor:
 
 def project(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project x_adv onto the eps-ball around x (Linf or L2), then onto [0,1] (which stays in the ball)."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        delta = delta * (eps / _norm(delta, norm).clamp_min(1e-12)).clamp(max=1.0)
-    return (x + delta).clamp(0.0, 1.0)
+    return (x + project_delta(x_adv - x, eps, norm)).clamp(0.0, 1.0)
 
 
 def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:

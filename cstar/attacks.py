@@ -66,7 +66,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project_delta(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project a perturbation onto the eps-ball (Linf: clamp; L2: rescale the rows longer than eps)."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
     flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (delta.ndim - 1)))
@@ -120,7 +121,7 @@ def pgd(
             delta.requires_grad_(True)
             loss = loss_fn(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss, delta)
-            delta = _project(delta.detach() + _step(grad, step, norm), eps, norm)
+            delta = project_delta(delta.detach() + _step(grad, step, norm), eps, norm)
             delta = ((x + delta).clamp(0, 1) - x).detach()
     return (x + delta).detach()
 

@@ -332,7 +332,7 @@ def _point_model_at(export_copy: Path, tmp_path: Path, how: str) -> None:
 def test_manifest_file_entries_stay_in_their_directory(how: str, command: str, export_copy: Path, tiny_npy: Path,
                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if how == "etc-passwd" and not Path("/etc/passwd").is_file():
-        pytest.skip("no /etc/passwd on this system")
+        pytest.skip(reason="no /etc/passwd on this system")
     _point_model_at(export_copy, tmp_path, how)
     out = tmp_path / "out"
     inputs = [export_copy, tiny_npy, tmp_path / "x"]
