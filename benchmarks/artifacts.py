@@ -24,6 +24,14 @@ from cstar.errors import CstarError
 
 TIMING_SUFFIX = ".timing.json"
 DEFAULT_EPS = {"digits": 0.2, "fashion-mnist": 0.1}
+# the attack suite of every stage run a benchmark makes: apgd (APGD-CE + APGD-T over 3 targets, 100 iterations)
+# is the CPU-sized white-box suite; a benchmark that wants aa passes eval_suite / --eval-suite itself
+BENCH_EVAL_SUITE = "apgd"
+
+
+def with_bench_suite(config: dict[str, Any]) -> dict[str, Any]:
+    """A compress config with the benchmarks' suite unless it names one."""
+    return {"eval_suite": BENCH_EVAL_SUITE, **config}
 
 
 def is_done(directory: Path) -> bool:
@@ -144,7 +152,8 @@ def check_reusable(directory: Path, record: Mapping[str, Any], inputs: Sequence[
 
 
 # what a compress manifest written before a CompressConfig key existed was run with
-LEGACY_COMPRESS_VALUES = {"factor_decay": "factors", "distill": 0.0, "distill_temperature": 1.0}
+# (before the attack suites, test metrics were PGD-20: such a run is refused where a suite is wanted)
+LEGACY_COMPRESS_VALUES = {"factor_decay": "factors", "distill": 0.0, "distill_temperature": 1.0, "eval_suite": "pgd20"}
 # keys that do not change what a run computes (where, how fast, whether the dense model is re-evaluated)
 COMPRESS_KEYS_IGNORED = ("device", "workers", "amp", "channels_last", "eval_dense")
 
@@ -228,7 +237,7 @@ def ensure_dense(data: str, out: Path, epochs: int | None, eps: float | None = N
     def run() -> None:
         parser = argparse.ArgumentParser()
         train.add_arguments(parser)
-        argv = ["--data", data, "--out", str(out), "--seed", str(seed)]
+        argv = ["--data", data, "--out", str(out), "--seed", str(seed), "--eval-suite", BENCH_EVAL_SUITE]
         if epochs is not None:
             argv += ["--epochs", str(epochs)]
         if eps is not None:
@@ -258,7 +267,7 @@ def ensure_compress(dense_dir: Path, root: Path, method: str, ratio: float, conf
     finetune = int(config.get("finetune_epochs", defaults.finetune_epochs))
     step = int(config.get("rank_step", 1))
     out = root / compress_name(method, ratio, admm, finetune, step)
-    full = {**config, "ratio": ratio, "method": method}
+    full = with_bench_suite({**config, "ratio": ratio, "method": method})
     return run_or_reuse(out, f"compress {method} x{ratio:g}",
                         lambda: run_compress(dense_dir, out, config=full, progress=False),
                         compress_expect(full, dense_dir))
@@ -308,16 +317,18 @@ def split_take(dataset: Mapping[str, Any], split: str, count: int) -> int:
 
 
 def ensure_attackset(reference: Path, data: str, out: Path, samples: int, seed: int) -> StageRun:
-    """run_attackset(reference -> out) unless finished with the same size and seed."""
+    """run_attackset(reference -> out, the benchmarks' suite) unless finished with the same size, seed and suite."""
     from deploy.attackset import run_attackset
 
     sources = (reference / "manifest.json",)
     expect = Expect(sources=sources)
     if is_done(out):  # the whole test split when it is smaller than --samples
         dataset = read_json(out / "manifest.json").get("dataset") or {}
-        expect = Expect(config={"set.seed": seed, "set.n": split_take(dataset, "test", samples)}, sources=sources)
+        expect = Expect(config={"set.seed": seed, "set.n": split_take(dataset, "test", samples),
+                                "set.suite": BENCH_EVAL_SUITE}, sources=sources)
     return run_or_reuse(out, f"attackset {reference.name}",
-                        lambda: run_attackset(reference, data, out, samples=samples, seed=seed), expect)
+                        lambda: run_attackset(reference, data, out, samples=samples, seed=seed, suite=BENCH_EVAL_SUITE),
+                        expect)
 
 
 # ---------------------------------------------------------------------------------------- model sets

@@ -50,8 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admm-epochs", type=int, default=None, help="CSTAR ADMM epochs (default compress's; quick 1)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="fine-tune epochs (default compress's; quick 0); baselines get admm+finetune")
-    parser.add_argument("--eval-limit", type=int, default=None, help="stratified test subset for PGD (quick 100)")
-    parser.add_argument("--eval-steps", type=int, default=20, help="PGD steps of the test metrics (default 20)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="stratified test subset of the test metrics (quick 100)")
+    parser.add_argument("--eval-suite", default="apgd", choices=("aa", "apgd"),
+                        help="attack suite of the test metrics (default apgd: APGD-CE + APGD-T, CPU-sized; aa adds "
+                             "Square)")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="APGD iterations of the test metrics (default: the suite's 100; quick 10)")
     parser.add_argument("--square-queries", type=int, default=None, help="Square query budget (default 1000; quick 50)")
     parser.add_argument("--square-samples", type=int, default=None,
                         help="stratified test images attacked with Square (default 200; quick 50)")
@@ -70,6 +75,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     quick_epochs(args)
     if quick:
         args.eval_limit = 100 if args.eval_limit is None else args.eval_limit
+        args.eval_steps = 10 if args.eval_steps is None else args.eval_steps
     args.square_queries = args.square_queries if args.square_queries is not None else (50 if quick else 1000)
     args.square_samples = args.square_samples if args.square_samples is not None else (50 if quick else 200)
     return args
@@ -77,7 +83,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def compress_config(args: argparse.Namespace) -> dict[str, Any]:
     """The CompressConfig overrides every method shares."""
-    config: dict[str, Any] = {"by": args.by, "eval_steps": args.eval_steps, "eval_limit": args.eval_limit,
+    config: dict[str, Any] = {"by": args.by, "eval_suite": args.eval_suite, "eval_steps": args.eval_steps,
+                              "eval_limit": args.eval_limit,
                               "eval_dense": False, "seed": args.seed, "device": args.device, "amp": args.amp,
                               "channels_last": args.channels_last, "workers": args.workers}
     if args.batch_size is not None:
@@ -115,27 +122,30 @@ def weights_file(model_dir: Path, manifest: dict[str, Any]) -> Path:
 
 
 def dense_metrics(dense: StageRun, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
-    """Clean/PGD metrics of the dense model on compress's test set (manifest's when it matches)."""
+    """Clean accuracy, the suite's worst case and PGD-20 of the dense model on compress's test set
+    (the manifest's when it ran the same suite on the same images)."""
     manifest = dense.manifest
     metrics = manifest.get("metrics") or {}
     attack = metrics.get("attack") or {}
     images, labels = test_subset(manifest["dataset"], args.eval_limit, args.seed)
-    if args.eval_limit is None and metrics.get("n") == len(labels) and attack.get("steps") == args.eval_steps:
+    same_suite = attack.get("suite") == args.eval_suite and not attack.get("iterations_overridden") \
+        and args.eval_steps is None
+    if args.eval_limit is None and metrics.get("n") == len(labels) and same_suite:
         return {**metrics, "source": "dense manifest"}
-    config = {"limit": args.eval_limit, "steps": args.eval_steps, "seed": args.seed}
+    config = {"limit": args.eval_limit, "suite": args.eval_suite, "steps": args.eval_steps, "seed": args.seed}
     return cached_json(cache, [weights_file(dense.directory, manifest)], config,
                        lambda: _evaluate_dense(dense, images, labels, args))
 
 
 def _evaluate_dense(dense: StageRun, images: Any, labels: Any, args: argparse.Namespace) -> dict[str, Any]:
     from cstar.checkpoint import load_checkpoint
-    from cstar.train import evaluate
+    from cstar.stage_metrics import EvalSpec, stage_metrics
 
     manifest = dense.manifest
     model, _ = load_checkpoint(dense.directory, eval_device(args))
-    result = evaluate(model, images, labels, float(manifest.get("eps", 0.0)), steps=args.eval_steps,
-                      norm=str(manifest.get("norm", "linf")))
-    return {**{k: result[k] for k in ("clean_acc", "robust_acc", "attack", "n")}, "source": "evaluated here"}
+    result = stage_metrics(model, images, labels, float(manifest.get("eps", 0.0)), str(manifest.get("norm", "linf")),
+                           EvalSpec(args.eval_suite, args.eval_steps, seed=args.seed))
+    return {**result, "source": "evaluated here"}
 
 
 def square_metrics(model_dir: Path, manifest: dict[str, Any], args: argparse.Namespace,
@@ -169,8 +179,9 @@ def dense_row(dense: StageRun, metrics: dict[str, Any], square: dict[str, Any]) 
     manifest = dense.manifest
     return {"model": "dense", "method": "dense", "target_ratio": 1.0, "params": manifest["params"],
             "flops": manifest["flops"], "params_ratio": 1.0, "flops_ratio": 1.0,
-            "clean_acc": metrics["clean_acc"], "pgd_robust_acc": metrics["robust_acc"],
-            "square_robust_acc": square["robust_acc"], "square": square, "pgd": metrics.get("attack"),
+            "clean_acc": metrics["clean_acc"], "robust_acc": metrics["robust_acc"],
+            "pgd_robust_acc": metrics.get("pgd20_robust_acc"),
+            "square_robust_acc": square["robust_acc"], "square": square, "attack": metrics.get("attack"),
             "n": metrics.get("n"), "dir": str(dense.directory), "seconds": dense.seconds}
 
 
@@ -181,8 +192,9 @@ def compressed_row(run: StageRun, square: dict[str, Any]) -> dict[str, Any]:
     return {"model": f"{manifest['method']}-x{float(ratios['target']):g}", "method": manifest["method"],
             "target_ratio": float(ratios["target"]), "params": ratios["params"], "flops": ratios["flops"],
             "params_ratio": ratios["params_ratio"], "flops_ratio": ratios["flops_ratio"],
-            "clean_acc": manifest["metrics"]["clean_acc"], "pgd_robust_acc": manifest["metrics"]["robust_acc"],
-            "square_robust_acc": square["robust_acc"], "square": square, "pgd": manifest["metrics"].get("attack"),
+            "clean_acc": manifest["metrics"]["clean_acc"], "robust_acc": manifest["metrics"]["robust_acc"],
+            "pgd_robust_acc": manifest["metrics"].get("pgd20_robust_acc"),
+            "square_robust_acc": square["robust_acc"], "square": square, "attack": manifest["metrics"].get("attack"),
             "n": manifest["metrics"].get("n"), "epochs": {"admm": config.get("admm_epochs"),
                                                            "finetune": config.get("finetune_epochs")},
             "dir": str(run.directory), "seconds": run.seconds, "reused": run.reused}
@@ -199,30 +211,32 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 base = by_key[(other, ratio)]
                 out.append({"ratio": ratio, "versus": other, **{
                     f"{k}_points": round(100.0 * (cstar[f"{k}_acc"] - base[f"{k}_acc"]), 2)
-                    for k in ("clean", "pgd_robust", "square_robust")}})
+                    for k in ("clean", "robust", "pgd_robust", "square_robust")}})
     return out
 
 
 # ------------------------------------------------------------------------------------------ markdown
 
 
-def table_markdown(rows: list[dict[str, Any]], queries: int) -> str:
-    """The main table."""
-    headers = ["model", "params", "FLOPs (MACs)", "params ratio", "FLOPs ratio", "clean %", "PGD-20 %",
-               f"Square-{queries} %"]
+def table_markdown(rows: list[dict[str, Any]], queries: int, suite: str) -> str:
+    """The main table: the suite's worst case is the robust headline; PGD-20 and Square beside it."""
+    headers = ["model", "params", "FLOPs (MACs)", "params ratio", "FLOPs ratio", "clean %",
+               f"robust % ({suite} worst case)", "PGD-20 % (training-time check)", f"Square-{queries} %"]
     body = [[r["model"], str(r["params"]), str(r["flops"]), f"{r['params_ratio']:.2f}x", f"{r['flops_ratio']:.2f}x",
-             pct(r["clean_acc"]), pct(r["pgd_robust_acc"]), pct(r["square_robust_acc"])] for r in rows]
+             pct(r["clean_acc"]), pct(r["robust_acc"]), pct(r["pgd_robust_acc"]), pct(r["square_robust_acc"])]
+            for r in rows]
     return markdown_table(headers, body)
 
 
-def comparison_markdown(items: list[dict[str, Any]]) -> str:
+def comparison_markdown(items: list[dict[str, Any]], suite: str) -> str:
     """The CSTAR-minus-baseline paragraph next to the paper's claim."""
     if not items:
         return "No CSTAR/baseline pair to compare.\n"
     lines = []
     for item in items:
         lines.append(f"- {item['ratio']:g}x params, CSTAR minus {item['versus']}: "
-                     f"{item['clean_points']:+.1f} clean, {item['pgd_robust_points']:+.1f} PGD-20 robust, "
+                     f"{item['clean_points']:+.1f} clean, {item['robust_points']:+.1f} robust ({suite} worst case), "
+                     f"{item['pgd_robust_points']:+.1f} PGD-20, "
                      f"{item['square_robust_points']:+.1f} Square robust points.")
     claim = (f"The paper reports +{PAPER_CLAIM['clean_points']} clean / +{PAPER_CLAIM['robust_points']} robust "
              f"points for CSTAR over robust structured pruning ({PAPER_CLAIM['setting']}).")
@@ -234,11 +248,20 @@ def render(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
     head = (f"## Compression table ({payload['data']}, eps {payload['eps']:g})\n\n"
             f"Budget by {cfg['by']}; training per method: ADMM {cfg['admm_epochs']} + fine-tune "
-            f"{cfg['finetune_epochs']} epochs for CSTAR, the same total for the baselines. PGD-{cfg['eval_steps']} "
-            f"on {payload['rows'][0]['n']} test images; Square ({cfg['square_queries']} queries, p_init "
+            f"{cfg['finetune_epochs']} epochs for CSTAR, the same total for the baselines. Robust: the per-example "
+            f"worst case of the `{cfg['eval_suite']}` suite ({_suite_words(cfg)}) on {payload['rows'][0]['n']} test "
+            "images, PGD-20 beside it on the same images; Square ({cfg['square_queries']} queries, p_init "
             f"{cfg['square_p_init']}) on a stratified subset of {cfg['square_samples']}.\n\n")
-    return (head + table_markdown(payload["rows"], cfg["square_queries"]) + "\n### CSTAR vs baselines\n\n"
-            + comparison_markdown(payload["comparison"]))
+    return (head + table_markdown(payload["rows"], cfg["square_queries"], cfg["eval_suite"])
+            + "\n### CSTAR vs baselines\n\n" + comparison_markdown(payload["comparison"], cfg["eval_suite"]))
+
+
+def _suite_words(cfg: dict[str, Any]) -> str:
+    """'APGD-CE + APGD-T over 3 targets, 100 iterations each' for the method line."""
+    iters = cfg.get("eval_steps") or 100
+    targets = 9 if cfg["eval_suite"] == "aa" else 3
+    square = ", then Square-5000" if cfg["eval_suite"] == "aa" else ""
+    return f"APGD-CE + APGD-T over {targets} targets, {iters} iterations each{square}"
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -261,7 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 compressed = ensure_compress(dense.directory, root / "compress", method, ratio, config)
                 rows.append(compressed_row(compressed, square_metrics(compressed.directory, compressed.manifest,
                                                                       args, root / "square")))
-                log(f"{rows[-1]['model']}: clean {pct(rows[-1]['clean_acc'])} pgd {pct(rows[-1]['pgd_robust_acc'])} "
+                log(f"{rows[-1]['model']}: clean {pct(rows[-1]['clean_acc'])} robust {pct(rows[-1]['robust_acc'])} "
+                    f"pgd {pct(rows[-1]['pgd_robust_acc'])} "
                     f"square {pct(rows[-1]['square_robust_acc'])}")
     defaults = CompressConfig()
     payload = {
@@ -271,7 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"by": args.by, "ratios": parse_list(args.ratios, float), "methods": parse_list(args.methods),
                    "admm_epochs": config.get("admm_epochs", defaults.admm_epochs),
                    "finetune_epochs": config.get("finetune_epochs", defaults.finetune_epochs),
-                   "eval_steps": args.eval_steps, "eval_limit": args.eval_limit,
+                   "eval_suite": args.eval_suite, "eval_steps": args.eval_steps, "eval_limit": args.eval_limit,
                    "square_queries": args.square_queries, "square_samples": args.square_samples,
                    "square_p_init": args.square_p_init, "seed": args.seed, "torch_threads": args.torch_threads},
         "rows": rows, "comparison": comparison(rows), "paper_claim": PAPER_CLAIM,

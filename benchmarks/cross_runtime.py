@@ -199,7 +199,8 @@ def accuracy_of(report: dict[str, Any]) -> dict[str, Any]:
     """The verify report's runtime numbers of one row."""
     runtime = report["metrics"]["runtime"]
     transfer, square = runtime.get("transfer") or {}, runtime.get("square") or {}
-    return {"clean_acc": runtime["clean_acc"], "pgd_transfer_robust_acc": transfer.get("pgd"),
+    return {"clean_acc": runtime["clean_acc"], "apgd_transfer_robust_acc": transfer.get("apgd_t"),
+            "pgd_transfer_robust_acc": transfer.get("pgd"),
             "fgsm_transfer_robust_acc": transfer.get("fgsm"), "square_robust_acc": square.get("robust_acc"),
             "worst_case_robust_acc": runtime.get("worst_case_robust_acc"), "agreement": runtime.get("agreement"),
             "reference_clean_acc": report["metrics"]["reference"]["clean_acc"],
@@ -497,7 +498,8 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     """Part A: one line per model, runtime and precision."""
     cfg, sizes = payload["config"], [str(s) for s in payload["config"]["batch_sizes"]]
     all_t = cfg["all_threads"]
-    headers = ["model", "runtime", "precision", "clean %", "PGD-20 transfer %", "FGSM transfer %",
+    headers = ["model", "runtime", "precision", "clean %", "APGD transfer %", "PGD-20 transfer %",
+               "FGSM transfer %",
                f"Square-{cfg['square_queries']} %", "worst case %", "agreement", "int8 ok"]
     headers += [f"p50 b{s} 1T (ms)" for s in sizes] + [f"p50 b{s} {all_t}T (ms)" for s in sizes]
     headers += [f"vs dense same runtime b{s} 1T" for s in sizes] + [f"vs dense ORT FP32 b{s} 1T" for s in sizes]
@@ -505,7 +507,8 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     for r in payload["rows"]:
         ok = "-" if r["int8_ok"] is None else ("yes" if r["int8_ok"] else f"no ({100 * r['int8_clean_drop']:+.1f} pt)")
         body.append([r["model"], r["backend"], r["precision"].upper(), pct(r["clean_acc"]),
-                     pct(r["pgd_transfer_robust_acc"]), pct(r["fgsm_transfer_robust_acc"]), pct(r["square_robust_acc"]),
+                     pct(r["apgd_transfer_robust_acc"]), pct(r["pgd_transfer_robust_acc"]),
+                     pct(r["fgsm_transfer_robust_acc"]), pct(r["square_robust_acc"]),
                      pct(r["worst_case_robust_acc"]), f"{r['agreement']:.3f}", ok]
                     + [_ms(r["p50_ms"]["1t"][s]) for s in sizes] + [_ms(r["p50_ms"]["all"][s]) for s in sizes]
                     + [_x(r["speedup_vs_dense"]["1t"][s]) for s in sizes]
@@ -513,8 +516,9 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     head = (f"## Cross-runtime deployment ({payload['data']}, x{cfg['ratio']:g} params, eps {payload['eps']:g})\n\n"
             f"Each model is exported once and built per runtime, FP32 and INT8 (calibrated per runtime: "
             f"{', '.join(f'{b} {f}' for b, f in payload['int8_formats'].items())}). Accuracy: `cstar verify` "
-            f"of every build against one attack set per model ({cfg['samples']} stratified test images, PGD-20 "
-            f"and FGSM crafted on the PyTorch model, replayed), Square ({cfg['square_queries']} queries on "
+            f"of every build against one attack set per model ({cfg['samples']} stratified test images, APGD-CE / "
+            "APGD-T (apgd suite; APGD transfer = the APGD-T set), PGD-20 and FGSM crafted on the PyTorch model, "
+            f"replayed), Square ({cfg['square_queries']} queries on "
             f"{cfg['square_samples']}) run against the runtime itself; worst case = correct under every attack on "
             f"the Square subset; agreement = same class as the PyTorch model. int8 ok = clean within "
             f"{100 * INT8_MAX_CLEAN_DROP:g} point of the same runtime's FP32 and agreement >= {INT8_MIN_AGREEMENT}. "

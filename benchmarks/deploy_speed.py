@@ -208,7 +208,7 @@ def rank_step_markdown(block: dict[str, Any], rows: list[dict[str, Any]], sizes:
     if not block.get("available"):
         return f"Hardware-aware ranks: {block.get('reason')}\n"
     chosen = [r for r in rows if r["model"] in block["models"]]
-    headers = ["model", "rank step", "precision", "params ratio", "FLOPs ratio", "clean %", "PGD-20 %"]
+    headers = ["model", "rank step", "precision", "params ratio", "FLOPs ratio", "clean %", "robust % (apgd worst case)"]
     headers += [f"p50 b{s} (ms)" for s in sizes]
     body = [[r["model"], str(r["rank_step"]), r["precision"].upper(), f"{r['params_ratio']:.2f}x",
              f"{r['flops_ratio']:.2f}x", pct(r["clean_acc"]), pct(r["pgd_robust_acc"])]

@@ -171,6 +171,7 @@ def tier_row(model: str, tier: str, metrics: dict[str, Any], square: dict[str, A
     """One (model, tier) row."""
     transfer = metrics.get("transfer") or {}
     return {"model": model, "tier": tier, "clean_acc": metrics["clean_acc"],
+            "apgd_transfer_robust_acc": transfer.get("apgd_t"),
             "pgd_transfer_robust_acc": transfer.get("pgd"), "fgsm_transfer_robust_acc": transfer.get("fgsm"),
             "square_robust_acc": (square or {}).get("robust_acc"), "square": square,
             "agreement": metrics.get("agreement"), "max_abs_diff": metrics.get("max_abs_diff"),
@@ -205,14 +206,18 @@ def render(payload: dict[str, Any]) -> str:
     """NAME.md body."""
     cfg = payload["config"]
     head = (f"## Robustness after export ({payload['data']}, x{cfg['ratio']:g} params, eps {payload['eps']:g})\n\n"
-            f"Attack set: {cfg['samples']} stratified test images, PGD-20 and FGSM crafted on the PyTorch model and "
+            f"Attack set: {cfg['samples']} stratified test images, APGD-CE, APGD-T (the apgd suite; APGD transfer = "
+            "the APGD-T set, which carries APGD-CE's example where that already fooled the model), PGD-20 and FGSM "
+            "crafted on the PyTorch model and "
             f"replayed (transfer). Square: {cfg['square_queries']} queries on {cfg['square_samples']} of them, run "
             "against each tier itself. worst case = correct under every attack, on the Square subset (for the "
             "PyTorch row computed here the same way `cstar verify` does for the runtimes). Runtime: ONNX Runtime "
             "CPU. verify = the `cstar verify` gate.\n\n")
-    headers = ["model", "tier", "clean %", "PGD-20 transfer %", "FGSM transfer %", f"Square-{cfg['square_queries']} %",
+    headers = ["model", "tier", "clean %", "APGD transfer %", "PGD-20 transfer %", "FGSM transfer %",
+               f"Square-{cfg['square_queries']} %",
                "worst case %", "agreement", "verify"]
-    body = [[r["model"], r["tier"], pct(r["clean_acc"]), pct(r["pgd_transfer_robust_acc"]),
+    body = [[r["model"], r["tier"], pct(r["clean_acc"]), pct(r["apgd_transfer_robust_acc"]),
+             pct(r["pgd_transfer_robust_acc"]),
              pct(r["fgsm_transfer_robust_acc"]), pct(r["square_robust_acc"]), pct(r["worst_case_robust_acc"]),
              "(reference)" if r["tier"] == "pytorch" or r["agreement"] is None else f"{r['agreement']:.3f}",
              "-" if r["verify_passed"] is None else ("pass" if r["verify_passed"] else

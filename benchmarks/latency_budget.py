@@ -17,9 +17,9 @@ Part 2, digits (the --data set): robust accuracy at equal MEASURED latency. ONE 
 (resolve_dense), profiled at --batch-sizes; `cstar compress --by latency --latency-batch B` with the
 normal recipe for every (method, target, seed) of --methods x --targets x --seeds; each exported with
 the table and timed (1 thread, batch B and the others of --batch-sizes, interleaved rounds). Accuracy
-is the compress manifest's test metrics (clean, and PGD-20 robust accuracy on the test split: the
+is the compress manifest's test metrics (clean, and robust accuracy, the apgd suite's worst case, on the test split: the
 stage's own evaluation, not re-run on the runtime). Mean +- std over seeds per (method, target), the
-winner per target, and a Pareto plot (PGD-20 vs measured p50) written as PNG next to the results.
+winner per target, and a Pareto plot (robust vs measured p50) written as PNG next to the results.
 
 Default targets: digits' small-resnet keeps its stem and classifier dense, and at batch 1 the runtime
 call dominates: no method reaches more than ~1.7x there; at batch 8 (the default --latency-batch) cstar
@@ -56,6 +56,7 @@ from benchmarks.artifacts import (  # noqa: E402
     read_json,
     resolve_dense,
     run_or_reuse,
+    with_bench_suite,
 )
 from benchmarks.common import (  # noqa: E402
     add_common_arguments,
@@ -500,9 +501,9 @@ def ensure_latency_compress(dense: StageRun, root: Path, table: Path, method: st
     from cstar.compress import run_compress
     from cstar.manifest import sha256_file
 
-    config = {**own_compress_config(args), "seed": seed, "ratio": target, "method": method, "by": "latency",
-              "latency_table": str(table.resolve()), "latency_batch": args.latency_batch,
-              "latency_threads": args.threads}
+    config = with_bench_suite({**own_compress_config(args), "seed": seed, "ratio": target, "method": method,
+                               "by": "latency", "latency_table": str(table.resolve()),
+                               "latency_batch": args.latency_batch, "latency_threads": args.threads})
     out = root / compress_dir_name(method, target, args.latency_batch, seed, config)
     base = compress_expect(config, dense.directory)
     expect = Expect(config={**base.config, "latency.table.sha256": sha256_file(table)}, sources=base.sources,
@@ -572,7 +573,7 @@ def dense_summary(dense: StageRun, latency: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_rows(runs: dict[str, dict[str, Any]], latency: dict[str, Any], batch: int) -> list[dict[str, Any]]:
-    """One row per compress run: predicted and measured latency, speedups vs dense, clean and PGD-20 accuracy."""
+    """One row per compress run: predicted and measured latency, speedups vs dense, clean and APGD accuracy."""
     rows = []
     for key, info in runs.items():
         manifest = info["run"].manifest
@@ -594,7 +595,7 @@ def accuracy_rows(runs: dict[str, dict[str, Any]], latency: dict[str, Any], batc
 
 def summarize_runs(rows: list[dict[str, Any]], methods: list[str], targets: list[float], batch: int,
                    dense: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per (method, target): measured p50 and speedup at `batch`, clean and PGD-20, mean +- std over seeds."""
+    """Per (method, target): measured p50 and speedup at `batch`, clean and APGD, mean +- std over seeds."""
     out = []
     for target in targets:
         for method in methods:
@@ -610,7 +611,7 @@ def summarize_runs(rows: list[dict[str, Any]], methods: list[str], targets: list
 
 
 def winners(summary: list[dict[str, Any]], targets: list[float]) -> list[dict[str, Any]]:
-    """Per target: the method with the highest mean PGD-20, its lead over the runner-up and whether the lead
+    """Per target: the method with the highest mean APGD, its lead over the runner-up and whether the lead
     exceeds the larger of their seed std."""
     found = []
     for target in targets:
@@ -627,7 +628,7 @@ def winners(summary: list[dict[str, Any]], targets: list[float]) -> list[dict[st
 
 
 def pareto_plot(block: dict[str, Any], path: Path) -> None:
-    """PGD-20 accuracy vs measured p50 at the latency batch: one faint marker per run, the mean +- std per method
+    """APGD accuracy vs measured p50 at the latency batch: one faint marker per run, the mean +- std per method
     and target joined across targets, the dense model as a star; written atomically."""
     import matplotlib
 
@@ -649,7 +650,7 @@ def pareto_plot(block: dict[str, Any], path: Path) -> None:
     if dense["robust_acc"] is not None:
         ax.scatter([dense["p50_ms"][batch]], [100 * dense["robust_acc"]], marker="*", s=120, color="k", label="dense")
     ax.set_xlabel(f"measured p50 (ms), batch {batch}, {BACKEND} {block['threads']} thread(s)")
-    ax.set_ylabel("PGD-20 robust accuracy (%)")
+    ax.set_ylabel("APGD robust accuracy (%)")
     ax.set_title("Robust accuracy vs measured latency (one marker per run)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -780,7 +781,7 @@ def accuracy_markdown(block: dict[str, Any]) -> str:
     batch = str(block["latency_batch"])
     dense = block["dense"]
     headers = ["method", "target", "n seeds", f"measured p50 b{batch} (ms)", f"speedup b{batch}", "clean %",
-               "PGD-20 %"]
+               "APGD %"]
     body = [[s["method"], f"{s['target']:g}x", str(s["n"]), _mean_std(s["p50_ms"], 1.0, 3), _x(s["speedup"]),
              _mean_std(s["clean"]), _mean_std(s["robust"])] for s in block["summary"]]
     body.insert(0, ["dense", "1x", "1", _ms(dense["p50_ms"][batch]), "1.00x", pct(dense["clean_acc"]),
@@ -792,14 +793,14 @@ def accuracy_markdown(block: dict[str, Any]) -> str:
             f"{', '.join(map(str, block['batch_sizes']))}); every run is `cstar compress --by latency --latency-batch "
             f"{batch}` with the normal recipe, seeds {', '.join(map(str, block['seeds']))}, exported with the table "
             f"and timed at batch {batch}: {_timing(block)}. Accuracy: the compress manifest's test metrics on {n} "
-            "test images (clean; PGD-20 robust accuracy, the stage's own PyTorch evaluation). Mean +- sample std over "
+            "test images (clean; APGD robust accuracy, the stage's own PyTorch evaluation). Mean +- sample std over "
             f"seeds. Best reachable latency ratio at batch {batch} (stem and classifier dense): {reach}.\n\n")
     lines = [_winner_line(w) for w in block["winners"]]
     lines += [f"- {e['method']} x{e['target']:g} seed {e['seed']}: not run, `{e['error']}`" for e in block["errors"]]
-    runs = markdown_table(["run", "predicted (ms)", f"p50 b{batch} (ms)", "prediction error", "clean %", "PGD-20 %"],
+    runs = markdown_table(["run", "predicted (ms)", f"p50 b{batch} (ms)", "prediction error", "clean %", "APGD %"],
                           [[r["model"], _ms(r["predicted_ms"]), _ms(r["p50_ms"][batch]), _err(r["prediction_error"]),
                             pct(r["clean_acc"]), pct(r["robust_acc"])] for r in block["rows"]])
-    plot = f"\n![PGD-20 vs measured p50]({block['plot']})\n"
+    plot = f"\n![APGD vs measured p50]({block['plot']})\n"
     return (head + markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n" + plot
             + "\n### Every run\n\n" + runs)
 
@@ -808,7 +809,7 @@ def _winner_line(w: dict[str, Any]) -> str:
     if w["runner_up"] is None:
         return f"- {w['target']:g}x: only {w['winner']} ran."
     verdict = "exceeds" if w["exceeds_std"] else "does NOT exceed"
-    return (f"- {w['target']:g}x: **{w['winner']}** has the highest mean PGD-20, {100 * w['lead']:+.1f} points over "
+    return (f"- {w['target']:g}x: **{w['winner']}** has the highest mean APGD, {100 * w['lead']:+.1f} points over "
             f"{w['runner_up']}; the lead {verdict} the larger seed std ({100 * w['std']:.1f} points).")
 
 

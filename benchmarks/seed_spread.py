@@ -22,7 +22,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.artifacts import StageRun, compress_expect, run_or_reuse  # noqa: E402
+from benchmarks.artifacts import StageRun, compress_expect, run_or_reuse, with_bench_suite  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_allow_dirty,
     log,
@@ -105,7 +105,8 @@ def compress_row(label: str, method: str, overrides: dict[str, Any], seed: int, 
 
     quick = {"admm_epochs": 1, "finetune_epochs": 0, "eval_limit": 100} if args.quick else {}
     out = Path(args.work) / f"{label}-x{args.ratio:g}-s{seed}"
-    config = {"ratio": args.ratio, "method": method, "seed": seed, "eval_dense": False, **quick, **overrides}
+    config = with_bench_suite({"ratio": args.ratio, "method": method, "seed": seed, "eval_dense": False, **quick,
+                               **overrides})
     done = run_or_reuse(out, f"{label} seed {seed}",
                         functools.partial(run_compress, dense.directory, out, config=config, progress=False),
                         compress_expect(config, dense.directory))
@@ -176,17 +177,17 @@ def render(payload: dict[str, Any]) -> str:
             else "one dense model, compressed with each seed")
     head = (f"## Seed spread at {payload['ratio']:g}x ({payload['data']}; budget by params unless a variant "
             "says by=flops)\n\n"
-            f"Design: {kind}. Dense: clean {_cell(dense['clean'])} %, PGD-20 {_cell(dense['robust'])} % "
+            f"Design: {kind}. Dense: clean {_cell(dense['clean'])} %, APGD {_cell(dense['robust'])} % "
             f"over {len(payload['dense'])} model(s) (on {payload['dense'][0]['n']} test images). "
             "Mean +- sample std over seeds; min..max in brackets; points for differences.\n\n")
     table = markdown_table(
-        ["variant", "params ratio", "FLOPs ratio", "clean %", "PGD-20 %", "PGD-20 minus dense",
-         f"PGD-20 minus {payload['versus']} (wins)"],
+        ["variant", "params ratio", "FLOPs ratio", "clean %", "APGD %", "APGD minus dense",
+         f"APGD minus {payload['versus']} (wins)"],
         [[s["variant"], f"{s['params_ratio']:.2f}x", f"{s['flops_ratio']:.2f}x", _cell(s["clean"]), _cell(s["robust"]),
           _cell(s["robust_minus_dense"], True),
           f"{_cell(s['paired']['robust'], True)} ({s['paired']['wins']}/{s['paired']['pairs']})" if s["paired"] else "-"]
          for s in payload["summary"]])
-    runs = markdown_table(["variant", "seed", "clean %", "PGD-20 %", "dense PGD-20 %"],
+    runs = markdown_table(["variant", "seed", "clean %", "APGD %", "dense APGD %"],
                           [[r["variant"], str(r["seed"]), pct(r["clean_acc"]), pct(r["robust_acc"]),
                             pct(r["dense_robust_acc"])] for r in payload["rows"]])
     return head + table + "\n### Every run\n\n" + runs

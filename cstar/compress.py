@@ -33,6 +33,7 @@ from typing import Any
 
 from cstar import validate
 from cstar.errors import CstarError
+from cstar.stage_metrics import EvalSpec, add_eval_arguments, metrics_summary, stage_metrics
 
 METHODS = ("cstar", "prune", "lowrank-uniform", "hybrid")  # the names of COMPRESSION_METHODS (a test checks they agree)
 BUDGETS = ("params", "flops", "latency")  # cstar.ranks.BUDGETS; latency needs a `cstar profile` table
@@ -65,7 +66,9 @@ class CompressConfig:
     weight_decay: float = 5e-4
     factor_decay: str = "factors"  # fine-tuning of factorized layers: decay each factor, or "frobenius" (W)
     val_fraction: float = 0.1
-    eval_steps: int = 20
+    eval_suite: str = "aa"  # test metrics: the suite's worst case (cstar.robust_eval; aa, apgd, pgd20)
+    eval_steps: int | None = None  # the suite's gradient-attack iterations (None: the suite's standard)
+    eval_queries: int | None = None  # Square's queries in the aa suite (None: 5000)
     eval_limit: int | None = None
     eval_dense: bool = True
     distill: float = 0.0  # weight of the dense model's soft labels in every method's adversarial loss (0: off)
@@ -95,6 +98,7 @@ class CompressConfig:
         self.latency_batches  # noqa: B018 (validates: CstarError naming the fix)
         validate.ratio("--ratio", self.ratio)
         validate.device(self.device)
+        eval_spec(self).check()
         for name in ("lr", "finetune_lr", "rho", "weight_decay"):
             validate.in_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0)
         if self.admm_epochs < 0 or self.finetune_epochs < 0:
@@ -176,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hybrid-prune-share", type=float, default=defaults.hybrid_prune_share,
                         help="--method hybrid: share of the log-ratio spent on channel pruning before CSTAR "
                              "(0.5: prune to sqrt(ratio))")
-    parser.add_argument("--eval-steps", type=int, default=defaults.eval_steps, help="PGD steps for test metrics")
+    add_eval_arguments(parser, defaults.eval_suite)
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified test subset")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
@@ -207,7 +211,8 @@ def main(args: argparse.Namespace) -> int:
         keep_first_last=not args.compress_ends, hybrid_prune_share=args.hybrid_prune_share,
         latency_table=args.latency_table, latency_batch=args.latency_batch, latency_backend=args.latency_backend,
         latency_threads=args.latency_threads,
-        eval_steps=args.eval_steps, eval_limit=args.eval_limit, seed=args.seed, device=args.device,
+        eval_suite=args.eval_suite, eval_steps=args.eval_steps, eval_queries=args.eval_queries,
+        eval_limit=args.eval_limit, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, workers=args.workers,
     )
     from cstar import distributed as dist
@@ -225,8 +230,7 @@ def main(args: argparse.Namespace) -> int:
         f"compressed ({config.method}) -> {args.out}: params x{ratios['params_ratio']:.2f}, "
         f"flops x{ratios['flops_ratio']:.2f}, "
         + (f"predicted latency x{ratios['latency_ratio']:.2f}, " if "latency_ratio" in ratios else "")
-        + f"clean {metrics['clean_acc']:.3f}, "
-        f"robust {metrics['robust_acc']:.3f} (PGD-{metrics['attack'].get('steps')}), "
+        + f"{metrics_summary(metrics)}, "
         f"{time.monotonic() - started:.0f}s"
     )
     return 0
@@ -581,7 +585,7 @@ class _Trainer:
             "epochs": epochs, "batch_size": self.cfg.batch_size, "lr": lr, "optimizer": self.cfg.optimizer,
             "weight_decay": self.cfg.weight_decay, "factor_decay": self.cfg.factor_decay,
             "method": self.cfg.train_method, "eps": self.eps,
-            "norm": self.norm, "train_steps": self.cfg.train_steps, "eval_steps": self.cfg.eval_steps,
+            "norm": self.norm, "train_steps": self.cfg.train_steps,
             "val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed, "device": self.cfg.device,
             "amp": self.cfg.amp, "channels_last": self.cfg.channels_last, "workers": self.cfg.workers,
         }
@@ -669,14 +673,11 @@ def _test_tensors(bundle: Any, cfg: CompressConfig) -> tuple[Any, Any]:
     return to_tensors(bundle.test, stratified_indices(bundle.labels("test"), cfg.eval_limit, cfg.seed))
 
 
+def eval_spec(cfg: CompressConfig) -> EvalSpec:
+    """The attack suite of the test metrics, as the config names it."""
+    return EvalSpec(cfg.eval_suite, cfg.eval_steps, cfg.eval_queries, seed=cfg.seed)
+
+
 def _evaluate(model: Any, images: Any, labels: Any, eps: float, norm: str, cfg: CompressConfig) -> dict[str, Any]:
-    """PGD test metrics; sharded over the ranks under torchrun (same numbers on every rank)."""
-    import torch
-
-    from cstar.train import evaluate, isolated_rng
-
-    with isolated_rng(torch.device(cfg.device), cfg.seed):
-        result = evaluate(model.to(cfg.device).eval(), images, labels, eps, steps=cfg.eval_steps, norm=norm,
-                          shard=True)
-    return {"clean_acc": float(result["clean_acc"]), "robust_acc": float(result["robust_acc"]),
-            "attack": result["attack"], "n": int(result.get("n", len(labels)))}
+    """Test metrics under the config's suite (worst case); sharded over the ranks under torchrun."""
+    return stage_metrics(model.to(cfg.device).eval(), images, labels, eps, norm, eval_spec(cfg))

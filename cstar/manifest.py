@@ -18,7 +18,7 @@ from typing import Any
 
 from cstar.errors import CstarError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: metrics.robust_acc is an attack suite's worst case, metrics.attack the suite block
 MANIFEST_NAME = "manifest.json"
 STAGES = ("train", "compress", "export", "calibrate", "build", "attackset")
 

@@ -29,46 +29,18 @@ from cstar.apgd import APGDConfig, apgd, apgd_targeted, check_eps
 from cstar.attacks import NORMS, default_step_size, eval_mode, pgd, torch_predict_fn
 from cstar.errors import CstarError
 from cstar.square import P_INIT, square_attack
+from cstar.suites import (
+    PGD20_PURPOSE,
+    PGD_GAP_WARN,
+    SQUARE_GAIN_WARN,
+    SUITES,
+    SuiteSettings,
+    check_suite,
+    suite_settings,
+)
 
-SUITES = ("aa", "apgd", "pgd20")
-PGD20_PURPOSE = "training-time validation (PGD-20 overstates robustness; report aa or apgd)"
-PGD_GAP_WARN = 0.05
-SQUARE_GAIN_WARN = 0.002  # AutoAttack's check_square_sr: Square lowering robust accuracy by more than 0.2 points
-
-
-@dataclass
-class SuiteSettings:
-    """The knobs of a suite; `suite_settings` gives each suite's standard values, tests shrink them."""
-
-    n_iter: int = 100
-    n_targets: int = 9
-    n_restarts: int = 1
-    square_queries: int = 5000
-    pgd_steps: int = 20
-    seed: int = 0
-    batch_size: int = 500
-
-
-_STANDARD = {
-    "aa": SuiteSettings(),
-    "apgd": SuiteSettings(n_targets=3, square_queries=0),
-    "pgd20": SuiteSettings(),
-}
-
-
-def check_suite(suite: str) -> None:
-    """A suite name must be one of SUITES."""
-    if suite not in SUITES:
-        raise CstarError(f"unknown evaluation suite '{suite}'",
-                         f"use one of: {', '.join(SUITES)} (aa: the standard AutoAttack set; apgd: a CPU-sized "
-                         "APGD-CE + APGD-T run; pgd20: training-time validation only)")
-
-
-def suite_settings(suite: str, **overrides: Any) -> SuiteSettings:
-    """The standard settings of `suite`, with `overrides` (e.g. n_iter=10 for quick tests)."""
-    check_suite(suite)
-    return replace(_STANDARD[suite], **overrides)
-
+__all__ = ["PGD20_PURPOSE", "PGD_GAP_WARN", "SQUARE_GAIN_WARN", "SUITES", "SuiteSettings", "check_suite",
+           "suite_settings", "evaluate_suite", "SuiteResult", "AttackRecord", "suite_summary"]
 
 @dataclass
 class AttackRecord:

@@ -40,6 +40,7 @@ from cstar.attacks import AttackConfig, default_step_size, eval_mode, pgd
 from cstar.errors import CstarError
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.manifest import atomic_target
+from cstar.stage_metrics import add_eval_arguments, metrics_summary, spec_from_args, stage_metrics
 
 METHODS = ("pgd-at", "trades")
 FACTOR_DECAYS = ("factors", "frobenius")
@@ -69,7 +70,6 @@ class TrainConfig:
     norm: str = "linf"
     train_steps: int = 5
     train_step_size: float | None = None
-    eval_steps: int = 20
     val_steps: int = 10
     val_fraction: float = 0.1
     val_limit: int = 1000
@@ -705,7 +705,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default=TrainConfig.optimizer, choices=("sgd", "adam"))
     parser.add_argument("--schedule", default=TrainConfig.schedule, choices=("cosine", "step"))
     parser.add_argument("--train-steps", type=int, default=TrainConfig.train_steps, help="PGD steps while training")
-    parser.add_argument("--eval-steps", type=int, default=TrainConfig.eval_steps, help="PGD steps for the report")
     parser.add_argument("--trades-beta", type=float, default=TrainConfig.trades_beta)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -718,6 +717,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --out (same arguments; the state is in OUT/.state)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    add_eval_arguments(parser)
 
 
 def check_run_dir(out: Path, resume: bool) -> dict[str, Any] | None:
@@ -809,10 +809,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs or DEFAULT_EPOCHS.get(spec.name, 30), batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, schedule=args.schedule, method=args.method, trades_beta=args.trades_beta,
         eps=spec.default_eps if args.eps is None else args.eps, train_steps=args.train_steps,
-        eval_steps=args.eval_steps, seed=args.seed, device=args.device, amp=args.amp,
+        seed=args.seed, device=args.device, amp=args.amp,
         channels_last=args.channels_last, workers=args.workers, checkpoint_every=args.checkpoint_every,
     )
     cfg.validate()
+    eval_spec = spec_from_args(args, seed=cfg.seed)
     dist.init_from_env(cfg.device)
     seed_everything(cfg.seed)
     model = build_model(model_name, spec, **options)
@@ -824,13 +825,13 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     result = fit(model, train_set, val_set, cfg, state_dir=state_dir)
     test_x, test_y = to_tensors(bundle.test)
     with isolated_rng(resolve_device(cfg.device), cfg.seed):
-        metrics = evaluate(model, test_x, test_y, cfg.eps, cfg.eval_steps, norm=cfg.norm, shard=True)
+        metrics = stage_metrics(model, test_x, test_y, cfg.eps, cfg.norm, eval_spec)
     if dist.is_main():
         source = {"path": spec.data_arg, "sha256": None}
         save_checkpoint(out, model, "train", model_name, options, spec, {
             "inputs": [source], "eps": cfg.eps, "norm": cfg.norm,
             "config": {**cfg.__dict__, "data": args.data, "model": model_name, "world_size": dist.world_size()},
-            "metrics": {k: metrics[k] for k in ("clean_acc", "robust_acc", "attack", "n")},
+            "metrics": metrics,
             "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
         })
         (state_dir / STATE_NAME).unlink(missing_ok=True)
@@ -840,7 +841,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     manifest = read_manifest(out, ["train"])
     if dist.is_main():
         print(f"trained {model_name} on {spec.name} (eps {cfg.eps:g}, {cfg.method}) in {result.seconds:.0f}s: "
-              f"clean {metrics['clean_acc']:.3f}, PGD-{cfg.eval_steps} robust {metrics['robust_acc']:.3f}, "
+              f"{metrics_summary(metrics)}, "
               f"{manifest['params']} params -> {out}", flush=True)
     dist.cleanup()
     return manifest

@@ -1,8 +1,12 @@
 """`cstar attackset`: craft the transfer attack set on the PyTorch reference (host side, torch).
 
 The set is what the device-side `cstar verify` replays on the runtime without torch: clean inputs,
-labels, white-box PGD and FGSM adversarial inputs crafted on the reference, and the reference's
-logits on each. Written as SET_DIR/attackset.npz (atomic), then manifest.json (stage `attackset`).
+labels, white-box adversarial inputs crafted on the reference, and the reference's logits on each.
+The attacks are the white-box half of the named suite (cstar.robust_eval): APGD-CE on every point,
+APGD-T (targeted DLR) on the points APGD-CE left robust on the reference (the others carry
+APGD-CE's example, already adversarial there), plus PGD-20 and FGSM for comparison with older sets.
+`metrics.robust_acc` is the reference's per-example worst case over all of them. Written as
+SET_DIR/attackset.npz (atomic), then manifest.json (stage `attackset`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from cstar.manifest import (
 )
 
 SET_FILE = "attackset.npz"
-ATTACKS = ("pgd", "fgsm")
+ATTACKS = ("apgd_ce", "apgd_t", "pgd", "fgsm")
+SET_SUITES = ("aa", "apgd")  # their white-box attacks; Square runs on the runtime itself (cstar verify)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=500,
                         help="stratified subset of the test split (default 500; 0 = the whole split)")
     parser.add_argument("--eps", type=float, default=None, help="attack radius (default: the reference manifest's eps)")
-    parser.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
+    parser.add_argument("--suite", default="aa", choices=SET_SUITES,
+                        help="white-box attacks of this suite craft the set: aa (APGD-CE, APGD-T over 9 targets) "
+                             "or apgd (APGD-T over 3 targets)")
+    parser.add_argument("--iters", type=int, default=None, help="APGD iterations (default: the suite's, 100)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the PGD comparison set (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and PGD random-start seed")
     parser.add_argument("--batch-size", type=int, default=256, help="attack batch size")
     parser.add_argument("--out", required=True, help="output directory for attackset.npz + manifest.json")
@@ -48,10 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """CLI entry: craft the set and print a one-line summary."""
     manifest = run_attackset(args.reference, args.data, args.out, samples=args.samples, eps=args.eps,
-                             steps=args.steps, seed=args.seed, batch_size=args.batch_size, force=args.force)
+                             steps=args.steps, seed=args.seed, batch_size=args.batch_size, force=args.force,
+                             suite=args.suite, iters=args.iters)
     metrics = manifest["metrics"]
+    each = " ".join(f"{name}={acc:.4f}" for name, acc in metrics["per_attack"].items())
     print(f"attackset: n={manifest['set']['n']} eps={manifest['eps']} clean={metrics['clean_acc']:.4f} "
-          f"pgd={metrics['robust_acc']:.4f} fgsm={metrics['fgsm_robust_acc']:.4f} -> {args.out}")
+          f"worst={metrics['robust_acc']:.4f} ({each}) -> {args.out}")
     return 0
 
 
@@ -74,18 +85,47 @@ def _select(labels: np.ndarray, samples: int, seed: int) -> np.ndarray:
     return stratified_indices(labels, samples, seed)
 
 
-def _attack_configs(eps: float, norm: str, steps: int) -> dict[str, Any]:
+def _attack_configs(eps: float, norm: str, steps: int, suite: str = "aa", iters: int | None = None,
+                    seed: int = 0) -> dict[str, Any]:
+    """Each attack of the set: APGDConfig for apgd_ce / apgd_t, AttackConfig for pgd / fgsm."""
+    from cstar.apgd import APGDConfig
     from cstar.attacks import AttackConfig
+    from cstar.suites import suite_settings
 
-    fast = AttackConfig("fgsm", eps, 1, eps, norm, random_start=False)
-    return {"pgd": AttackConfig("pgd", eps, steps, None, norm, random_start=True), "fgsm": fast}
+    if suite not in SET_SUITES:
+        raise CstarError(f"unknown attack-set suite '{suite}'", f"use one of: {', '.join(SET_SUITES)}")
+    settings = suite_settings(suite, **({"n_iter": iters} if iters is not None else {}), seed=seed)
+    def apgd(loss: str) -> APGDConfig:
+        return APGDConfig(loss=loss, norm=norm, n_iter=settings.n_iter, n_restarts=settings.n_restarts,
+                          n_targets=settings.n_targets, seed=seed)
+
+    return {"apgd_ce": apgd("ce"), "apgd_t": apgd("dlr-targeted"),
+            "pgd": AttackConfig("pgd", eps, steps, None, norm, random_start=True),
+            "fgsm": AttackConfig("fgsm", eps, 1, eps, norm, random_start=False)}
 
 
-def _craft(model: Any, images: Any, labels: Any, configs: dict[str, Any], batch_size: int) -> dict[str, np.ndarray]:
+def _adversarial(name: str, cfg: Any, model: Any, x: Any, y: Any, eps: float, crafted: dict[str, Any]) -> Any:
+    """One attack's inputs for a batch; APGD-T only where APGD-CE left the reference correct."""
+    from cstar.apgd import apgd, apgd_targeted
+    from cstar.attacks import pgd
+
+    if name == "apgd_ce":
+        result = apgd(model, x, y, eps, cfg)
+        crafted["apgd_ce_success"] = result.success
+        return result.x_adv
+    if name == "apgd_t":
+        adv = crafted["apgd_ce"].clone()
+        todo = ~crafted["apgd_ce_success"]
+        if bool(todo.any()):
+            adv[todo] = apgd_targeted(model, x[todo], y[todo], eps, cfg).x_adv
+        return adv
+    return pgd(model, x, y, cfg.eps, cfg.steps, cfg.resolved_step_size(), cfg.norm, cfg.random_start)
+
+
+def _craft(model: Any, images: Any, labels: Any, configs: dict[str, Any], batch_size: int,
+           eps: float) -> dict[str, np.ndarray]:
     """Adversarial inputs per attack and logits (clean + per attack), batched, as numpy."""
     import torch
-
-    from cstar.attacks import pgd
 
     out: dict[str, list[np.ndarray]] = {"ref_logits_clean": []}
     for name in configs:
@@ -94,16 +134,34 @@ def _craft(model: Any, images: Any, labels: Any, configs: dict[str, Any], batch_
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         with torch.no_grad():
             out["ref_logits_clean"].append(model(x).float().numpy())
+        crafted: dict[str, Any] = {}
         for name, cfg in configs.items():
-            adv = pgd(model, x, y, cfg.eps, cfg.steps, cfg.resolved_step_size(), cfg.norm, cfg.random_start)
+            adv = crafted[name] = _adversarial(name, cfg, model, x, y, eps, crafted)
             with torch.no_grad():
                 out[f"ref_logits_{name}"].append(model(adv).float().numpy())
-            out[f"adv_{name}"].append(adv.numpy().astype(np.float32))
+            out[f"adv_{name}"].append(adv.detach().numpy().astype(np.float32))
     return {key: np.concatenate(chunks) for key, chunks in out.items()}
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == labels).mean()) if labels.size else 0.0
+
+
+def _set_metrics(arrays: dict[str, np.ndarray], y: np.ndarray, configs: dict[str, Any], eps: float, norm: str,
+                 suite: str) -> dict[str, Any]:
+    """The reference's accuracy: clean, per attack, and the per-example worst case over all attacks."""
+    correct = {name: arrays[f"ref_logits_{name}"].argmax(axis=1) == y for name in configs}
+    worst = arrays["ref_logits_clean"].argmax(axis=1) == y
+    for mask in correct.values():
+        worst &= mask
+    per_attack = {name: float(mask.mean()) if y.size else 0.0 for name, mask in correct.items()}
+    return {"clean_acc": _accuracy(arrays["ref_logits_clean"], y),
+            "robust_acc": float(worst.mean()) if y.size else 0.0,
+            "per_attack": per_attack,
+            "pgd_robust_acc": per_attack["pgd"], "fgsm_robust_acc": per_attack["fgsm"],
+            "attack": {"suite": suite, "white_box_only": True, "eps": eps, "norm": norm,
+                       "attacks": [{"name": name, "settings": cfg.to_dict(), "robust_acc": per_attack[name]}
+                                   for name, cfg in configs.items()]}}
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -124,8 +182,11 @@ def run_attackset(
     seed: int = 0,
     batch_size: int = 256,
     force: bool = False,
+    suite: str = "aa",
+    iters: int | None = None,
 ) -> dict[str, Any]:
-    """Craft PGD/FGSM inputs on the reference for a stratified test subset; write the set and its manifest.
+    """Craft the suite's white-box inputs (APGD-CE, APGD-T) and PGD/FGSM on the reference for a
+    stratified test subset; write the set and its manifest.
 
     `out` follows cstar.outdir's rule (`force` replaces an existing attackset directory).
     """
@@ -149,6 +210,9 @@ def run_attackset(
     norm = str(ref_manifest.get("norm", "linf"))
     validate.eps(eps, "--eps", str(ref_manifest["dataset"].get("name")))
     validate.count("--steps", steps)
+    validate.choice("--suite", suite, SET_SUITES)
+    if iters is not None:
+        validate.count("--iters", iters)
     validate.count("--batch-size", batch_size)
     input_shape = tuple(ref_manifest["dataset"]["input_shape"])
     bundle = load_dataset(data, image_size=input_shape[-1])
@@ -158,18 +222,18 @@ def run_attackset(
     indices = _select(bundle.labels("test"), samples, seed)
     images, labels = to_tensors(bundle.test, indices)
     torch.manual_seed(seed)
-    configs = _attack_configs(eps, norm, steps)
-    arrays = _craft(model, images, labels, configs, batch_size)
+    configs = _attack_configs(eps, norm, steps, suite, iters, seed)
+    arrays = _craft(model, images, labels, configs, batch_size, eps)
     y = labels.numpy().astype(np.int64)
     arrays = {"x_clean": images.numpy().astype(np.float32), "labels": y, "indices": indices.astype(np.int64), **arrays}
     with claim as out_dir:  # staged sibling, renamed into place once set and manifest are written
-        _write_set(out_dir, arrays, reference, ref_manifest, eps, norm, input_shape, seed, configs, started)
+        _write_set(out_dir, arrays, reference, ref_manifest, eps, norm, input_shape, seed, configs, started, suite)
     return read_manifest(out, ("attackset",))
 
 
 def _write_set(out_dir: Path, arrays: dict[str, np.ndarray], reference: str | Path, ref_manifest: dict[str, Any],
                eps: float, norm: str, input_shape: tuple[int, ...], seed: int, configs: dict[str, Any],
-               started: float) -> None:
+               started: float, suite: str) -> None:
     """attackset.npz, then manifest.json (last) into `out_dir`."""
     from cstar.checkpoint import WEIGHTS_NAME
 
@@ -185,13 +249,11 @@ def _write_set(out_dir: Path, arrays: dict[str, np.ndarray], reference: str | Pa
         "classes": list(ref_manifest["dataset"]["classes"]),
         "input": {"shape": list(input_shape), "dtype": "float32", "range": [0, 1]},
         "set": {"file": SET_FILE, "sha256": sha256_file(out_dir / SET_FILE), "n": int(y.shape[0]),
-                "seed": seed, "attacks": {name: cfg.to_dict() for name, cfg in configs.items()}},
-        "metrics": {
-            "clean_acc": _accuracy(arrays["ref_logits_clean"], y),
-            "robust_acc": _accuracy(arrays["ref_logits_pgd"], y),
-            "fgsm_robust_acc": _accuracy(arrays["ref_logits_fgsm"], y),
-            "attack": configs["pgd"].to_dict(),
-        },
+                "seed": seed, "suite": suite, "attacks": {name: cfg.to_dict() for name, cfg in configs.items()},
+                "apgd_t_on": "points APGD-CE left correct on the reference (the others carry APGD-CE's example)"},
+        "metrics": _set_metrics(arrays, y, configs, eps, norm, suite),
+        "reference_suite": ref_manifest.get("metrics", {}).get("attack", {}).get("suite"),
+        "reference_warnings": list(ref_manifest.get("metrics", {}).get("attack", {}).get("warnings", [])),
         "seconds": round(time.perf_counter() - started, 3),
     }
     write_manifest(out_dir, "attackset", body)

@@ -22,6 +22,7 @@ from cstar import validate
 from cstar.config import config_from_dict, config_to_dict
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
+from cstar.suites import SUITES
 
 STATE_DIR = ".pipeline"
 LATENCY_TABLE_FILE = "latency_table.json"
@@ -51,6 +52,16 @@ class TrainSection:
     eps: float | None = None
     method: str = "pgd-at"
     extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluateSection:
+    """The attack suite of train's and compress's test metrics (the report's PyTorch rows) and of the
+    attack sets: apgd by default, the CPU-sized white-box suite (the demo's ~5-minute budget); "aa" for
+    the standard AutoAttack set. `steps` overrides the gradient attacks' iterations (recorded)."""
+
+    suite: str = "apgd"
+    steps: int | None = None
 
 
 @dataclass
@@ -104,6 +115,7 @@ class BenchSection:
 class PipelineConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     compress: CompressSection = field(default_factory=CompressSection)
     export: ExportSection = field(default_factory=ExportSection)
     calibrate: CalibrateSection = field(default_factory=CalibrateSection)
@@ -114,6 +126,7 @@ class PipelineConfig:
 _SECTIONS: dict[str, type] = {
     "data": DataSection,
     "train": TrainSection,
+    "evaluate": EvaluateSection,
     "compress": CompressSection,
     "export": ExportSection,
     "calibrate": CalibrateSection,
@@ -160,6 +173,9 @@ def validate_config(config: PipelineConfig, source: str = "the pipeline config")
         validate.count(key("train", "epochs"), config.train.epochs)
     if config.data.image_size is not None:
         validate.count(key("data", "image_size"), config.data.image_size)
+    validate.choice(key("evaluate", "suite"), config.evaluate.suite, SUITES)
+    if config.evaluate.steps is not None:
+        validate.count(key("evaluate", "steps"), config.evaluate.steps)
     validate.ratio(key("compress", "ratio"), config.compress.ratio)
     validate.count(key("calibrate", "samples"), config.calibrate.samples)
     validate.fraction(key("calibrate", "include_adversarial"), config.calibrate.include_adversarial)
@@ -200,7 +216,8 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     size = ["--image-size", str(config.data.image_size)] if config.data.image_size else []
     d = {name: run_dir / name for name in (
         "train", "profile", "compress", "export-dense", "export", "calibrate", "attackset", "attackset-dense")}
-    train_argv = ["--data", data, *size, "--method", config.train.method, "--out", str(d["train"])]
+    suite = eval_args(config)
+    train_argv = ["--data", data, *size, "--method", config.train.method, *suite, "--out", str(d["train"])]
     if config.train.model:
         train_argv += ["--model", config.train.model]
     if config.train.epochs:
@@ -220,7 +237,8 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         latency_args = ["--latency-table", str(table), "--latency-batch", ",".join(map(str, batches))]
     stages.append(Stage("compress", "compress", [
         "--from", str(d["train"]), "--ratio", str(config.compress.ratio), "--by", config.compress.by,
-        "--method", config.compress.method, *latency_args, "--out", str(d["compress"]), *config.compress.extra_args,
+        "--method", config.compress.method, *latency_args, *suite, "--out", str(d["compress"]),
+        *config.compress.extra_args,
     ], d["compress"], f"{config.compress.method} {config.compress.ratio:g}x ({config.compress.by})"))
     export_common = ["--opset", str(config.export.opset), "--simplifier", config.export.simplifier]
     if config.export.export_dense:
@@ -255,15 +273,17 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         for _, backend, out in dense_builds:
             stages.append(Stage(out.name, "build", ["--from", str(d["export-dense"]), "--backend", backend,
                                                     "--out", str(out)], out, f"dense fp32 on {backend}"))
+    set_args = ["--suite", config.evaluate.suite if config.evaluate.suite != "pgd20" else "apgd",
+                *(["--iters", str(config.evaluate.steps)] if config.evaluate.steps is not None else [])]
     stages.append(Stage("attackset", "attackset", [
         "--reference", str(d["compress"]), "--data", data, "--samples", str(config.verify.samples),
-        "--out", str(d["attackset"]),
+        *set_args, "--out", str(d["attackset"]),
     ], d["attackset"], "transfer attack set (PyTorch reference)"))
     verify_targets = list(builds)
     if config.export.export_dense:
         stages.append(Stage("attackset-dense", "attackset", [
             "--reference", str(d["train"]), "--data", data, "--samples", str(config.verify.samples),
-            "--out", str(d["attackset-dense"]),
+            *set_args, "--out", str(d["attackset-dense"]),
         ], d["attackset-dense"], "attack set on the dense reference (the robustness baseline)"))
         verify_targets += dense_builds
     for precision, backend, build_dir in verify_targets:
@@ -285,6 +305,12 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
             argv += ["--compare", str(run_dir / f"build-dense-{backend}"), "--rounds", str(BENCH_ROUNDS)]
         stages.append(Stage(f"bench-{precision}-{backend}", "bench", argv, out, f"latency {precision} on {backend}"))
     return stages
+
+
+def eval_args(config: PipelineConfig) -> list[str]:
+    """--eval-suite (and --eval-steps) of the stages that report PyTorch robust accuracy."""
+    steps = ["--eval-steps", str(config.evaluate.steps)] if config.evaluate.steps is not None else []
+    return ["--eval-suite", config.evaluate.suite, *steps]
 
 
 def select_batch(config: PipelineConfig) -> int:

@@ -20,7 +20,8 @@ from deploy.selection import select_deployments
 
 ROBUST_NOTE = ("robust = per-example worst case: an image counts only if it survives every attack run on the runtime "
                "(transfer attacks crafted on the PyTorch reference, and the black-box Square attack against the runtime "
-               "itself); PyTorch rows ran PGD only")
+               "itself); PyTorch rows: the per-example worst case over the named white-box suite (APGD-CE, APGD-T; aa adds "
+               "Square) on the test split")
 SPEEDUP_NOTE = ("speedup = p50 latency of the dense FP32 export / p50 of the artifact, same backend and batch size, "
                 "measured in one cstar bench run with the two interleaved (median of the per-round ratios)")
 
@@ -70,13 +71,24 @@ def _times(value: float | None) -> str:
 
 
 def _attack_label(attack: dict[str, Any]) -> str:
-    """'PGD-20' from a manifest's metrics.attack block ('PGD' when the steps are unknown)."""
+    """'aa suite' / 'apgd suite (10 it)' from a metrics.attack suite block; 'PGD-20' from an older PGD block."""
+    if "suite" in attack:
+        iters = next((a["settings"].get("n_iter") for a in attack.get("attacks", []) if "n_iter" in a.get("settings", {})),
+                     None)
+        short = f" ({iters} it)" if attack.get("iterations_overridden") and iters else ""
+        return f"{attack['suite']} suite{short}"
     name = str(attack.get("name") or "pgd").upper()
     return f"{name}-{attack['steps']}" if attack.get("steps") else name
 
 
+def _suite_attacks(attack: dict[str, Any]) -> list[str]:
+    """The attacks behind a PyTorch row's worst case (['PGD-20'] for an older PGD-only manifest)."""
+    names = [str(a.get("name")) for a in attack.get("attacks", [])]
+    return names or [_attack_label(attack)]
+
+
 def _model_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Dense and compressed PyTorch models: clean and (PGD-only) robust accuracy on the test split."""
+    """Dense and compressed PyTorch models: clean accuracy, the suite's worst case and PGD-20 (test split)."""
     rows = []
     for key, title in (("train", "dense (PyTorch)"), ("compress", "compressed (PyTorch)")):
         manifest = _read_json(run_dir / key / MANIFEST_NAME)
@@ -93,7 +105,10 @@ def _model_rows(run_dir: Path) -> list[dict[str, Any]]:
             "clean_acc": metrics.get("clean_acc"),
             "robust_acc": metrics.get("robust_acc"),
             "attack": metrics.get("attack", {}),
-            "robust_attacks": [_attack_label(metrics.get("attack", {}))],
+            "robust_label": _attack_label(metrics.get("attack", {})),
+            "robust_attacks": _suite_attacks(metrics.get("attack", {})),
+            "pgd20_robust_acc": metrics.get("pgd20_robust_acc"),
+            "warnings": list(metrics.get("attack", {}).get("warnings", [])),
         })
     return rows
 
@@ -220,7 +235,7 @@ def _reference_line(summary: PipelineSummary) -> str:
     """The dense reference the verdict compares against: PyTorch accuracy and runtime latency."""
     parts = []
     for m in summary.models:
-        parts.append(f"{m['model']} clean {_pct(m['clean_acc'])}%, {m['robust_attacks'][0]} robust "
+        parts.append(f"{m['model']} clean {_pct(m['clean_acc'])}%, {m['robust_label']} robust "
                      f"{_pct(m['robust_acc'])}%")
     for a in summary.artifacts:
         if a["artifact"] == "dense":
@@ -265,10 +280,11 @@ def _artifact_table(summary: PipelineSummary) -> tuple[list[str], list[list[str]
 
 
 def _model_table(summary: PipelineSummary) -> tuple[list[str], list[list[str]]]:
-    label = summary.models[0]["robust_attacks"][0] if summary.models else "PGD"
-    headers = ["model", "params", "MACs", "params ratio", "MACs ratio", "clean %", f"robust % ({label} only)"]
+    label = summary.models[0]["robust_label"] if summary.models else "PGD"
+    headers = ["model", "params", "MACs", "params ratio", "MACs ratio", "clean %", f"robust % ({label} worst case)",
+               "PGD-20 % (training-time check)"]
     rows = [[m["model"], _fmt(m["params"]), _fmt(m["flops"]), _fmt(m["params_ratio"], 2), _fmt(m["flops_ratio"], 2),
-             _pct(m["clean_acc"]), _pct(m["robust_acc"])] for m in summary.models]
+             _pct(m["clean_acc"]), _pct(m["robust_acc"]), _pct(m.get("pgd20_robust_acc"))] for m in summary.models]
     return headers, rows
 
 
@@ -280,9 +296,11 @@ def _report_blocks(summary: PipelineSummary) -> list[Block]:
                      "square: the black-box Square attack run against the runtime (queries and n in each verify "
                      "report).")]
     blocks += [("h2", "Models (PyTorch, test split)"), ("table", _model_table(summary))]
-    warning_rows = [[f"{a['artifact']} @{a['backend']}", w] for a in summary.artifacts for w in a.get("warnings", [])]
+    warning_rows = [[m["model"], w] for m in summary.models for w in m.get("warnings", [])]
+    warning_rows += [[f"{a['artifact']} @{a['backend']}", w] for a in summary.artifacts for w in a.get("warnings", [])]
     if warning_rows:
-        blocks += [("h2", "Warnings from verification"), ("table", (["artifact", "warning"], warning_rows))]
+        blocks += [("h2", "Warnings (attack diagnostics and verification)"),
+                   ("table", (["model / artifact", "warning"], warning_rows))]
     plots = [p for p in summary.plots if p != "ranks.png"]
     if plots:
         blocks += [("h2", "Plots"), *[("img", p) for p in plots]]
@@ -380,7 +398,7 @@ def _accuracy_series(summary: PipelineSummary) -> tuple[list[str], dict[str, lis
         "robust (worst case)": [m["robust_acc"] for m in summary.models] + [a["robust_acc"] for a in verified],
     }
     for k in attacks:
-        pytorch = [m["robust_acc"] if k == "pgd" else None for m in summary.models]
+        pytorch = [m.get("pgd20_robust_acc") if k == "pgd" else None for m in summary.models]
         series[f"{k} ({'white-box / ' if k == 'pgd' else ''}transfer)"] = pytorch + [a["transfer"].get(k) for a in verified]
     series["square (black-box)"] = [None for _ in summary.models] + [a["square"] for a in verified]
     return labels, series
@@ -528,8 +546,8 @@ def summary_table(summary: PipelineSummary) -> str:
             + f"{'square%':>9}{f'p50 b{batch} ms':>12}{'speedup':>9}{'gate':>6}")
     lines = [head]
     for m in summary.models:
-        pgd = [_pct(m["robust_acc"]) if d == "pgd%" else "-" for d in detail]
-        lines.append(f"{m['model'].replace(')', ', PGD only)'):<32}{_fmt(m['params']):>8}{_pct(m['clean_acc']):>8}"
+        pgd = [_pct(m.get("pgd20_robust_acc")) if d == "pgd%" else "-" for d in detail]
+        lines.append(f"{m['model'].replace(')', ', ' + m['robust_label'] + ')'):<32}{_fmt(m['params']):>8}{_pct(m['clean_acc']):>8}"
                      f"{_pct(m['robust_acc']):>9}" + "".join(f"{p:>8}" for p in pgd)
                      + f"{'-':>9}{'-':>12}{'-':>9}{'-':>6}")
     for a in summary.artifacts:
@@ -538,7 +556,8 @@ def summary_table(summary: PipelineSummary) -> str:
                      f"{_pct(a['robust_acc']):>9}" + "".join(f"{_pct(a['transfer'].get(k)):>8}" for k in attacks)
                      + f"{_pct(a['square']):>9}{_fmt(a.get(f'p50_b{batch}'), 3):>12}"
                      f"{_times(a['speedup_vs_dense'].get(str(batch))):>9}{gate:>6}")
-    lines += ["", "robust% = per-example worst case over every attack run (PyTorch rows: PGD only); "
+    lines += ["", "robust% = per-example worst case over every attack run (PyTorch rows: the named white-box suite, "
+              "pgd% there is PGD-20 on the model itself); "
               f"speedup = dense p50 / artifact p50, same backend, batch {batch}",
               _verdict_heading(summary.verdict)]
     lines += [deployed_line(d).replace("**", "").replace("`", "") for d in summary.deployed.values()]

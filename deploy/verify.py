@@ -354,6 +354,13 @@ def _runtime_metrics(runner: Any, attack_set: AttackSet, eps: float, norm: str, 
     return metrics, {"subset": subset, "transfer": transfer}
 
 
+def reference_warnings(set_manifest: dict[str, Any]) -> list[str]:
+    """The reference model's own attack-suite diagnostics (gradient masking, randomness, PGD-20 gap),
+    carried by the attack set from its train/compress manifest: they bear on every number of this report."""
+    return [f"reference model ({set_manifest.get('reference_suite', 'suite')} diagnostics): {w}"
+            for w in set_manifest.get("reference_warnings", []) if isinstance(w, str)]
+
+
 def _warnings(runtime: dict[str, Any]) -> list[str]:
     """Square vs transfer on the runtime, from the square block (see `_square_block`)."""
     square = runtime.get("square")
@@ -440,6 +447,7 @@ def run_verify(
         runner_info = runner.describe()
     reference = _reference_metrics(attack_set)
     warnings += _warnings(runtime)
+    warnings += reference_warnings(attack_set.manifest)
     checks = gate_checks(reference, runtime, attack_set, masks["subset"], thresholds)
     failed = [c["name"] for c in checks if not c["passed"]]
     report = _assemble(artifact, backend, attack_set, eps, norm, thresholds, checks, failed,

@@ -273,10 +273,13 @@ def test_compressed_set_refuses_a_run_with_another_config(tmp_path: Path) -> Non
 
     dense = _stage(tmp_path / "dense", "train", [])
     other_dense = _stage(tmp_path / "dense2", "train", [])
-    config = {**config_to_dict(CompressConfig(ratio=8.0, admm_epochs=1, finetune_epochs=0)), "eval_limit": 100}
+    config = {**config_to_dict(CompressConfig(ratio=8.0, admm_epochs=1, finetune_epochs=0, eval_suite="apgd")),
+              "eval_limit": 100}
     run = _stage(tmp_path / "compress" / "cstar-x8-e1+0", "compress", [dense / "manifest.json"], config=config)
     wanted = {"admm_epochs": 1, "finetune_epochs": 0, "eval_limit": 100}
     assert compressed_set(dense, tmp_path / "compress", ["cstar"], [8.0], wanted)["cstar-x8"].reused
+    with pytest.raises(StaleWork, match=r"config.eval_suite='apgd' there, 'aa' wanted"):  # robust numbers differ
+        compressed_set(dense, tmp_path / "compress", ["cstar"], [8.0], {**wanted, "eval_suite": "aa"})
     with pytest.raises(StaleWork, match=r"config.by='params' there, 'flops' wanted") as info:
         compressed_set(dense, tmp_path / "compress", ["cstar"], [8.0], {**wanted, "by": "flops"})
     assert info.value.hint is not None and f"delete {run}" in info.value.hint
@@ -427,7 +430,7 @@ def test_latency_budget_quick(tmp_path: Path) -> None:
     assert {r["method"] for r in accuracy["rows"]} == {"cstar", "prune", "lowrank-uniform"}
     for row in accuracy["rows"]:
         assert row["predicted_ms"] > 0 and row["predicted_speedup"] >= row["target"] * (1 - 1e-9)
-        assert row["attack"]["steps"] == 20 and 0.0 <= row["robust_acc"] <= row["clean_acc"] + 0.05
+        assert row["attack"]["suite"] == "apgd" and 0.0 <= row["robust_acc"] <= row["clean_acc"] + 0.05
         for size, p50 in row["p50_ms"].items():
             assert p50 > 0 and row["speedup"][size] == pytest.approx(dense_p50[size] / p50)
         assert accuracy["reachable"][row["method"]]["best"] >= row["target"]

@@ -19,8 +19,8 @@ from cstar.errors import CstarError
 from cstar.flops import count_params
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 
-TINY = {"admm_epochs": 1, "finetune_epochs": 1, "train_steps": 2, "eval_steps": 3, "eval_limit": 60,
-        "realloc_epochs": 1}
+TINY = {"admm_epochs": 1, "finetune_epochs": 1, "train_steps": 2, "eval_suite": "apgd", "eval_steps": 3,
+        "eval_limit": 60, "realloc_epochs": 1}
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_config_rejects_unknown_keys_and_bad_values(robust_digits_dir: Path, tmp
 def test_cli_flops_budget(robust_digits_dir: Path, tmp_path: Path, capsys) -> None:
     code = cli_main(["compress", "--from", str(robust_digits_dir), "--out", str(tmp_path / "f"), "--ratio", "2",
                      "--by", "flops", "--method", "lowrank-uniform", "--admm-epochs", "0", "--finetune-epochs", "1",
-                     "--train-steps", "1", "--eval-steps", "2", "--eval-limit", "40", "--quiet"])
+                     "--train-steps", "1", "--eval-suite", "apgd", "--eval-steps", "2", "--eval-limit", "40", "--quiet"])
     assert code == 0
     assert "flops x" in capsys.readouterr().out
     _, manifest = load_checkpoint(tmp_path / "f")

@@ -174,7 +174,7 @@ def test_admm_state_and_ranks_are_identical_on_every_rank(ddp_run: Path) -> None
 def test_cli_train_under_torchrun_writes_one_manifest(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _torchrun(["-m", "cstar", "train", "--data", "digits", "--width", "4", "--epochs", "1", "--train-steps",
-                      "1", "--eval-steps", "1", "--checkpoint-every", "4", "--device", "cpu", "--out", str(out)])
+                      "1", "--eval-suite", "apgd", "--eval-steps", "1", "--checkpoint-every", "4", "--device", "cpu", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
     assert proc.stdout.count("trained small-resnet") == 1  # rank 0 alone reports and writes
@@ -185,7 +185,7 @@ def test_cli_train_under_torchrun_writes_one_manifest(tmp_path: Path) -> None:
 def test_cli_compress_under_torchrun_writes_one_manifest(robust_digits_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "small"
     proc = _torchrun(["-m", "cstar", "compress", "--from", str(robust_digits_dir), "--out", str(out), "--ratio", "2",
-                      "--admm-epochs", "1", "--finetune-epochs", "1", "--train-steps", "1", "--eval-steps", "1",
+                      "--admm-epochs", "1", "--finetune-epochs", "1", "--train-steps", "1", "--eval-suite", "apgd", "--eval-steps", "1",
                       "--eval-limit", "41", "--device", "cpu", "--quiet"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
@@ -263,7 +263,8 @@ def test_torchvision_resnet18_compresses_through_the_same_path(tmp_path: Path) -
     dense = build_model("tv-resnet18", bundle.spec)
     save_checkpoint(tmp_path / "dense", dense, "train", "tv-resnet18", {}, bundle.spec,
                     {"eps": 4 / 255, "norm": "linf", "metrics": {}, "config": {"method": "pgd-at", "train_steps": 1}})
-    config = {"admm_epochs": 0, "finetune_epochs": 0, "eval_steps": 1, "eval_dense": False, "device": "cpu"}
+    config = {"admm_epochs": 0, "finetune_epochs": 0, "eval_suite": "apgd", "eval_steps": 1, "eval_dense": False,
+              "device": "cpu"}
     manifest = run_compress(tmp_path / "dense", tmp_path / "small", ratio=3.0, method="lowrank-uniform",
                             config=config, progress=False)
     assert manifest["compression"]["params_ratio"] >= 3.0

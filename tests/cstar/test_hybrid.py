@@ -22,8 +22,8 @@ from cstar.ranks import first_and_last, model_cost
 from tests.cstar.test_compress import rebuild_from_rank_map
 
 SPEC = DatasetSpec("synthetic", (3, 16, 16), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3, 0.03)
-TINY = {"admm_epochs": 1, "finetune_epochs": 1, "train_steps": 2, "eval_steps": 3, "eval_limit": 60,
-        "realloc_epochs": 1, "eval_dense": False}
+TINY = {"admm_epochs": 1, "finetune_epochs": 1, "train_steps": 2, "eval_suite": "apgd", "eval_steps": 3,
+        "eval_limit": 60, "realloc_epochs": 1, "eval_dense": False}
 
 
 def _resnet() -> nn.Module:

@@ -358,7 +358,7 @@ def test_compress_by_latency_records_the_table_and_predicted_latency(robust_digi
     body["machine"]["cpu_model"] = "Some Other CPU"
     table = write(tmp_path, body)
     code = _compress_cli(robust_digits_dir, table, tmp_path / "c", "--latency-batch", "8", "--latency-threads", "1",
-                         "--eval-steps", "1", "--eval-limit", "20")
+                         "--eval-suite", "apgd", "--eval-steps", "1", "--eval-limit", "20")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "warning:" in captured.err and "thread" in captured.err and "Some Other CPU" in captured.err

@@ -97,7 +97,7 @@ def test_compress_cli_budget_at_two_batches(robust_digits_dir: Path, tmp_path: P
     out = tmp_path / "c"
     code = cli_main(["compress", "--from", str(robust_digits_dir), "--out", str(out), "--ratio", str(RATIO),
                      "--by", "latency", "--latency-table", str(table_path), "--latency-batch", "1,8",
-                     "--admm-epochs", "0", "--finetune-epochs", "0", "--eval-steps", "1", "--eval-limit", "20",
+                     "--admm-epochs", "0", "--finetune-epochs", "0", "--eval-suite", "apgd", "--eval-steps", "1", "--eval-limit", "20",
                      "--quiet"])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())

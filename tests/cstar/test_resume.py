@@ -25,7 +25,7 @@ from cstar.train import STATE_NAME, TrainConfig, fit, read_state
 REPO = Path(__file__).resolve().parents[2]
 # 1293 training images / batch 16 = 81 steps per epoch; a checkpoint every 5 steps
 ARGS = ["train", "--data", "digits", "--width", "4", "--epochs", "2", "--train-steps", "1", "--batch-size", "16",
-        "--eval-steps", "2", "--checkpoint-every", "5", "--device", "cpu"]
+        "--eval-suite", "apgd", "--eval-steps", "2", "--checkpoint-every", "5", "--device", "cpu"]
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen[str]:

@@ -15,12 +15,12 @@ from tests.logit_checks import assert_fp32_parity, assert_int8_tracks_fp32
 TINY = """
 [train]
 epochs = 2
-extra_args = ["--width", "8", "--train-steps", "1", "--eval-steps", "2"]
+extra_args = ["--width", "8", "--train-steps", "1", "--eval-suite", "apgd", "--eval-steps", "2"]
 
 [compress]
 ratio = 4
 by = "params"
-extra_args = ["--admm-epochs", "1", "--finetune-epochs", "1", "--eval-steps", "2", "--eval-limit", "100", "--quiet"]
+extra_args = ["--admm-epochs", "1", "--finetune-epochs", "1", "--eval-suite", "apgd", "--eval-steps", "2", "--eval-limit", "100", "--quiet"]
 
 [calibrate]
 samples = 64

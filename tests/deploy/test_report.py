@@ -84,12 +84,15 @@ def _run_dir(root: Path, int8_passes: bool) -> Path:
     reference = _reference_metrics(attack_set)
     int8 = {**runtime, "clean_acc": 0.8, "transfer": {"pgd": 0.6, "fgsm": 0.7},
             "square": {"queries": 50, "robust_acc": 0.65, "n": N}, "worst_case_robust_acc": 0.4}
-    pgd20 = {"name": "pgd", "steps": 20}
-    _write(root / "train" / "manifest.json", {"params": 1000, "flops": 9000,
-                                              "metrics": {"clean_acc": 0.95, "robust_acc": 0.55, "attack": pgd20}})
+    suite = {"suite": "apgd", "eps": 0.1, "norm": "linf", "n": N, "iterations_overridden": False,
+             "attacks": [{"name": "apgd-ce", "settings": {"n_iter": 100}, "robust_acc": 0.6},
+                         {"name": "apgd-t", "settings": {"n_iter": 100, "n_targets": 3}, "robust_acc": 0.55}],
+             "warnings": ["PGD-20 reads 12.0 points above the apgd suite"]}
+    _write(root / "train" / "manifest.json", {"params": 1000, "flops": 9000, "metrics": {
+        "clean_acc": 0.95, "robust_acc": 0.55, "attack": suite, "pgd20_robust_acc": 0.67}})
     _write(root / "compress" / "manifest.json", {
         "params": 250, "flops": 3000, "compression": {"params_ratio": 4.0, "flops_ratio": 3.0},
-        "metrics": {"clean_acc": 0.9, "robust_acc": 0.5, "attack": pgd20},
+        "metrics": {"clean_acc": 0.9, "robust_acc": 0.5, "attack": {"name": "pgd", "steps": 20}},
         "ranks": {"net.conv": {"kind": "tucker2", "ranks": [2, 3], "shape": [8, 8, 3, 3]}}})
     _write(root / "verify-fp32-ort-cpu" / "report.json", _report("fp32", runtime, reference, True))
     _write(root / "verify-int8-ort-cpu" / "report.json", _report("int8", int8, reference, int8_passes))
@@ -143,7 +146,9 @@ def test_summary_robust_column_is_the_worst_case(passing_run: tuple[Path, Any]) 
     assert header[6:9] == ["fgsm%", "pgd%", "square%"]  # single attacks come after the headline
     row = next(line for line in lines if line.startswith("compressed fp32 @ort-cpu")).split()
     assert row[3:8] == ["250", "90.0", "50.0", "80.0", "70.0"] and row[-2:] == ["3.00x", "pass"]
-    assert next(line for line in lines if line.startswith("dense (PyTorch, PGD only)"))
+    dense = next(line for line in lines if line.startswith("dense (PyTorch, apgd suite)")).split()
+    assert dense[-7:-4] == ["55.0", "-", "67.0"]  # worst case, then PGD-20 in the pgd% column (not the headline)
+    assert next(line for line in lines if line.startswith("compressed (PyTorch, PGD-20)"))  # a schema-1 manifest
     assert lines[-2].startswith("Verdict: gate PASSED")
     assert lines[-1] == ("Deployed on ort-cpu: compressed fp32 in deploy-ort-cpu/ (speedup vs dense 3.00x at b1): "
                          "fastest of the precisions that passed verification at batch 1: fp32 0.100 ms vs int8 0.150 ms")
@@ -161,7 +166,8 @@ def test_report_opens_with_the_verdict_and_ends_with_the_stage_log(passing_run: 
     assert "robust **50.0%**" in fp32 and "clean 90.0%" in fp32 and "3.00x (b1), 4.00x (b8)" in fp32
     int8 = next(line for line in verdict.splitlines() if "compressed int8" in line)
     assert "robust **40.0%**" in int8 and "fgsm, pgd, square" in int8 and "2.00x (b1)" in int8
-    assert "dense (PyTorch) clean 95.0%, PGD-20 robust 55.0%" in verdict
+    assert "dense (PyTorch) clean 95.0%, apgd suite robust 55.0%" in verdict
+    assert "| dense (PyTorch) | PGD-20 reads 12.0 points above the apgd suite |" in md
     assert md.index("| train | the train stage | ran | 1.5 |") > md.index("## Ranks per layer")
 
     page = (root / "report.html").read_text()

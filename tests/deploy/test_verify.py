@@ -30,8 +30,9 @@ from deploy.verify import (
     stratified_subset,
 )
 
-SET_KEYS = {"x_clean", "labels", "indices", "adv_pgd", "adv_fgsm", "ref_logits_clean", "ref_logits_pgd",
-            "ref_logits_fgsm"}
+SET_ATTACKS = ("apgd_ce", "apgd_t", "pgd", "fgsm")
+SET_KEYS = {"x_clean", "labels", "indices", "ref_logits_clean", *(f"adv_{a}" for a in SET_ATTACKS),
+            *(f"ref_logits_{a}" for a in SET_ATTACKS)}
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +69,31 @@ def test_attackset_contents(attack_set: Path, robust_digits_dir: Path) -> None:
     assert len(manifest["inputs"]) == 2 and manifest["dataset"]["name"] == "digits"
     with np.load(attack_set / "attackset.npz") as data:
         assert set(data.files) == SET_KEYS
-        x, adv, y = data["x_clean"], data["adv_pgd"], data["labels"]
+        x, y = data["x_clean"], data["labels"]
         assert x.shape == (100, 1, 16, 16) and x.dtype == np.float32 and y.dtype == np.int64
-        assert np.abs(adv - x).max() <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        for name in SET_ATTACKS:  # every attack stays in the eps-ball and [0,1]
+            adv = data[f"adv_{name}"]
+            assert np.abs(adv - x).max() <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1, name
         assert np.bincount(y).min() >= 9  # stratified
+        worst = data["ref_logits_clean"].argmax(1) == y
+        for name in SET_ATTACKS:
+            worst &= data[f"ref_logits_{name}"].argmax(1) == y
+    assert manifest["set"]["suite"] == "aa" and manifest["set"]["attacks"]["apgd_t"]["n_targets"] == 9
+    assert manifest["set"]["attacks"]["apgd_ce"]["n_iter"] == 100
     metrics = manifest["metrics"]
     assert metrics["clean_acc"] >= 0.8 and metrics["robust_acc"] < metrics["clean_acc"]
-    assert metrics["fgsm_robust_acc"] >= metrics["robust_acc"] - 0.05
+    assert metrics["robust_acc"] == pytest.approx(worst.mean())  # per-example worst case over every attack
+    per = metrics["per_attack"]
+    assert metrics["robust_acc"] <= min(per.values()) and per["apgd_t"] <= per["apgd_ce"]
+    assert per["apgd_t"] <= per["pgd"] + 0.02  # the suite is at least as strong as PGD-20 on the reference
+    assert metrics["fgsm_robust_acc"] >= metrics["pgd_robust_acc"] - 0.05
     with pytest.raises(CstarError, match="does not match"):
         run_attackset(robust_digits_dir, "fashion-mnist", attack_set.parent / "bad-set", samples=10)
 
 
 def test_verify_passes_on_fp32_export(robust_export: Path, attack_set: Path, work: Path) -> None:
     out = work / "report-fp32"
-    report = run_verify(robust_export, attack_set, out, backend="ort-cpu", square_queries=300)
+    report = run_verify(robust_export, attack_set, out, backend="ort-cpu", square_queries=1000)
     assert report["passed"] and report["failed_checks"] == []
     run = report["metrics"]["runtime"]
     ref = report["metrics"]["reference"]
@@ -89,16 +101,17 @@ def test_verify_passes_on_fp32_export(robust_export: Path, attack_set: Path, wor
     assert abs(run["clean_acc"] - ref["clean_acc"]) <= 0.01
     assert abs(run["transfer"]["pgd"] - ref["transfer"]["pgd"]) <= 0.02
     square = run["square"]
-    assert square["queries"] == 300 and square["n"] == 100 and square["p_init"] == 0.8 and square["restarts"] == 1
+    assert square["queries"] == 1000 and square["n"] == 100 and square["p_init"] == 0.8 and square["restarts"] == 1
     assert square["seed"] == 0 and square["started_from_transfer"] is True and square["strict"] is False
-    assert 0 < square["mean_queries"] <= 300 and square["flat_fraction"] < 0.05  # FP32 logits: no plateaus
+    assert 0 < square["mean_queries"] <= 1000 and square["flat_fraction"] < 0.05  # FP32 logits: no plateaus
     # started from the transfer examples, Square is never weaker than transfer on its subset (here: the whole set)
     assert square["robust_acc"] <= run["transfer_worst_case_robust_acc"] + 1e-9
     assert square["broke_transfer_survivors"] == round(
         100 * (run["transfer_worst_case_robust_acc"] - square["robust_acc"])) == square["transfer_survivors"] - round(
         100 * square["robust_acc"])
     assert square["alone_check"]["n"] == round(100 * (run["clean_acc"] - run["transfer_worst_case_robust_acc"]))
-    assert square["alone_check"]["broken"] >= 0.85 * square["alone_check"]["n"]  # Square alone finds them too
+    # Square alone (1000 queries, the pipeline's budget) finds most of them too
+    assert square["alone_check"]["broken"] >= 0.85 * square["alone_check"]["n"]
     assert run["worst_case_robust_acc"] == square["robust_acc"]
     assert report["warnings"] == []
     assert ref["square"] is None
@@ -268,3 +281,11 @@ def test_gate_math_and_square_warnings() -> None:
     assert all(c["passed"] for c in gate_checks(reference, runtime, attack_set, np.arange(4), relaxed))
     subset = stratified_subset(np.repeat(np.arange(4), 10), 8)
     assert np.bincount(np.repeat(np.arange(4), 10)[subset]).tolist() == [2, 2, 2, 2]
+
+
+def test_reference_suite_warnings_reach_the_verify_report() -> None:
+    from deploy.verify import reference_warnings
+
+    manifest = {"reference_suite": "aa", "reference_warnings": ["Square (black-box) fooled 3 point(s)", 7]}
+    assert reference_warnings(manifest) == ["reference model (aa diagnostics): Square (black-box) fooled 3 point(s)"]
+    assert reference_warnings({}) == []
