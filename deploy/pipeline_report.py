@@ -542,18 +542,18 @@ def summary_table(summary: PipelineSummary) -> str:
     attacks = sorted({k for a in summary.artifacts for k in a["transfer"]})
     batch = summary.batch_sizes[0] if summary.batch_sizes else 1
     detail = [f"{k}%" for k in attacks] or ["pgd%"]
-    head = (f"{'model / artifact':<32}{'params':>8}{'clean%':>8}{'robust%':>9}" + "".join(f"{d:>8}" for d in detail)
+    head = (f"{'model / artifact':<32}{'params':>8}{'clean%':>8}{'robust%':>9}" + "".join(f"{d:>9}" for d in detail)
             + f"{'square%':>9}{f'p50 b{batch} ms':>12}{'speedup':>9}{'gate':>6}")
     lines = [head]
     for m in summary.models:
         pgd = [_pct(m.get("pgd20_robust_acc")) if d == "pgd%" else "-" for d in detail]
         lines.append(f"{m['model'].replace(')', ', ' + m['robust_label'] + ')'):<32}{_fmt(m['params']):>8}{_pct(m['clean_acc']):>8}"
-                     f"{_pct(m['robust_acc']):>9}" + "".join(f"{p:>8}" for p in pgd)
+                     f"{_pct(m['robust_acc']):>9}" + "".join(f"{p:>9}" for p in pgd)
                      + f"{'-':>9}{'-':>12}{'-':>9}{'-':>6}")
     for a in summary.artifacts:
         gate = "-" if a["passed"] is None else ("pass" if a["passed"] else "FAIL")
         lines.append(f"{a['artifact'] + ' @' + a['backend']:<32}{_fmt(a['params']):>8}{_pct(a['clean_acc']):>8}"
-                     f"{_pct(a['robust_acc']):>9}" + "".join(f"{_pct(a['transfer'].get(k)):>8}" for k in attacks)
+                     f"{_pct(a['robust_acc']):>9}" + "".join(f"{_pct(a['transfer'].get(k)):>9}" for k in attacks)
                      + f"{_pct(a['square']):>9}{_fmt(a.get(f'p50_b{batch}'), 3):>12}"
                      f"{_times(a['speedup_vs_dense'].get(str(batch))):>9}{gate:>6}")
     lines += ["", "robust% = per-example worst case over every attack run (PyTorch rows: the named white-box suite, "
