@@ -193,7 +193,7 @@ def ensure_table(model_dir: Path, out: Path, batch_sizes: list[int], threads: in
     log(f"profile {model_dir.name} on {BACKEND} ({threads} thread(s), batch {batch_sizes}) -> {out}")
     with stopwatch() as t:
         run_profile(model_dir, out, ProfileSettings(backend=BACKEND, threads=threads, batch_sizes=tuple(batch_sizes)),
-                    progress=False)
+                    progress=False, force=True)
     atomic_write_json(marker, {**wanted, "table_sha256": sha256_file(out)})
     log(f"profile done in {t['seconds']:.1f}s")
     return out

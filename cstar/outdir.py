@@ -130,6 +130,42 @@ def check_output(out: PathLike, stage: str, inputs: Iterable[PathLike | None] = 
     return resolved
 
 
+def check_output_file(out: PathLike, inputs: Iterable[PathLike | None] = (), *, force: bool = False,
+                      kind: str | None = None) -> Path:
+    """The rule for a stage whose --out is one file (`cstar profile`'s latency table).
+
+    Refused: a directory; the input itself or a file inside an input directory; a file inside
+    another stage's finished directory; an existing file unless `force`, and even with `force` one
+    that is not a JSON document of `kind` (user data is never replaced). The write itself is atomic.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise CstarError(f"--out {out} is a directory", "pass a file path for --out, e.g. OUT_DIR/table.json")
+    resolved = path.resolve()
+    _check_inputs(path, resolved, inputs)
+    stage = artifact_stage(resolved.parent)
+    if stage is not None:
+        raise CstarError(f"--out {out} lies inside a finished '{stage}' directory ({resolved.parent})",
+                         "write the file outside every stage directory (stages never change one another's)")
+    if path.exists():
+        if not force:
+            raise CstarError(f"--out {out} already exists", "pass another --out, or --force to replace it")
+        if kind is not None and _json_kind(path) != kind:
+            raise CstarError(f"--out {out} exists and is not a {kind} file: it is not replaced, even with --force",
+                             "pass another --out")
+    return resolved
+
+
+def _json_kind(path: Path) -> str | None:
+    """The `kind` key of a JSON object file (None when unreadable or absent)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def _sibling(out: Path, tag: str) -> Path:
     return out.parent / f".{out.name}{tag}{os.getpid()}-{secrets.token_hex(4)}"
 

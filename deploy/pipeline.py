@@ -380,7 +380,7 @@ def _upstream_dirs(stage: Stage) -> list[Path]:
 
 
 # stages whose --out needs --force to be replaced (cstar.outdir); the pipeline re-runs a stale one in place
-FORCE_COMMANDS = frozenset({"compress", "export", "calibrate", "build", "attackset", "verify"})
+FORCE_COMMANDS = frozenset({"profile", "compress", "export", "calibrate", "build", "attackset", "verify"})
 
 
 def _invoke(stage: Stage) -> None:

@@ -536,6 +536,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the calibration on whole reference models (faster; predictions of compressed "
                              "models then run optimistic)")
     parser.add_argument("--out", required=True, help="the table (JSON) to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing latency table at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -569,7 +570,7 @@ def main(args: argparse.Namespace) -> int:
     from deploy.backends import require_backend
 
     require_backend(settings.backend)
-    table = run_profile(args.model_from, args.out, settings, progress=not args.quiet)
+    table = run_profile(args.model_from, args.out, settings, progress=not args.quiet, force=args.force)
     batches = ", ".join(f"b{b} {table.model_ms(b):.3f} ms" for b in table.batch_sizes)
     print(f"profiled {len(table.layers)} layers ({table.settings.get('micro_graphs')} micro-graphs) of "
           f"{table.model.get('name')} on {table.backend} ({table.runtime.get('name')} {table.runtime.get('version')}, "
@@ -579,10 +580,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_profile(model_dir: str | Path, out: str | Path, settings: ProfileSettings,
-                progress: bool = True) -> LatencyTable:
-    """Profile the dense model of the stage directory `model_dir` into the table `out` (host side: torch)."""
+                progress: bool = True, force: bool = False) -> LatencyTable:
+    """Profile the dense model of the stage directory `model_dir` into the table `out` (host side: torch).
+
+    `out` follows cstar.outdir.check_output_file: never inside an input or a stage directory; an existing
+    file only with `force`, and only when it is a latency table."""
     from cstar.latency import candidate_geometry
+    from cstar.outdir import check_output_file
     from cstar.train import progress_bars
+
+    check_output_file(out, (model_dir,), force=force, kind=TABLE_KIND)
 
     model, input_shape, info = dense_model(model_dir)
     layers = [LayerSpec.from_geometry(g, settings.grid_cap, settings.ranks)

@@ -263,3 +263,26 @@ def test_export_force_replaces_an_export_and_a_second_writer_fails(
     assert not (out / "marker").exists() and not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert artifact_stage(out) == "export" and (out / "model.onnx").is_file()
+
+
+def test_profile_table_follows_the_file_rule(train_copy: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`cstar profile --out`: never into a stage directory or over user data; a table only with --force."""
+    from cstar.outdir import check_output_file
+
+    before = snapshot(train_copy)
+    profile = ["profile", "--model-from", str(train_copy), "--backend", "ort-cpu", "--quiet"]
+    refused([*profile, "--out", str(train_copy / "table.json")], capsys, "inside", "input")
+    assert snapshot(train_copy) == before
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    refused([*profile, "--out", str(notes)], capsys, "already exists", "--force")
+    refused([*profile, "--out", str(notes), "--force"], capsys, "not a cstar-latency-table", "not replaced")
+    assert notes.read_text() == '{"mine": 1}'
+    refused([*profile, "--out", str(tmp_path)], capsys, "is a directory")
+    other = fake_stage_dir(tmp_path / "exported", "export")
+    with pytest.raises(CstarError, match="inside a finished 'export' directory"):
+        check_output_file(other / "table.json", (train_copy,))
+    table = tmp_path / "table.json"
+    table.write_text('{"kind": "cstar-latency-table"}')
+    assert check_output_file(table, (train_copy,), force=True, kind="cstar-latency-table") == table.resolve()
