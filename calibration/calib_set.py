@@ -74,6 +74,26 @@ def craft_pgd(
     return out
 
 
+def craft_apgd(model: Any, images: np.ndarray, labels: np.ndarray, eps: float, norm: str = "linf", seed: int = 0,
+               n_iter: int = 100, n_targets: int = 3, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The apgd suite's transfer examples made on a torch model (cstar.robust_eval.transfer_examples):
+    {"apgd_ce": ..., "apgd_t": ...}, float32 NCHW numpy, seeded."""
+    import torch
+
+    from cstar.apgd import APGDConfig
+    from cstar.robust_eval import transfer_examples
+
+    ce = APGDConfig(loss="ce", norm=norm, n_iter=n_iter, seed=seed)
+    targeted = APGDConfig(loss="dlr-targeted", norm=norm, n_iter=n_iter, n_targets=n_targets, seed=seed)
+    out = {name: np.empty_like(images, dtype=np.float32) for name in ("apgd_ce", "apgd_t")}
+    for start in range(0, images.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32))
+        y = torch.from_numpy(np.asarray(labels[start : start + batch_size], dtype=np.int64))
+        for name, adv in transfer_examples(model, x, y, eps, ce, targeted).items():
+            out[name][start : start + x.shape[0]] = adv.cpu().numpy()
+    return out
+
+
 def load_reference(reference_dir: str | Path, spec: DatasetSpec | None = None) -> tuple[Any, dict[str, Any]]:
     """Load the PyTorch reference checkpoint (train/compress dir) and check it was made for `spec`'s data."""
     from cstar.checkpoint import load_checkpoint

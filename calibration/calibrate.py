@@ -5,7 +5,8 @@ from the TRAIN split (optionally part PGD on the PyTorch reference), quantizes w
 the format `--target` runs fast (ort-cpu/openvino: U8S8 QDQ; tensorrt: symmetric S8S8 QDQ, then the
 TensorRT preflight; see calibration.quantize), then measures INT8 against the FP32 ONNX model on a
 stratified subset of the TEST split: agreement, logit difference, clean accuracy and robust accuracy
-under PGD crafted on the PyTorch reference (transfer). INT8 is executed as its target executes it
+under the apgd suite (APGD-CE, APGD-T over 3 targets) crafted on the PyTorch reference (transfer; per
+example worst case over both sets, the same sets replayed on FP32). INT8 is executed as its target executes it
 (calibration.execution): the TensorRT format as Q/DQ arithmetic (ORT CPU, graph optimizations off,
 `parity.executed_as: qdq-reference`), the U8S8 formats on ORT CPU's fused kernels (`ort-cpu`). Writes
 DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -46,6 +48,8 @@ TARGET_CHOICES = (*TARGETS, EXECUTORCH_TARGET)
 METHODS = ("minmax", "entropy", "percentile")
 REFERENCE_STAGES = ("train", "compress")
 EVAL_PGD_STEPS = 20
+EVAL_APGD_ITERS = 100  # the apgd suite's transfer check (APGD-CE + APGD-T over 3 targets)
+EVAL_APGD_TARGETS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     )
     metrics, parity = manifest["metrics"], manifest["parity"]
     robust = metrics.get("robust_acc")
-    robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}, transfer PGD)"
+    robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}, transfer APGD-CE + APGD-T)"
                    if robust is not None else "")
     quant = manifest["quantization"]
     written = (manifest.get("onnx") or manifest.get("artifact") or {}).get("file", INT8_NAME)
@@ -168,6 +172,29 @@ def _parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
             "agreement": float(np.mean(a.argmax(1) == b.argmax(1))), "n": int(a.shape[0])}
 
 
+def _torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).float().numpy()
+
+
+def _worst_case(run: Any, sets: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    """Share of examples every transfer set leaves correctly classified by `run` (logits of a batch)."""
+    correct = np.ones(labels.shape[0], dtype=bool)
+    for adv in sets.values():
+        correct &= np.asarray(run(adv)).argmax(axis=1) == labels
+    return float(correct.mean()) if labels.size else 0.0
+
+
+def transfer_block(eps: float, norm: str, seed: int) -> dict[str, Any]:
+    """metrics.attack of calibrate: the apgd suite crafted on the PyTorch reference, replayed on FP32 and INT8."""
+    return {"suite": "apgd", "transfer": True, "crafted_on": "pytorch-reference", "eps": eps, "norm": norm,
+            "seed": seed, "attacks": [{"name": "apgd-ce", "n_iter": EVAL_APGD_ITERS},
+                                      {"name": "apgd-t", "n_iter": EVAL_APGD_ITERS, "n_targets": EVAL_APGD_TARGETS}],
+            "worst_case": "per example over both sets"}
+
+
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(1) == labels))
 
@@ -229,7 +256,7 @@ def run_calibrate(
     Returns the manifest written. `out_dir` follows cstar.outdir's rule (`force` replaces an existing
     calibrate directory).
     """
-    from calibration.calib_set import build_calibration_set, craft_pgd, load_reference
+    from calibration.calib_set import build_calibration_set, craft_apgd, load_reference
     from calibration.quantize import quantize_for_target, target_format
     from cstar.data import DatasetSpec
     from cstar.outdir import OutputDir, dataset_path
@@ -313,18 +340,16 @@ def run_calibrate(
         if reference_dir is not None:
             import torch
 
-            from cstar.attacks import AttackConfig
-
             model, _ = load_reference(reference_dir, spec)
             with torch.no_grad():
                 torch_logits = model(torch.from_numpy(eval_images)).float().numpy()
             parity_torch = _parity(int8_logits, torch_logits)
-            adv = craft_pgd(model, eval_images, eval_labels, eps, norm, EVAL_PGD_STEPS, seed)
-            metrics["robust_acc"] = _accuracy(_run(int8_session, adv), eval_labels)
-            metrics["fp32_robust_acc"] = _accuracy(_run(fp32_session, adv), eval_labels)
-            metrics["reference_robust_acc"] = _accuracy(model(torch.from_numpy(adv)).detach().numpy(), eval_labels)
-            metrics["attack"] = {**AttackConfig("pgd", eps, EVAL_PGD_STEPS, None, norm, True).to_dict(),
-                                 "transfer": True, "crafted_on": "pytorch-reference", "seed": seed}
+            sets = craft_apgd(model, eval_images, eval_labels, eps, norm, seed, EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
+
+            metrics["robust_acc"] = _worst_case(functools.partial(_run, int8_session), sets, eval_labels)
+            metrics["fp32_robust_acc"] = _worst_case(functools.partial(_run, fp32_session), sets, eval_labels)
+            metrics["reference_robust_acc"] = _worst_case(functools.partial(_torch_logits, model), sets, eval_labels)
+            metrics["attack"] = transfer_block(eps, norm, seed)
         del fp32_session, int8_session
 
         os.replace(tmp, final)

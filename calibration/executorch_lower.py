@@ -23,6 +23,7 @@ nodes such as getitem/sym_size left out) and lists the portable ops; builds and 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -402,27 +403,34 @@ def _metrics(job: CalibrationJob, pte: Path,
     """(metrics, parity vs FP32 ONNX, parity vs PyTorch) of the INT8 program on the TEST subset."""
     import torch
 
-    from calibration.calib_set import craft_pgd
-    from calibration.calibrate import _accuracy, _parity, _run, _session
-    from cstar.attacks import AttackConfig
+    from calibration.calib_set import craft_apgd
+    from calibration.calibrate import (
+        EVAL_APGD_ITERS,
+        EVAL_APGD_TARGETS,
+        _accuracy,
+        _parity,
+        _run,
+        _session,
+        _torch_logits,
+        _worst_case,
+        transfer_block,
+    )
 
     fp32 = _session(job.fp32_path)
     int8_logits, fp32_logits = run_pte(pte, job.eval_images), _run(fp32, job.eval_images)
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(job.eval_images)).float().numpy()
-    adv = craft_pgd(model, job.eval_images, job.eval_labels, job.eps, job.norm, job.pgd_steps, job.seed)
-    with torch.no_grad():
-        reference_adv = model(torch.from_numpy(adv)).float().numpy()
+    sets = craft_apgd(model, job.eval_images, job.eval_labels, job.eps, job.norm, job.seed, EVAL_APGD_ITERS,
+                      EVAL_APGD_TARGETS)
     metrics = {
         "clean_acc": _accuracy(int8_logits, job.eval_labels),
-        "robust_acc": _accuracy(run_pte(pte, adv), job.eval_labels),
+        "robust_acc": _worst_case(functools.partial(run_pte, pte), sets, job.eval_labels),
         "fp32_clean_acc": _accuracy(fp32_logits, job.eval_labels),
-        "fp32_robust_acc": _accuracy(_run(fp32, adv), job.eval_labels),
-        "reference_robust_acc": _accuracy(reference_adv, job.eval_labels),
+        "fp32_robust_acc": _worst_case(functools.partial(_run, fp32), sets, job.eval_labels),
+        "reference_robust_acc": _worst_case(functools.partial(_torch_logits, model), sets, job.eval_labels),
         "n": int(job.eval_labels.shape[0]),
         "executed_as": BACKEND,  # measured on the ExecuTorch runtime itself
-        "attack": {**AttackConfig("pgd", job.eps, job.pgd_steps, None, job.norm, True).to_dict(),
-                   "transfer": True, "crafted_on": "pytorch-reference", "seed": job.seed},
+        "attack": transfer_block(job.eps, job.norm, job.seed),
     }
     parity = {**_parity(int8_logits, fp32_logits), "against": "fp32-onnx", "runtime": BACKEND,
               "executed_as": BACKEND}

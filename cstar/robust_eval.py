@@ -236,3 +236,16 @@ def suite_summary(result: SuiteResult) -> str:
 def settings_dict(settings: SuiteSettings) -> dict[str, Any]:
     """SuiteSettings as a plain dict (for configs)."""
     return asdict(settings)
+
+
+def transfer_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ce: APGDConfig,
+                      targeted: APGDConfig) -> dict[str, torch.Tensor]:
+    """The suite's white-box examples to replay elsewhere (a runtime, an INT8 model): APGD-CE on every
+    point; APGD-T on the points APGD-CE left correct, the others carrying APGD-CE's example (already
+    adversarial on `model`). Per example, the worst over both is the suite's white-box worst case."""
+    first = apgd(model, x, y, eps, ce)
+    second = first.x_adv.clone()
+    todo = ~first.success
+    if bool(todo.any()):
+        second[todo] = apgd_targeted(model, x[todo], y[todo], eps, targeted).x_adv
+    return {"apgd_ce": first.x_adv.detach(), "apgd_t": second.detach()}

@@ -104,21 +104,16 @@ def _attack_configs(eps: float, norm: str, steps: int, suite: str = "aa", iters:
             "fgsm": AttackConfig("fgsm", eps, 1, eps, norm, random_start=False)}
 
 
-def _adversarial(name: str, cfg: Any, model: Any, x: Any, y: Any, eps: float, crafted: dict[str, Any]) -> Any:
-    """One attack's inputs for a batch; APGD-T only where APGD-CE left the reference correct."""
-    from cstar.apgd import apgd, apgd_targeted
+def _adversarial(name: str, cfg: Any, model: Any, x: Any, y: Any, eps: float, crafted: dict[str, Any],
+                 configs: dict[str, Any]) -> Any:
+    """One attack's inputs for a batch (the APGD pair from cstar.robust_eval.transfer_examples)."""
     from cstar.attacks import pgd
+    from cstar.robust_eval import transfer_examples
 
-    if name == "apgd_ce":
-        result = apgd(model, x, y, eps, cfg)
-        crafted["apgd_ce_success"] = result.success
-        return result.x_adv
-    if name == "apgd_t":
-        adv = crafted["apgd_ce"].clone()
-        todo = ~crafted["apgd_ce_success"]
-        if bool(todo.any()):
-            adv[todo] = apgd_targeted(model, x[todo], y[todo], eps, cfg).x_adv
-        return adv
+    if name in ("apgd_ce", "apgd_t"):
+        if "apgd_t" not in crafted:
+            crafted.update(transfer_examples(model, x, y, eps, configs["apgd_ce"], configs["apgd_t"]))
+        return crafted[name]
     return pgd(model, x, y, cfg.eps, cfg.steps, cfg.resolved_step_size(), cfg.norm, cfg.random_start)
 
 
@@ -136,7 +131,7 @@ def _craft(model: Any, images: Any, labels: Any, configs: dict[str, Any], batch_
             out["ref_logits_clean"].append(model(x).float().numpy())
         crafted: dict[str, Any] = {}
         for name, cfg in configs.items():
-            adv = crafted[name] = _adversarial(name, cfg, model, x, y, eps, crafted)
+            adv = _adversarial(name, cfg, model, x, y, eps, crafted, configs)
             with torch.no_grad():
                 out[f"ref_logits_{name}"].append(model(adv).float().numpy())
             out[f"adv_{name}"].append(adv.detach().numpy().astype(np.float32))
