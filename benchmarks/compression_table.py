@@ -250,7 +250,7 @@ def render(payload: dict[str, Any]) -> str:
             f"Budget by {cfg['by']}; training per method: ADMM {cfg['admm_epochs']} + fine-tune "
             f"{cfg['finetune_epochs']} epochs for CSTAR, the same total for the baselines. Robust: the per-example "
             f"worst case of the `{cfg['eval_suite']}` suite ({_suite_words(cfg)}) on {payload['rows'][0]['n']} test "
-            "images, PGD-20 beside it on the same images; Square ({cfg['square_queries']} queries, p_init "
+            f"images, PGD-20 beside it on the same images; Square ({cfg['square_queries']} queries, p_init "
             f"{cfg['square_p_init']}) on a stratified subset of {cfg['square_samples']}.\n\n")
     return (head + table_markdown(payload["rows"], cfg["square_queries"], cfg["eval_suite"])
             + "\n### CSTAR vs baselines\n\n" + comparison_markdown(payload["comparison"], cfg["eval_suite"]))
