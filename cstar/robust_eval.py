@@ -36,6 +36,7 @@ from cstar.suites import (
     SUITES,
     SuiteSettings,
     check_suite,
+    pgd20_above_warning,
     suite_settings,
 )
 
@@ -220,11 +221,9 @@ def _diagnose(result: SuiteResult, model: nn.Module, x: torch.Tensor, y: torch.T
         if eps > 0:
             correct &= ~_pgd_fooled(model, x, y, eps, norm, replace(settings, pgd_steps=20))
         result.pgd20_robust_acc = _fraction(correct)
-        gap = result.pgd20_robust_acc - result.robust_acc
-        if gap > PGD_GAP_WARN:
-            result.warnings.append(f"PGD-20 reads {100 * gap:.1f} points above the {result.suite} suite "
-                                   f"({100 * result.pgd20_robust_acc:.1f}% vs {100 * result.robust_acc:.1f}%): "
-                                   "PGD-20 numbers overstate this model's robustness")
+        above = pgd20_above_warning(result.suite, result.robust_acc, result.pgd20_robust_acc)
+        if above is not None:
+            result.warnings.append(above)
 
 
 def suite_summary(result: SuiteResult) -> str:

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from cstar import validate
 from cstar.errors import CstarError
-from cstar.suites import PGD_GAP_WARN, SUITES, SuiteSettings, check_suite, suite_settings
+from cstar.suites import (
+    PGD20_ABOVE_PREFIX,
+    PGD_GAP_WARN,
+    SUITES,
+    SuiteSettings,
+    check_suite,
+    pgd20_above_warning,
+    suite_settings,
+)
 
 if TYPE_CHECKING:  # torch only where metrics are computed: the CLI parser stays torch-free
     import torch
@@ -125,11 +133,10 @@ def stage_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
 
 def _warnings(local: list[str], robust_acc: float, pgd20: float | None, suite: str) -> list[str]:
     """The rank's own diagnostics, with the PGD-20 gap re-judged on the whole set's numbers."""
-    kept = [w for w in local if not w.startswith("PGD-20 reads")]
-    if pgd20 is not None and pgd20 - robust_acc > PGD_GAP_WARN:
-        kept.append(f"PGD-20 reads {100 * (pgd20 - robust_acc):.1f} points above the {suite} suite "
-                    f"({100 * pgd20:.1f}% vs {100 * robust_acc:.1f}%): PGD-20 numbers overstate this model's "
-                    "robustness")
+    kept = [w for w in local if not w.startswith(PGD20_ABOVE_PREFIX)]
+    above = None if pgd20 is None else pgd20_above_warning(suite, robust_acc, pgd20)
+    if above is not None:
+        kept.append(above)
     if pgd20 is not None and robust_acc - pgd20 > PGD_GAP_WARN:
         kept.append(f"PGD-20 fooled more than the {suite} suite ({100 * pgd20:.1f}% vs {100 * robust_acc:.1f}% robust): "
                     "the suite ran too few iterations (--eval-steps) to be trusted")

@@ -46,3 +46,15 @@ def suite_settings(suite: str, **overrides: Any) -> SuiteSettings:
     """The standard settings of `suite`, with `overrides` (e.g. n_iter=10 for quick tests)."""
     check_suite(suite)
     return replace(_STANDARD[suite], **overrides)
+
+
+PGD20_ABOVE_PREFIX = "PGD-20 reads"
+
+
+def pgd20_above_warning(suite: str, robust_acc: float, pgd20: float) -> str | None:
+    """AutoAttack-style check: PGD-20 more than PGD_GAP_WARN above the suite's worst case."""
+    gap = pgd20 - robust_acc
+    if gap <= PGD_GAP_WARN:
+        return None
+    return (f"{PGD20_ABOVE_PREFIX} {100 * gap:.1f} points above the {suite} suite ({100 * pgd20:.1f}% vs "
+            f"{100 * robust_acc:.1f}%): PGD-20 numbers overstate this model's robustness")
