@@ -5,8 +5,9 @@ from the TRAIN split (optionally part PGD on the PyTorch reference), quantizes w
 the format `--target` runs fast (ort-cpu/openvino: U8S8 QDQ; tensorrt: symmetric S8S8 QDQ, then the
 TensorRT preflight; see calibration.quantize), then measures INT8 against the FP32 ONNX model on a
 stratified subset of the TEST split: agreement, logit difference, clean accuracy and robust accuracy
-under the apgd suite (APGD-CE, APGD-T over 3 targets) crafted on the PyTorch reference (transfer; per
-example worst case over both sets, the same sets replayed on FP32). INT8 is executed as its target executes it
+under the apgd suite (APGD-CE, APGD-T over 3 targets) crafted on the PyTorch reference (transfer, the
+same sets replayed on FP32) and on the INT8 model's fake-quant twin (white-box on the INT8 graph itself,
+calibration.fakequant); robust_acc is the per-example worst case over all four sets. INT8 is executed as its target executes it
 (calibration.execution): the TensorRT format as Q/DQ arithmetic (ORT CPU, graph optimizations off,
 `parity.executed_as: qdq-reference`), the U8S8 formats on ORT CPU's fused kernels (`ort-cpu`). Writes
 DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
@@ -73,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict-trt", dest="strict_trt", action="store_true",
                         help="fail (instead of warn) when the TensorRT preflight finds a problem "
                              "(--target tensorrt)")
+    parser.add_argument("--no-twin-attack", dest="twin_attack", action="store_false",
+                        help="do not craft the apgd suite on the INT8 model's fake-quant twin (robust_acc then "
+                             "counts only the examples crafted on the FP32 reference, which understates the attack)")
     parser.add_argument("--out", required=True, help="output directory (model.int8.onnx + manifest.json)")
     parser.add_argument("--force", action="store_true", help="replace an existing calibrate directory at --out")
 
@@ -83,11 +87,13 @@ def main(args: argparse.Namespace) -> int:
         args.from_dir, args.out, force=args.force, data=args.data, samples=args.samples, method=args.method,
         include_adversarial=args.include_adversarial, reference=args.reference, seed=args.seed,
         parity_samples=args.parity_samples, strict_trt=args.strict_trt, target=args.target,
+        twin_attack=args.twin_attack,
     )
     metrics, parity = manifest["metrics"], manifest["parity"]
     robust = metrics.get("robust_acc")
-    robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}, transfer APGD-CE + APGD-T)"
-                   if robust is not None else "")
+    crafted = " + fake-quant twin" if "robust_acc_twin_crafted" in metrics else ""
+    robust_text = (f", robust {robust:.4f} (fp32 {metrics['fp32_robust_acc']:.4f}; APGD-CE + APGD-T crafted on "
+                   f"the reference{crafted})" if robust is not None else "")
     quant = manifest["quantization"]
     written = (manifest.get("onnx") or manifest.get("artifact") or {}).get("file", INT8_NAME)
     print(f"wrote {Path(args.out) / written} ({quant['format']} for {quant['target']}): clean {metrics['clean_acc']:.4f} "
@@ -250,13 +256,17 @@ def run_calibrate(
     verbose: bool = True,
     target: str = DEFAULT_TARGET,
     force: bool = False,
+    twin_attack: bool = True,
 ) -> dict[str, Any]:
     """Quantize an export directory to INT8 (QDQ, the format `target` runs fast) into `out_dir`.
 
     Returns the manifest written. `out_dir` follows cstar.outdir's rule (`force` replaces an existing
-    calibrate directory).
+    calibrate directory). `twin_attack` also crafts the apgd suite on the INT8 model's fake-quant twin
+    (calibration.fakequant) and counts it in `metrics.robust_acc` (the default: a transfer set crafted
+    on FP32 alone understates what an attacker of the INT8 model finds).
     """
     from calibration.calib_set import build_calibration_set, craft_apgd, load_reference
+    from calibration.fakequant import craft_on_twin
     from calibration.quantize import quantize_for_target, target_format
     from cstar.data import DatasetSpec
     from cstar.outdir import OutputDir, dataset_path
@@ -345,11 +355,19 @@ def run_calibrate(
                 torch_logits = model(torch.from_numpy(eval_images)).float().numpy()
             parity_torch = _parity(int8_logits, torch_logits)
             sets = craft_apgd(model, eval_images, eval_labels, eps, norm, seed, EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
-
-            metrics["robust_acc"] = _worst_case(functools.partial(_run, int8_session), sets, eval_labels)
+            int8_run = functools.partial(_run, int8_session)
             metrics["fp32_robust_acc"] = _worst_case(functools.partial(_run, fp32_session), sets, eval_labels)
             metrics["reference_robust_acc"] = _worst_case(functools.partial(_torch_logits, model), sets, eval_labels)
             metrics["attack"] = transfer_block(eps, norm, seed)
+            if twin_attack:  # white-box on the INT8 graph itself, beside the reference's transfer sets
+                twin_sets, twin_check = craft_on_twin(tmp, eval_images, eval_labels, eps, norm, seed,
+                                                        EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
+                metrics["robust_acc_reference_crafted"] = _worst_case(int8_run, sets, eval_labels)
+                metrics["robust_acc_twin_crafted"] = _worst_case(int8_run, twin_sets, eval_labels)
+                metrics["twin_parity"] = twin_check.to_dict()
+                metrics["attack"]["crafted_on"] = ["pytorch-reference", "fake-quant-twin"]
+                sets = {**sets, **{f"{name}_fq": adv for name, adv in twin_sets.items()}}
+            metrics["robust_acc"] = _worst_case(int8_run, sets, eval_labels)
         del fp32_session, int8_session
 
         os.replace(tmp, final)

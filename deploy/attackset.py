@@ -28,11 +28,14 @@ from cstar.manifest import (
     file_entry,
     read_manifest,
     sha256_file,
+    verify_file,
     write_manifest,
 )
 
 SET_FILE = "attackset.npz"
 ATTACKS = ("apgd_ce", "apgd_t", "pgd", "fgsm")
+TWIN_SUFFIX = "_fq"  # sets crafted on the fake-quant twin of an INT8 artifact (--quantized)
+TWIN_ATTACKS = tuple(f"{name}{TWIN_SUFFIX}" for name in ("apgd_ce", "apgd_t"))
 SET_SUITES = ("aa", "apgd")  # their white-box attacks; Square runs on the runtime itself (cstar verify)
 
 
@@ -50,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps of the PGD comparison set (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and PGD random-start seed")
     parser.add_argument("--batch-size", type=int, default=256, help="attack batch size")
+    parser.add_argument("--quantized", default=None, metavar="CALIBRATE_DIR",
+                        help="also craft the suite's APGD-CE/APGD-T on the fake-quant twin of this INT8 (ONNX "
+                             "Q/DQ) calibrate directory (sets apgd_ce_fq, apgd_t_fq): the white-box attack on the "
+                             "INT8 model that `cstar verify` of its build should replay")
     parser.add_argument("--out", required=True, help="output directory for attackset.npz + manifest.json")
     parser.add_argument("--force", action="store_true", help="replace an existing attack set directory at --out")
 
@@ -58,12 +65,18 @@ def main(args: argparse.Namespace) -> int:
     """CLI entry: craft the set and print a one-line summary."""
     manifest = run_attackset(args.reference, args.data, args.out, samples=args.samples, eps=args.eps,
                              steps=args.steps, seed=args.seed, batch_size=args.batch_size, force=args.force,
-                             suite=args.suite, iters=args.iters)
+                             suite=args.suite, iters=args.iters, quantized=args.quantized)
     metrics = manifest["metrics"]
     each = " ".join(f"{name}={acc:.4f}" for name, acc in metrics["per_attack"].items())
     print(f"attackset: n={manifest['set']['n']} eps={manifest['eps']} clean={metrics['clean_acc']:.4f} "
-          f"worst={metrics['robust_acc']:.4f} ({each}) -> {args.out}")
+          f"worst={metrics['robust_acc']:.4f} ({each}){_twin_summary(manifest)} -> {args.out}")
     return 0
+
+
+def _twin_summary(manifest: dict[str, Any]) -> str:
+    twin = manifest["set"].get("quantized")
+    return (f"; INT8 twin clean={twin['twin_clean_acc']:.4f} white-box worst={twin['twin_robust_acc']:.4f}"
+            if twin else "")
 
 
 def _check_dataset(data: str, reference_dataset: dict[str, Any]) -> None:
@@ -118,12 +131,16 @@ def _adversarial(name: str, cfg: Any, model: Any, x: Any, y: Any, eps: float, cr
 
 
 def _craft(model: Any, images: Any, labels: Any, configs: dict[str, Any], batch_size: int,
-           eps: float) -> dict[str, np.ndarray]:
-    """Adversarial inputs per attack and logits (clean + per attack), batched, as numpy."""
+           eps: float, twin: Any = None) -> dict[str, np.ndarray]:
+    """Adversarial inputs per attack and the reference's logits (clean + per attack), batched, as numpy.
+    With a fake-quant `twin`, its APGD pair is crafted on the twin too (names with TWIN_SUFFIX)."""
     import torch
 
+    from cstar.robust_eval import transfer_examples
+
+    names = [*configs, *(TWIN_ATTACKS if twin is not None else ())]
     out: dict[str, list[np.ndarray]] = {"ref_logits_clean": []}
-    for name in configs:
+    for name in names:
         out[f"adv_{name}"], out[f"ref_logits_{name}"] = [], []
     for start in range(0, images.shape[0], batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
@@ -131,10 +148,14 @@ def _craft(model: Any, images: Any, labels: Any, configs: dict[str, Any], batch_
             out["ref_logits_clean"].append(model(x).float().numpy())
         crafted: dict[str, Any] = {}
         for name, cfg in configs.items():
-            adv = _adversarial(name, cfg, model, x, y, eps, crafted, configs)
+            crafted[name] = _adversarial(name, cfg, model, x, y, eps, crafted, configs)
+        if twin is not None:
+            on_twin = transfer_examples(twin, x, y, eps, configs["apgd_ce"], configs["apgd_t"])
+            crafted.update({f"{name}{TWIN_SUFFIX}": adv for name, adv in on_twin.items()})
+        for name in names:
             with torch.no_grad():
-                out[f"ref_logits_{name}"].append(model(adv).float().numpy())
-            out[f"adv_{name}"].append(adv.detach().numpy().astype(np.float32))
+                out[f"ref_logits_{name}"].append(model(crafted[name]).float().numpy())
+            out[f"adv_{name}"].append(crafted[name].detach().numpy().astype(np.float32))
     return {key: np.concatenate(chunks) for key, chunks in out.items()}
 
 
@@ -144,11 +165,13 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def _set_metrics(arrays: dict[str, np.ndarray], y: np.ndarray, configs: dict[str, Any], eps: float, norm: str,
                  suite: str) -> dict[str, Any]:
-    """The reference's accuracy: clean, per attack, and the per-example worst case over all attacks."""
-    correct = {name: arrays[f"ref_logits_{name}"].argmax(axis=1) == y for name in configs}
+    """The reference's accuracy: clean, per attack (twin-crafted sets included), and the per-example worst
+    case over the attacks crafted on the reference itself (its own white-box number)."""
+    names = [key[len("ref_logits_"):] for key in arrays if key.startswith("ref_logits_") and key != "ref_logits_clean"]
+    correct = {name: arrays[f"ref_logits_{name}"].argmax(axis=1) == y for name in names}
     worst = arrays["ref_logits_clean"].argmax(axis=1) == y
-    for mask in correct.values():
-        worst &= mask
+    for name in configs:
+        worst &= correct[name]
     per_attack = {name: float(mask.mean()) if y.size else 0.0 for name, mask in correct.items()}
     return {"clean_acc": _accuracy(arrays["ref_logits_clean"], y),
             "robust_acc": float(worst.mean()) if y.size else 0.0,
@@ -157,6 +180,32 @@ def _set_metrics(arrays: dict[str, np.ndarray], y: np.ndarray, configs: dict[str
             "attack": {"suite": suite, "white_box_only": True, "eps": eps, "norm": norm,
                        "attacks": [{"name": name, "settings": cfg.to_dict(), "robust_acc": per_attack[name]}
                                    for name, cfg in configs.items()]}}
+
+
+def _load_twin(quantized: str | Path, ref_manifest: dict[str, Any], eps: float, norm: str) -> tuple[Any, Path, str]:
+    """The fake-quant twin of a calibrate directory's INT8 ONNX (checked: same dataset and threat model as
+    the reference); returns (twin, the ONNX path, its sha256)."""
+    from calibration.fakequant import fake_quant_twin
+
+    manifest = read_manifest(quantized, ("calibrate",))
+    onnx_entry = manifest.get("onnx")
+    if not isinstance(onnx_entry, dict) or "file" not in onnx_entry or "sha256" not in onnx_entry:
+        raise CstarError(f"{quantized} holds no INT8 ONNX model (an ExecuTorch .pte has no fake-quant twin)",
+                         "pass the calibrate directory of an ONNX target (ort-cpu, openvino or tensorrt)")
+    path = verify_file(quantized, str(onnx_entry["file"]), str(onnx_entry["sha256"]))
+    name, ref_name = _dataset_name(manifest.get("dataset")), _dataset_name(ref_manifest.get("dataset"))
+    if name != ref_name:
+        raise CstarError(f"--quantized {quantized} was calibrated for dataset '{name}', the reference is '{ref_name}'",
+                         "pass the calibrate directory made from this reference's export")
+    q_eps = manifest.get("eps")
+    if isinstance(q_eps, (int, float)) and abs(float(q_eps) - eps) > 1e-9 or manifest.get("norm", norm) != norm:
+        raise CstarError(f"--quantized {quantized} records eps {q_eps} / norm {manifest.get('norm')}, the set is "
+                         f"crafted at eps {eps:g} / norm {norm}", "craft the set at the INT8 model's threat model")
+    return fake_quant_twin(path), path, str(onnx_entry["sha256"])
+
+
+def _dataset_name(value: Any) -> str | None:
+    return str(value.get("name")) if isinstance(value, dict) else None
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -179,11 +228,14 @@ def run_attackset(
     force: bool = False,
     suite: str = "aa",
     iters: int | None = None,
+    quantized: str | Path | None = None,
 ) -> dict[str, Any]:
     """Craft the suite's white-box inputs (APGD-CE, APGD-T) and PGD/FGSM on the reference for a
     stratified test subset; write the set and its manifest.
 
-    `out` follows cstar.outdir's rule (`force` replaces an existing attackset directory).
+    `quantized` (a calibrate directory with an INT8 ONNX) adds the APGD pair crafted on that model's
+    fake-quant twin (calibration.fakequant), so the INT8 build is attacked white-box, not by transfer
+    alone. `out` follows cstar.outdir's rule (`force` replaces an existing attackset directory).
     """
     import torch
 
@@ -194,7 +246,7 @@ def run_attackset(
     started = time.perf_counter()
     if eps is not None:
         validate.eps(eps)  # before the model is loaded
-    claim = OutputDir(Path(out), "attackset", (reference, dataset_path(data)), force=force)
+    claim = OutputDir(Path(out), "attackset", (reference, dataset_path(data), quantized), force=force)
     model, ref_manifest = load_checkpoint(reference)
     _check_dataset(data, ref_manifest["dataset"])
     ref_eps = ref_manifest.get("eps")
@@ -216,27 +268,48 @@ def run_attackset(
                          "pass the dataset (and path) the reference was trained on")
     indices = _select(bundle.labels("test"), samples, seed)
     images, labels = to_tensors(bundle.test, indices)
+    twin = _load_twin(quantized, ref_manifest, eps, norm) if quantized is not None else None
     torch.manual_seed(seed)
     configs = _attack_configs(eps, norm, steps, suite, iters, seed)
-    arrays = _craft(model, images, labels, configs, batch_size, eps)
+    arrays = _craft(model, images, labels, configs, batch_size, eps, twin[0] if twin else None)
     y = labels.numpy().astype(np.int64)
     arrays = {"x_clean": images.numpy().astype(np.float32), "labels": y, "indices": indices.astype(np.int64), **arrays}
     with claim as out_dir:  # staged sibling, renamed into place once set and manifest are written
-        _write_set(out_dir, arrays, reference, ref_manifest, eps, norm, input_shape, seed, configs, started, suite)
+        _write_set(out_dir, arrays, reference, ref_manifest, eps, norm, input_shape, seed, configs, started, suite,
+                   _twin_block(twin, quantized, arrays) if twin else None, [twin[1]] if twin else [])
     return read_manifest(out, ("attackset",))
+
+
+def _twin_block(twin: tuple[Any, Path, str], quantized: str | Path | None, arrays: dict[str, np.ndarray]
+                ) -> dict[str, Any]:
+    """set.quantized: which INT8 model the *_fq sets were crafted on, and that model's own white-box numbers."""
+    from calibration.fakequant import twin_logits
+
+    model, path, sha = twin
+    y = arrays["labels"]
+    clean = twin_logits(model, arrays["x_clean"]).argmax(axis=1) == y
+    worst = clean.copy()
+    for name in TWIN_ATTACKS:
+        worst &= twin_logits(model, arrays[f"adv_{name}"]).argmax(axis=1) == y
+    return {"calibrate_dir": Path(quantized or path.parent).name, "onnx_sha256": sha, "attacks": list(TWIN_ATTACKS),
+            "crafted_on": "fake-quant twin (calibration.fakequant: Q/DQ in PyTorch, straight-through rounding)",
+            "twin_clean_acc": float(clean.mean()) if y.size else 0.0,
+            "twin_robust_acc": float(worst.mean()) if y.size else 0.0}
 
 
 def _write_set(out_dir: Path, arrays: dict[str, np.ndarray], reference: str | Path, ref_manifest: dict[str, Any],
                eps: float, norm: str, input_shape: tuple[int, ...], seed: int, configs: dict[str, Any],
-               started: float, suite: str) -> None:
+               started: float, suite: str, quantized: dict[str, Any] | None = None,
+               extra_inputs: list[Path] | None = None) -> None:
     """attackset.npz, then manifest.json (last) into `out_dir`."""
     from cstar.checkpoint import WEIGHTS_NAME
 
     y = arrays["labels"]
     _save_npz(out_dir / SET_FILE, arrays)
-    body = {
+    body: dict[str, Any] = {
         "inputs": [file_entry(Path(reference) / MANIFEST_NAME),
-                   file_entry(Path(reference) / ref_manifest.get("weights", {}).get("file", WEIGHTS_NAME))],
+                   file_entry(Path(reference) / ref_manifest.get("weights", {}).get("file", WEIGHTS_NAME)),
+                   *(file_entry(path) for path in extra_inputs or [])],
         "dataset": ref_manifest["dataset"],
         "model": ref_manifest["model"],
         "eps": eps,
@@ -251,4 +324,6 @@ def _write_set(out_dir: Path, arrays: dict[str, np.ndarray], reference: str | Pa
         "reference_warnings": list(ref_manifest.get("metrics", {}).get("attack", {}).get("warnings", [])),
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if quantized is not None:
+        body["set"]["quantized"] = quantized
     write_manifest(out_dir, "attackset", body)

@@ -286,8 +286,16 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
             *set_args, "--out", str(d["attackset-dense"]),
         ], d["attackset-dense"], "attack set on the dense reference (the robustness baseline)"))
         verify_targets += dense_builds
+    int8_sets = twin_attacksets(targets, run_dir) if config.calibrate.enabled else {}
+    for target, set_dir in int8_sets.items():
+        stages.append(Stage(set_dir.name, "attackset", [
+            "--reference", str(d["compress"]), "--data", data, "--samples", str(config.verify.samples),
+            *set_args, "--quantized", str(targets[target]), "--out", str(set_dir),
+        ], set_dir, f"attack set + fake-quant twin of the {target} INT8 model"))
     for precision, backend, build_dir in verify_targets:
         attack_set = d["attackset-dense"] if precision == "dense" else d["attackset"]
+        if precision == "int8" and CALIBRATE_TARGETS.get(backend, "ort-cpu") in int8_sets:
+            attack_set = int8_sets[CALIBRATE_TARGETS.get(backend, "ort-cpu")]
         out = run_dir / f"verify-{precision}-{backend}"
         stages.append(Stage(f"verify-{precision}-{backend}", "verify", [
             "--artifact", str(build_dir), "--backend", backend, "--set", str(attack_set),
@@ -324,6 +332,12 @@ def latency_batches(config: PipelineConfig) -> tuple[int, ...]:
 
     chosen = config.compress.latency_batch
     return parse(chosen) if chosen else (max(config.bench.batch_sizes or [1]),)
+
+
+def twin_attacksets(targets: dict[str, Path], run_dir: Path) -> dict[str, Path]:
+    """calibrate target -> the attack set that adds the white-box APGD pair crafted on that INT8 model's
+    fake-quant twin (ONNX Q/DQ targets; an ExecuTorch .pte has no twin and replays the reference's set)."""
+    return {target: run_dir / f"attackset-int8-{target}" for target in targets if target != "executorch"}
 
 
 def calibrate_dirs(backends: list[str], run_dir: Path) -> dict[str, Path]:

@@ -204,7 +204,21 @@ def check_compatible(artifact: Any, attack_set: AttackSet) -> list[str]:
         raise CstarError("the attack set and the artifact have different class lists",
                          "craft the set from the reference of this artifact")
     check_threat_model(artifact, attack_set)
-    return []
+    return _twin_warnings(artifact, attack_set)
+
+
+def _twin_warnings(artifact: Any, attack_set: AttackSet) -> list[str]:
+    """A set whose *_fq attacks were crafted on the fake-quant twin of another INT8 model than this one."""
+    twin = (attack_set.manifest.get("set") or {}).get("quantized")
+    if not isinstance(twin, dict) or not twin.get("onnx_sha256"):
+        return []
+    hashes = {str(entry.get("sha256")) for entry in artifact.manifest.get("inputs", []) if isinstance(entry, dict)}
+    hashes.add(artifact.sha256)
+    if twin["onnx_sha256"] in hashes:
+        return []
+    return [f"the attack set's fake-quant sets ({', '.join(twin.get('attacks', []))}) were crafted on the twin of "
+            f"another INT8 model (sha256 {str(twin['onnx_sha256'])[:12]}), not this artifact: they are transfer "
+            "attacks here"]
 
 
 def check_threat_model(artifact: Any, attack_set: AttackSet) -> None:

@@ -134,9 +134,15 @@ def test_manifest_records_calibration_and_robustness(calibrated: tuple[Path, dic
         int8_ok &= int8.argmax(1) == labels
         changed |= fp32.argmax(1) != int8.argmax(1)
     assert metrics["fp32_robust_acc"] == pytest.approx(fp32_ok.mean(), abs=1.0 / N_TEST)
-    assert metrics["robust_acc"] == pytest.approx(int8_ok.mean(), abs=1.0 / N_TEST)
+    transfer_only = metrics["robust_acc_reference_crafted"]
+    assert transfer_only == pytest.approx(int8_ok.mean(), abs=1.0 / N_TEST)
     assert metrics["reference_robust_acc"] <= metrics["fp32_robust_acc"] + 0.05  # white-box on the reference
-    assert abs(metrics["robust_acc"] - metrics["fp32_robust_acc"]) <= changed.mean() + 2.0 / N_TEST
+    assert abs(transfer_only - metrics["fp32_robust_acc"]) <= changed.mean() + 2.0 / N_TEST
+    # the white-box attack on the INT8 graph's fake-quant twin finds at least what transfer finds (measured
+    # here: transfer alone 0.117, twin 0.056 of 360), and the headline is the worst case over both
+    assert metrics["robust_acc_twin_crafted"] <= transfer_only + 2.0 / N_TEST
+    assert metrics["robust_acc"] <= min(transfer_only, metrics["robust_acc_twin_crafted"]) + 1e-9
+    assert metrics["twin_parity"]["agreement"] >= 0.98 and metrics["attack"]["crafted_on"][1] == "fake-quant-twin"
     assert manifest["trt_preflight"]["ok"] is True and manifest["trt_preflight"]["problems"] == []
     inputs = {Path(i["path"]).name for i in manifest["inputs"]}
     assert {"model.onnx", "manifest.json"} <= inputs
