@@ -153,3 +153,34 @@ def torch_predict_fn(model: nn.Module, batch_size: int = 256) -> Callable[[np.nd
         return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
 
     return predict
+
+
+FAST_METHODS = {"fgsm-rs": (1.0, 1.25, True), "n-fgsm": (2.0, 1.0, False)}  # noise x eps, step x eps, project
+
+
+def fast_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str = "fgsm-rs",
+                 loss_fn: LossFn | None = None) -> torch.Tensor:
+    """One-step training examples of fast adversarial training (Linf), one gradient per batch:
+
+    - `fgsm-rs` (Wong, Rice & Kolter 2020, "Fast is better than free"): uniform start in the eps-ball,
+      one signed step of 1.25 eps, projected back onto the ball;
+    - `n-fgsm` (de Jorge et al. 2022): uniform noise of 2 eps, one signed step of eps, no projection
+      (the larger noise, not clipping, is what keeps it from catastrophic overfitting).
+    Always inside [0,1]; `loss_fn(logits, y)` is maximized (default cross-entropy).
+    """
+    if method not in FAST_METHODS:
+        raise CstarError(f"unknown fast attack '{method}'", f"use one of: {', '.join(FAST_METHODS)}")
+    _check(x, eps, "linf")
+    if eps == 0:
+        return x.detach().clone()
+    noise, step, projected = FAST_METHODS[method]
+    loss_fn = loss_fn or (lambda logits, target: F.cross_entropy(logits, target))
+    x = x.detach()
+    delta = ((torch.rand_like(x) * 2 - 1) * noise * eps)
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    with eval_mode(model):
+        (grad,) = torch.autograd.grad(loss_fn(model(x + delta), y), delta)
+    delta = delta.detach() + step * eps * grad.sign()
+    if projected:
+        delta = delta.clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()

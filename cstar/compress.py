@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cstar import validate
+from cstar.config import TRAIN_METHODS
 from cstar.errors import CstarError
 from cstar.stage_metrics import EvalSpec, add_eval_arguments, metrics_summary, stage_metrics
 
@@ -57,7 +58,7 @@ class CompressConfig:
     rank_step: int = 1
     keep_first_last: bool = True  # every method keeps the stem conv and classifier dense (False: --compress-ends)
     hybrid_prune_share: float = 0.5  # hybrid: share of the log-ratio spent on pruning (0.5: prune sqrt(ratio))
-    train_method: str | None = None  # None: the source's training method (pgd-at or trades), else pgd-at
+    train_method: str | None = None  # None: the source's training method (TRAIN_METHODS), else pgd-at
     train_steps: int | None = None  # None: the source's PGD steps while training, else 5
     lr: float = 0.02
     finetune_lr: float = 0.03
@@ -157,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admm-epochs", type=int, default=defaults.admm_epochs, help="CSTAR ADMM epochs")
     parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs,
                         help="adversarial fine-tuning epochs (baselines fine-tune admm+finetune epochs)")
-    parser.add_argument("--train-method", choices=("pgd-at", "trades"), default=None,
+    parser.add_argument("--train-method", choices=TRAIN_METHODS, default=None,
                         help="adversarial training loss (default: the source model's)")
     parser.add_argument("--train-steps", type=int, default=None, help="PGD steps while training (default: the source's)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -343,7 +344,7 @@ def _inherit_recipe(cfg: CompressConfig, source: dict[str, Any]) -> CompressConf
     steps = cfg.train_steps or source_config.get("train_steps")
     return dataclasses.replace(
         cfg,
-        train_method=method if method in ("pgd-at", "trades") else "pgd-at",
+        train_method=method if method in TRAIN_METHODS else "pgd-at",
         train_steps=int(steps) if isinstance(steps, int) and steps > 0 else 5,
     )
 

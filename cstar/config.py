@@ -11,6 +11,10 @@ from cstar.validate import typed_value
 
 T = TypeVar("T")
 
+# adversarial training losses of `cstar train` and of compress's fine-tuning (torch-free, for the parsers);
+# fgsm-rs and n-fgsm are fast AT: one gradient per batch (cstar.attacks.fast_example)
+TRAIN_METHODS = ("pgd-at", "trades", "fgsm-rs", "n-fgsm")
+
 
 def config_from_dict(cls: type[T], values: Any, where: str = "config") -> T:
     """Build dataclass `cls` from `values`, refusing keys it does not define and values of the wrong type.

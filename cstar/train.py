@@ -36,13 +36,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from cstar import distributed as dist
 from cstar import validate
-from cstar.attacks import AttackConfig, default_step_size, eval_mode, pgd
+from cstar.attacks import FAST_METHODS, AttackConfig, default_step_size, eval_mode, fast_example, pgd
+from cstar.config import TRAIN_METHODS
 from cstar.errors import CstarError
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.manifest import atomic_target
 from cstar.stage_metrics import add_eval_arguments, metrics_summary, spec_from_args, stage_metrics
 
-METHODS = ("pgd-at", "trades")
+METHODS = TRAIN_METHODS
+SCHEDULES = ("cosine", "step", "cyclic")
 FACTOR_DECAYS = ("factors", "frobenius")
 DEFAULT_EPOCHS = {"digits": 60, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
 STATE_NAME = "train_state.pt"
@@ -95,8 +97,11 @@ class TrainConfig:
             raise CstarError(f"unknown optimizer '{self.optimizer}'", "use sgd or adam")
         if self.factor_decay not in FACTOR_DECAYS:
             raise CstarError(f"unknown factor decay '{self.factor_decay}'", f"use one of: {', '.join(FACTOR_DECAYS)}")
-        if self.schedule not in ("cosine", "step"):
-            raise CstarError(f"unknown schedule '{self.schedule}'", "use cosine or step")
+        if self.schedule not in SCHEDULES:
+            raise CstarError(f"unknown schedule '{self.schedule}'", f"use one of: {', '.join(SCHEDULES)}")
+        if self.method in ("fgsm-rs", "n-fgsm") and self.norm != "linf":
+            raise CstarError(f"--method {self.method} is a Linf attack, the threat model is {self.norm}",
+                             "use --method pgd-at for L2, or --norm linf")
         if not 0 <= self.val_fraction < 1:
             raise CstarError(f"val_fraction must be in [0, 1), got {self.val_fraction}", "pass e.g. 0.1")
         if self.batch_size < 1 or self.lr <= 0:
@@ -207,7 +212,8 @@ def frobenius_penalty(model: nn.Module, weight_decay: float) -> Callable[[], tor
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
-    """Per-step LR schedule: optional linear warm-up, then cosine or step (x0.1 at 50% and 75%)."""
+    """Per-step LR schedule: optional linear warm-up, then cosine, step (x0.1 at 50% and 75%) or cyclic
+    (fast AT's one cycle: linear from 0 up to the LR at 40% of training, then linearly down to 0)."""
     total = max(cfg.epochs * steps_per_epoch, 1)
     warmup = cfg.warmup_epochs * steps_per_epoch
 
@@ -217,6 +223,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         progress = (step - warmup) / max(total - warmup, 1)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "cyclic":
+            peak = 0.4
+            return max(progress / peak if progress < peak else (1.0 - progress) / (1.0 - peak), 0.0)
         return 0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -286,7 +295,9 @@ class Teacher:
 
 def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                      teacher: Teacher | None = None) -> torch.Tensor:
-    """PGD-AT: CE on PGD examples; TRADES: CE(clean) + beta * KL(clean || adversarial).
+    """PGD-AT: CE on PGD examples; TRADES: CE(clean) + beta * KL(clean || adversarial); fgsm-rs / n-fgsm:
+    CE on one-step examples (cstar.attacks.fast_example; the held-out PGD check that picks the best
+    epoch is the guard against their catastrophic overfitting).
 
     Examples are crafted in eval mode (BN running statistics, as at test time) on the bare module
     (no DDP gradient hooks or buffer broadcasts per PGD step); the loss is then computed in train
@@ -311,10 +322,12 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
         robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
         loss = F.cross_entropy(logits_clean, y) + cfg.trades_beta * robust
         return teacher.mix(loss, logits_adv, x_adv) if teacher is not None else loss
-    if cfg.eps > 0:
-        def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return scale * F.cross_entropy(logits, target)
+    def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return scale * F.cross_entropy(logits, target)
 
+    if cfg.eps > 0 and cfg.method in FAST_METHODS:
+        x_adv = fast_example(attacked, x, y, cfg.eps, cfg.method, loss_fn=ce_loss)
+    elif cfg.eps > 0:
         x_adv = pgd(attacked, x, y, cfg.eps, cfg.train_steps, step, cfg.norm, random_start=True, loss_fn=ce_loss)
     else:
         x_adv = x
@@ -703,7 +716,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--optimizer", default=TrainConfig.optimizer, choices=("sgd", "adam"))
-    parser.add_argument("--schedule", default=TrainConfig.schedule, choices=("cosine", "step"))
+    parser.add_argument("--schedule", default=TrainConfig.schedule, choices=SCHEDULES,
+                        help="LR schedule (cyclic: the one-cycle schedule of fast adversarial training)")
     parser.add_argument("--train-steps", type=int, default=TrainConfig.train_steps, help="PGD steps while training")
     parser.add_argument("--trades-beta", type=float, default=TrainConfig.trades_beta)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)

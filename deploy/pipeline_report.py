@@ -76,6 +76,10 @@ def _attack_label(attack: dict[str, Any]) -> str:
         iters = next((a["settings"].get("n_iter") for a in attack.get("attacks", []) if "n_iter" in a.get("settings", {})),
                      None)
         short = f" ({iters} it)" if attack.get("iterations_overridden") and iters else ""
+        queries = next((a["settings"].get("n_queries") for a in attack.get("attacks", [])
+                        if a.get("name") == "square"), None)
+        if queries is not None and queries != 5000:
+            short += f", Square {queries} q"
         return f"{attack['suite']} suite{short}"
     name = str(attack.get("name") or "pgd").upper()
     return f"{name}-{attack['steps']}" if attack.get("steps") else name
@@ -537,27 +541,32 @@ def write_pipeline_report(run_dir: Path, config: Any, stages: list[Any]) -> Pipe
     return summary
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Plain-text columns as wide as their widest cell: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [row[0].ljust(widths[0]) + "".join(f"  {cell:>{w}}" for cell, w in zip(row[1:], widths[1:], strict=True))
+            for row in rows]
+
+
 def summary_table(summary: PipelineSummary) -> str:
     """A short plain-text table for the terminal: robust% is the worst case; single attacks follow it."""
     attacks = sorted({k for a in summary.artifacts for k in a["transfer"]})
     batch = summary.batch_sizes[0] if summary.batch_sizes else 1
     detail = [f"{k}%" for k in attacks] or ["pgd%"]
-    head = (f"{'model / artifact':<32}{'params':>8}{'clean%':>8}{'robust%':>9}" + "".join(f"{d:>9}" for d in detail)
-            + f"{'square%':>9}{f'p50 b{batch} ms':>12}{'speedup':>9}{'gate':>6}")
-    lines = [head]
+    rows = [["model / artifact", "params", "clean%", "robust%", *detail, "square%", f"p50 b{batch} ms", "speedup",
+             "gate"]]
     for m in summary.models:
         pgd = [_pct(m.get("pgd20_robust_acc")) if d == "pgd%" else "-" for d in detail]
-        lines.append(f"{m['model'].replace(')', ', ' + m['robust_label'] + ')'):<32}{_fmt(m['params']):>8}{_pct(m['clean_acc']):>8}"
-                     f"{_pct(m['robust_acc']):>9}" + "".join(f"{p:>9}" for p in pgd)
-                     + f"{'-':>9}{'-':>12}{'-':>9}{'-':>6}")
+        rows.append([m["model"].replace(")", ", " + m["robust_label"] + ")"), _fmt(m["params"]), _pct(m["clean_acc"]),
+                     _pct(m["robust_acc"]), *pgd, "-", "-", "-", "-"])
     for a in summary.artifacts:
         gate = "-" if a["passed"] is None else ("pass" if a["passed"] else "FAIL")
-        lines.append(f"{a['artifact'] + ' @' + a['backend']:<32}{_fmt(a['params']):>8}{_pct(a['clean_acc']):>8}"
-                     f"{_pct(a['robust_acc']):>9}" + "".join(f"{_pct(a['transfer'].get(k)):>9}" for k in attacks)
-                     + f"{_pct(a['square']):>9}{_fmt(a.get(f'p50_b{batch}'), 3):>12}"
-                     f"{_times(a['speedup_vs_dense'].get(str(batch))):>9}{gate:>6}")
-    lines += ["", "robust% = per-example worst case over every attack run (PyTorch rows: the named white-box suite, "
-              "pgd% there is PGD-20 on the model itself); "
+        rows.append([a["artifact"] + " @" + a["backend"], _fmt(a["params"]), _pct(a["clean_acc"]), _pct(a["robust_acc"]),
+                     *(_pct(a["transfer"].get(k)) for k in attacks), _pct(a["square"]),
+                     _fmt(a.get(f"p50_b{batch}"), 3), _times(a["speedup_vs_dense"].get(str(batch))), gate])
+    lines = _aligned(rows)
+    lines += ["", "robust% = per-example worst case over every attack run (PyTorch rows: the named attack suite, "
+              "pgd% there is PGD-20 on the model itself; *_fq: crafted on the INT8 model's fake-quant twin); "
               f"speedup = dense p50 / artifact p50, same backend, batch {batch}",
               _verdict_heading(summary.verdict)]
     lines += [deployed_line(d).replace("**", "").replace("`", "") for d in summary.deployed.values()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cstar.attacks import fgsm, pgd
+from cstar.attacks import fast_example, fgsm, pgd
 from cstar.checkpoint import load_checkpoint
 from cstar.data import DataBundle, to_tensors
 from cstar.errors import CstarError
@@ -70,3 +70,27 @@ def test_nan_input_is_refused(standard: tuple) -> None:
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(CstarError, match="NaN"):
         pgd(model, bad, y[:2], 0.1)
+
+
+@pytest.mark.parametrize("method,bound", [("fgsm-rs", 0.1), ("n-fgsm", 0.3)])
+def test_fast_examples_take_one_gradient_and_stay_in_their_bounds(standard: tuple, method: str, bound: float) -> None:
+    """fgsm-rs is projected onto the eps-ball; n-fgsm is not (noise 2 eps + step eps = 3 eps at most)."""
+    model, x, y = standard
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        x_adv = fast_example(model, x, y, 0.1, method)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    size = (x_adv - x).flatten(1).abs().amax(1)
+    assert float(size.max()) <= bound + 1e-5 and float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    if method == "n-fgsm":
+        assert float(size.max()) > 0.1 + 1e-3  # the unprojected step leaves the eps-ball
+    assert _acc(model, x_adv, y) <= _acc(model, x, y) - 0.2  # a standard model falls to one step
+
+
+def test_fast_example_rejects_a_bad_method(standard: tuple) -> None:
+    model, x, y = standard
+    with pytest.raises(CstarError, match="fast attack"):
+        fast_example(model, x, y, 0.1, "fgsm-magic")

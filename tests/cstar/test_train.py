@@ -27,7 +27,7 @@ def _small(bundle: DataBundle, seed: int = 0) -> torch.nn.Module:
     return build_model("small-resnet", bundle.spec, width=8)
 
 
-@pytest.mark.parametrize("method", ["pgd-at", "trades"])
+@pytest.mark.parametrize("method", ["pgd-at", "trades", "fgsm-rs", "n-fgsm"])
 def test_training_beats_chance_and_records_history(digits: DataBundle, method: str) -> None:
     train, val = split_train_val(digits.train, 0.1, seed=0)
     result = fit(_small(digits), train, val, _config(method=method), progress=False)
@@ -63,7 +63,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(digits: DataBundle,
 
 @pytest.mark.parametrize("overrides,match", [({"epochs": 0}, "epochs"), ({"eps": -1.0}, "eps"),
                                              ({"method": "fgsm-magic"}, "method"), ({"optimizer": "lion"}, "optimizer"),
-                                             ({"factor_decay": "nuclear"}, "factor decay")])
+                                             ({"factor_decay": "nuclear"}, "factor decay"),
+                                             ({"schedule": "wavy"}, "schedule"),
+                                             ({"method": "fgsm-rs", "norm": "l2"}, "Linf")])
 def test_config_validation(overrides: dict, match: str) -> None:
     with pytest.raises(CstarError, match=match):
         _config(**overrides).validate()
@@ -210,3 +212,18 @@ def test_frobenius_decay_one_step_update_is_the_predicted_one() -> None:
             expected_frob = expected_plain
         assert torch.allclose(dict(frob.named_parameters())[name], expected_frob, atol=1e-6), name
     assert moved > 1e-4  # the two decays differ measurably (well above the 1e-6 tolerance)
+
+
+def test_cyclic_schedule_rises_to_the_lr_at_40_percent_and_falls_to_zero() -> None:
+    from cstar.train import make_scheduler
+
+    cfg = _config(epochs=10, schedule="cyclic", lr=0.2, optimizer="sgd")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.0) and max(lrs) == pytest.approx(0.2)
+    assert lrs.index(max(lrs)) == 40 and lrs[-1] == pytest.approx(0.2 / 60, rel=1e-6)

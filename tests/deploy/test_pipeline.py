@@ -115,6 +115,13 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["deployed"]["ort-cpu"]["build"] == deployed["build"]
     calibrate = json.loads((run_dir / "calibrate" / "manifest.json").read_text())
     assert calibrate["quantization"]["target"] == "ort-cpu"
+    # INT8 is verified with the set that adds the attack crafted on its own fake-quant twin; FP32 without it
+    twin_set = json.loads((run_dir / "attackset-int8-ort-cpu" / "manifest.json").read_text())
+    assert twin_set["set"]["quantized"]["onnx_sha256"] == calibrate["onnx"]["sha256"]
+    assert {"apgd_ce_fq", "apgd_t_fq"} <= set(int8["metrics"]["runtime"]["transfer"])
+    assert not {"apgd_ce_fq", "apgd_t_fq"} & set(report["metrics"]["runtime"]["transfer"])
+    assert not [w for w in int8["warnings"] if "fake-quant" in w]
+    assert "robust_acc_twin_crafted" in calibrate["metrics"]
     assert (run_dir / "bench-dense-ort-cpu" / "bench.json").is_file()
     dense_report = json.loads((run_dir / "verify-dense-ort-cpu" / "report.json").read_text())
     dense_set = json.loads((run_dir / "attackset-dense" / "manifest.json").read_text())
@@ -204,3 +211,15 @@ def test_pipeline_refuses_a_run_dir_holding_user_data(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "not empty (notes.txt)" in err and "  fix: " in err
     assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+
+
+def test_evaluate_section_defaults_to_aa_with_the_runtime_square_budget(tmp_path: Path) -> None:
+    from deploy.pipeline import eval_args
+
+    default = load_config(None)
+    assert eval_args(default) == ["--eval-suite", "aa", "--eval-queries", "1000"]
+    (tmp_path / "apgd.toml").write_text("[evaluate]\nsuite = 'apgd'\nsteps = 10\n")
+    assert eval_args(load_config(tmp_path / "apgd.toml")) == ["--eval-suite", "apgd", "--eval-steps", "10"]
+    (tmp_path / "bad.toml").write_text("[evaluate]\nqueries = -5\n")
+    with pytest.raises(CstarError, match="queries"):
+        load_config(tmp_path / "bad.toml")
