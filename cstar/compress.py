@@ -182,7 +182,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--method hybrid: share of the log-ratio spent on channel pruning before CSTAR "
                              "(0.5: prune to sqrt(ratio))")
     add_eval_arguments(parser, defaults.eval_suite)
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on a stratified test subset")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda")
     parser.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported)")
@@ -667,11 +666,9 @@ def _numeric(stats: Any) -> dict[str, Any]:
 
 
 def _test_tensors(bundle: Any, cfg: CompressConfig) -> tuple[Any, Any]:
-    from cstar.data import stratified_indices, to_tensors
+    from cstar.stage_metrics import test_tensors
 
-    if cfg.eval_limit is None:
-        return to_tensors(bundle.test)
-    return to_tensors(bundle.test, stratified_indices(bundle.labels("test"), cfg.eval_limit, cfg.seed))
+    return test_tensors(bundle, cfg.eval_limit, cfg.seed)
 
 
 def eval_spec(cfg: CompressConfig) -> EvalSpec:

@@ -399,6 +399,13 @@ def _load_image_tree_cached(split_dir_name: str, _mtime_ns: int, classes: tuple[
     ]
     if not files:
         raise CstarError(f"no images found under {split_dir}", f"expected {split_dir}/<class>/<image>.png|jpg")
+    found = {label for _, label in files}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise CstarError(f"class folder {split_dir / empty[0]} holds no images"
+                         + (f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""),
+                         f"put that class's .png/.jpg files into {split_dir / empty[0]}, or remove the folder "
+                         "from every split")
     arrays = []
     bars = len(files) >= 2000 and sys.stderr.isatty()  # a terminal only: no carriage-return frames in logs
     for path, _ in tqdm(files, desc=f"decoding {split_dir.name}", unit="img", leave=False, disable=not bars):

@@ -77,6 +77,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser, default_suite: str = DEF
                         help="iterations of the suite's gradient attacks (default: the suite's, APGD 100, PGD 20)")
     parser.add_argument("--eval-queries", type=int, default=None,
                         help="Square's query budget in the aa suite (default 5000)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="evaluate on a stratified subset of this many test images (default: the whole split)")
+
+
+def test_tensors(bundle: Any, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images a stage evaluates: the whole split, or a class-stratified subset of `limit`."""
+    from cstar.data import stratified_indices, to_tensors
+
+    if limit is None:
+        return to_tensors(bundle.test)
+    validate.count("--eval-limit", limit, minimum=1)
+    return to_tensors(bundle.test, stratified_indices(bundle.labels("test"), limit, seed))
 
 
 def spec_from_args(args: argparse.Namespace, seed: int = 0) -> EvalSpec:

@@ -41,7 +41,13 @@ from cstar.config import TRAIN_METHODS
 from cstar.errors import CstarError
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.manifest import atomic_target
-from cstar.stage_metrics import add_eval_arguments, metrics_summary, spec_from_args, stage_metrics
+from cstar.stage_metrics import (
+    add_eval_arguments,
+    metrics_summary,
+    spec_from_args,
+    stage_metrics,
+    test_tensors,
+)
 
 METHODS = TRAIN_METHODS
 SCHEDULES = ("cosine", "step", "cyclic")
@@ -795,7 +801,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     """run_train's work, with the run directory claimed."""
     from cstar.checkpoint import save_checkpoint
-    from cstar.data import load_dataset, to_tensors
+    from cstar.data import load_dataset
     from cstar.manifest import read_manifest
     from cstar.models import build_model, default_model_for
 
@@ -837,7 +843,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         state_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     result = fit(model, train_set, val_set, cfg, state_dir=state_dir)
-    test_x, test_y = to_tensors(bundle.test)
+    test_x, test_y = test_tensors(bundle, getattr(args, "eval_limit", None), cfg.seed)
     with isolated_rng(resolve_device(cfg.device), cfg.seed):
         metrics = stage_metrics(model, test_x, test_y, cfg.eps, cfg.norm, eval_spec)
     if dist.is_main():

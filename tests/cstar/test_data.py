@@ -124,3 +124,35 @@ def test_imagefolder_wrong_layout(tmp_path: Path) -> None:
     with pytest.raises(CstarError) as info:
         load_dataset(f"imagefolder:{tmp_path}")
     assert "train" in str(info.value)
+
+
+def _cifar_tree(root: Path, empty_class: str | None = None) -> Path:
+    from PIL import Image
+
+    classes = [f"c{i}" for i in range(10)]
+    for split in ("train", "test"):
+        for cls in classes:
+            folder = root / "cifar-10-images" / split / cls
+            folder.mkdir(parents=True)
+            if cls != empty_class:
+                Image.fromarray(np.full((32, 32, 3), 20, dtype=np.uint8)).save(folder / "0.jpg")
+    return root
+
+
+def test_cifar10_image_tree_and_its_bad_layouts(tmp_path: Path) -> None:
+    """The JPEG copy's layout loads; a tree without train/test, a wrong class count or an empty class
+    folder is one clear error naming what is wrong (before any training starts)."""
+    bundle = load_dataset(f"cifar10:{_cifar_tree(tmp_path / 'ok')}")
+    assert bundle.spec.input_shape == (3, 32, 32) and bundle.spec.options["format"] == "imagefolder"
+    assert bundle.spec.default_eps == pytest.approx(8 / 255)
+    with pytest.raises(CstarError, match="holds no images"):
+        load_dataset(f"cifar10:{_cifar_tree(tmp_path / 'empty', empty_class='c3')}")
+    (tmp_path / "flat" / "images").mkdir(parents=True)
+    with pytest.raises(CstarError, match="neither CIFAR-10 python batches nor an image tree"):
+        load_dataset(f"cifar10:{tmp_path / 'flat'}")
+    nine = _cifar_tree(tmp_path / "nine")
+    for split in ("train", "test"):
+        (nine / "cifar-10-images" / split / "c9" / "0.jpg").unlink()
+        (nine / "cifar-10-images" / split / "c9").rmdir()
+    with pytest.raises(CstarError, match="10 class folders"):
+        load_dataset(f"cifar10:{nine}")

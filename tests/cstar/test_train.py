@@ -74,13 +74,14 @@ def test_config_validation(overrides: dict, match: str) -> None:
 def test_cli_train_writes_manifest_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     argv = ["train", "--data", "digits", "--width", "8", "--epochs", "1", "--train-steps", "1", "--eval-suite", "apgd",
-            "--eval-steps", "2", "--out", str(out)]
+            "--eval-steps", "2", "--eval-limit", "100", "--method", "n-fgsm", "--schedule", "cyclic", "--out", str(out)]
     assert cli_main(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("schema_version", "stage", "inputs", "dataset", "model", "eps", "norm", "metrics", "params", "flops",
                 "config", "versions"):
         assert key in manifest, key
     assert manifest["stage"] == "train" and manifest["eps"] == pytest.approx(0.2)
+    assert manifest["metrics"]["n"] == 100 and manifest["config"]["method"] == "n-fgsm"  # --eval-limit: a subset
     assert set(manifest["metrics"]) >= {"clean_acc", "robust_acc", "attack"}
     attack = manifest["metrics"]["attack"]
     assert attack["suite"] == "apgd" and attack["iterations_overridden"] and manifest["schema_version"] == 2
