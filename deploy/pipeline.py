@@ -138,10 +138,15 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def load_config(path: str | Path | None) -> PipelineConfig:
-    """Read a TOML (or YAML) pipeline config; unknown sections or keys are errors."""
+def load_config(path: str | Path | None, data: str | None = None) -> PipelineConfig:
+    """Read a TOML (or YAML) pipeline config; unknown sections or keys are errors. `data` (the CLI's
+    --data) replaces [data] name before the config is checked."""
     if path is None:
-        return PipelineConfig()
+        config = PipelineConfig()
+        if data is not None:
+            config.data.name = data
+            validate_config(config, "--data")
+        return config
     source = Path(path)
     if not source.is_file():
         raise CstarError(f"pipeline config {source} does not exist", "pass an existing .toml or .yaml file")
@@ -159,8 +164,23 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         raise CstarError(f"unknown section(s) {unknown} in {source}", f"valid sections: {', '.join(_SECTIONS)}")
     sections: dict[str, Any] = {name: config_from_dict(cls, raw.get(name, {}), f"[{name}] of {source}") for name, cls in _SECTIONS.items()}
     config = PipelineConfig(**sections)
-    validate_config(config, str(source))
+    if data is not None:
+        config.data.name = data
+    validate_config(config, str(source) + (" with --data" if data is not None else ""))
     return config
+
+
+def _check_data(name: str, where: str) -> None:
+    """A known dataset, with its path where it needs one and that path present: before any stage runs."""
+    from cstar.data import parse_dataset_arg
+
+    try:
+        dataset, path = parse_dataset_arg(name)
+    except CstarError as exc:
+        raise CstarError(f"{where}: {exc.message}", exc.hint) from None
+    if path is not None and not Path(path).exists():
+        raise CstarError(f"{where}: the data path {path} does not exist",
+                         f"pass --data {dataset}:PATH with the dataset's directory")
 
 
 def validate_config(config: PipelineConfig, source: str = "the pipeline config") -> None:
@@ -176,6 +196,7 @@ def validate_config(config: PipelineConfig, source: str = "the pipeline config")
         validate.count(key("train", "epochs"), config.train.epochs)
     if config.data.image_size is not None:
         validate.count(key("data", "image_size"), config.data.image_size)
+    _check_data(config.data.name, key("data", "name"))
     validate.choice(key("evaluate", "suite"), config.evaluate.suite, SUITES)
     if config.evaluate.steps is not None:
         validate.count(key("evaluate", "steps"), config.evaluate.steps)
@@ -452,6 +473,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML or YAML config (default: digits demo)")
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--force", action="store_true", help="re-run every stage even if its outputs are valid")
+    parser.add_argument("--data", default=None, metavar="NAME[:PATH]",
+                        help="dataset, overriding the config's [data] name (e.g. cifar10:/data/cifar-10-images)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -459,7 +482,7 @@ def main(args: argparse.Namespace) -> int:
     from deploy.pipeline_report import summary_table, write_pipeline_report
     from deploy.selection import materialize
 
-    config = load_config(args.config)
+    config = load_config(args.config, getattr(args, "data", None))
     started = time.perf_counter()
     with OutputDir(args.out, "pipeline", (args.config,), resumable=True):  # checked and locked while it runs
         stages = run_pipeline(config, args.out, force=args.force)

@@ -223,3 +223,16 @@ def test_evaluate_section_defaults_to_aa_with_the_runtime_square_budget(tmp_path
     (tmp_path / "bad.toml").write_text("[evaluate]\nqueries = -5\n")
     with pytest.raises(CstarError, match="queries"):
         load_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("data,needle", [("cifar10", "needs a path"), ("cifar10:/no/such/dir", "/no/such/dir"),
+                                         ("imagenet-22k", "unknown dataset")])
+def test_cifar_config_with_bad_data_is_one_clear_error_before_any_stage(data: str, needle: str, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    from cstar.cli import main as cli_main
+
+    config = Path(__file__).resolve().parents[2] / "examples" / "cifar10-cpu.toml"
+    assert cli_main(["pipeline", "--config", str(config), "--data", data, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("error:") and needle in err[0] and err[1].strip().startswith("fix:")
+    assert not (tmp_path / "run").exists()
