@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from calibration.execution import ORT_CPU, Execution, execution_for, open_session, run_logits
+from calibration import measure
+from calibration.execution import execution_for
+from calibration.measure import (
+    EVAL_APGD_ITERS,
+    EVAL_APGD_TARGETS,
+    REFERENCE_STAGES,
+    find_reference,
+    transfer_block,
+)
 from calibration.quantize import DEFAULT_TARGET, TARGETS
 from calibration.trt_check import PreflightReport, preflight
 from cstar import validate
@@ -47,10 +55,7 @@ INT8_NAME = "model.int8.onnx"
 EXECUTORCH_TARGET = "executorch"  # INT8 .pte via PT2E + XNNPACK (calibration.executorch_lower), not ONNX Q/DQ
 TARGET_CHOICES = (*TARGETS, EXECUTORCH_TARGET)
 METHODS = ("minmax", "entropy", "percentile")
-REFERENCE_STAGES = ("train", "compress")
 EVAL_PGD_STEPS = 20
-EVAL_APGD_ITERS = 100  # the apgd suite's transfer check (APGD-CE + APGD-T over 3 targets)
-EVAL_APGD_TARGETS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,67 +147,6 @@ def check_onnx_input(model_path: Path, shape: tuple[int, ...], from_dir: Path) -
                          f"{', '.join(str(d) for d in shape)})", "re-run cstar export (the model and its manifest disagree)")
 
 
-def find_reference(export_manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
-    """The train/compress directory among the export manifest's inputs, or (None, why not)."""
-    why = "the export manifest lists no train/compress manifest among its inputs"
-    for entry in export_manifest.get("inputs", []):
-        path = Path(str(entry.get("path", "")))
-        if path.name != MANIFEST_NAME:
-            continue
-        directory = path.parent
-        try:
-            manifest = read_manifest(directory)
-        except CstarError as exc:
-            why = f"the reference recorded in the export manifest is unusable: {exc.message}"
-            continue
-        if manifest.get("stage") not in REFERENCE_STAGES:
-            continue
-        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-            why = f"{path} changed since export (sha256 differs); pass --reference explicitly if intended"
-            continue
-        return directory, None
-    return None, why
-
-
-def _session(path: Path, execution: Execution | str = ORT_CPU) -> Any:
-    """ONNX Runtime CPU session of `path` executed as `execution` (calibration.execution, the one source)."""
-    return open_session(path, execution)
-
-
-def _run(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return run_logits(session, images, batch_size)
-
-
-def _parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    return {"max_abs_diff": float(np.max(np.abs(a - b))) if a.size else 0.0,
-            "agreement": float(np.mean(a.argmax(1) == b.argmax(1))), "n": int(a.shape[0])}
-
-
-def _torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).float().numpy()
-
-
-def _worst_case(run: Any, sets: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    """Share of examples every transfer set leaves correctly classified by `run` (logits of a batch)."""
-    correct = np.ones(labels.shape[0], dtype=bool)
-    for adv in sets.values():
-        correct &= np.asarray(run(adv)).argmax(axis=1) == labels
-    return float(correct.mean()) if labels.size else 0.0
-
-
-def transfer_block(eps: float, norm: str, seed: int) -> dict[str, Any]:
-    """metrics.attack of calibrate: the apgd suite crafted on the PyTorch reference, replayed on FP32 and INT8."""
-    return {"suite": "apgd", "transfer": True, "crafted_on": "pytorch-reference", "eps": eps, "norm": norm,
-            "seed": seed, "attacks": [{"name": "apgd-ce", "n_iter": EVAL_APGD_ITERS},
-                                      {"name": "apgd-t", "n_iter": EVAL_APGD_ITERS, "n_targets": EVAL_APGD_TARGETS}],
-            "worst_case": "per example over both sets"}
-
-
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(logits.argmax(1) == labels))
 
 
 def _eval_set(spec: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -335,13 +279,14 @@ def run_calibrate(
         trt_report = _trt_preflight(tmp, strict_trt, verbose, warnings) if target == "tensorrt" else None
 
         execution = execution_for(target)  # the TensorRT format as Q/DQ arithmetic, not ORT CPU's S8S8 kernels
-        fp32_session, int8_session = _session(fp32_path), _session(tmp, execution)
-        fp32_logits, int8_logits = _run(fp32_session, eval_images), _run(int8_session, eval_images)
-        parity = _parity(int8_logits, fp32_logits)
+        fp32_session, int8_session = measure.session(fp32_path), measure.session(tmp, execution)
+        fp32_logits = measure.run_logits_of(fp32_session, eval_images)
+        int8_logits = measure.run_logits_of(int8_session, eval_images)
+        parity = measure.parity(int8_logits, fp32_logits)
         metrics: dict[str, Any] = {
-            "clean_acc": _accuracy(int8_logits, eval_labels),
+            "clean_acc": measure.accuracy(int8_logits, eval_labels),
             "robust_acc": None,
-            "fp32_clean_acc": _accuracy(fp32_logits, eval_labels),
+            "fp32_clean_acc": measure.accuracy(fp32_logits, eval_labels),
             "fp32_robust_acc": None,
             "n": int(eval_labels.shape[0]),
             "executed_as": execution.executed_as,
@@ -353,21 +298,23 @@ def run_calibrate(
             model, _ = load_reference(reference_dir, spec)
             with torch.no_grad():
                 torch_logits = model(torch.from_numpy(eval_images)).float().numpy()
-            parity_torch = _parity(int8_logits, torch_logits)
+            parity_torch = measure.parity(int8_logits, torch_logits)
             sets = craft_apgd(model, eval_images, eval_labels, eps, norm, seed, EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
-            int8_run = functools.partial(_run, int8_session)
-            metrics["fp32_robust_acc"] = _worst_case(functools.partial(_run, fp32_session), sets, eval_labels)
-            metrics["reference_robust_acc"] = _worst_case(functools.partial(_torch_logits, model), sets, eval_labels)
+            int8_run = functools.partial(measure.run_logits_of, int8_session)
+            fp32_run = functools.partial(measure.run_logits_of, fp32_session)
+            metrics["fp32_robust_acc"] = measure.worst_case(fp32_run, sets, eval_labels)
+            metrics["reference_robust_acc"] = measure.worst_case(functools.partial(measure.torch_logits, model), sets,
+                                                                 eval_labels)
             metrics["attack"] = transfer_block(eps, norm, seed)
             if twin_attack:  # white-box on the INT8 graph itself, beside the reference's transfer sets
                 twin_sets, twin_check = craft_on_twin(tmp, eval_images, eval_labels, eps, norm, seed,
                                                         EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
-                metrics["robust_acc_reference_crafted"] = _worst_case(int8_run, sets, eval_labels)
-                metrics["robust_acc_twin_crafted"] = _worst_case(int8_run, twin_sets, eval_labels)
+                metrics["robust_acc_reference_crafted"] = measure.worst_case(int8_run, sets, eval_labels)
+                metrics["robust_acc_twin_crafted"] = measure.worst_case(int8_run, twin_sets, eval_labels)
                 metrics["twin_parity"] = twin_check.to_dict()
                 metrics["attack"]["crafted_on"] = ["pytorch-reference", "fake-quant-twin"]
                 sets = {**sets, **{f"{name}_fq": adv for name, adv in twin_sets.items()}}
-            metrics["robust_acc"] = _worst_case(int8_run, sets, eval_labels)
+            metrics["robust_acc"] = measure.worst_case(int8_run, sets, eval_labels)
         del fp32_session, int8_session
 
         os.replace(tmp, final)

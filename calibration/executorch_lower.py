@@ -83,7 +83,7 @@ def deploy_model(model: Any, export_manifest: dict[str, Any]) -> Any:
 
 def reference_for_export(export_dir: Path, export_manifest: dict[str, Any]) -> Path:
     """The train/compress directory the export was made from (sha256-checked); a CstarError if none."""
-    from calibration.calibrate import find_reference
+    from calibration.measure import find_reference
 
     reference, why = find_reference(export_manifest)
     if reference is None:
@@ -327,7 +327,9 @@ def run_pte(path: Path, images: np.ndarray) -> np.ndarray:
 def fp32_parity(pte: Path, onnx_path: Path, input_shape: Sequence[int], n: int,
                 seed: int = 0) -> dict[str, Any]:
     """FP32 `.pte` against the export's ONNX model (ONNX Runtime CPU) on `n` seeded uniform [0,1] images."""
-    from calibration.calibrate import _parity, _run, _session
+    from calibration.measure import parity as _parity
+    from calibration.measure import run_logits_of as _run
+    from calibration.measure import session as _session
 
     images = np.random.default_rng(seed).random((n, *[int(d) for d in input_shape]), dtype=np.float32)
     reference = _run(_session(onnx_path), images)
@@ -404,17 +406,17 @@ def _metrics(job: CalibrationJob, pte: Path,
     import torch
 
     from calibration.calib_set import craft_apgd
-    from calibration.calibrate import (
+    from calibration.measure import (
         EVAL_APGD_ITERS,
         EVAL_APGD_TARGETS,
-        _accuracy,
-        _parity,
-        _run,
-        _session,
-        _torch_logits,
-        _worst_case,
         transfer_block,
     )
+    from calibration.measure import accuracy as _accuracy
+    from calibration.measure import parity as _parity
+    from calibration.measure import run_logits_of as _run
+    from calibration.measure import session as _session
+    from calibration.measure import torch_logits as _torch_logits
+    from calibration.measure import worst_case as _worst_case
 
     fp32 = _session(job.fp32_path)
     int8_logits, fp32_logits = run_pte(pte, job.eval_images), _run(fp32, job.eval_images)

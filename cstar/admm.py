@@ -74,7 +74,7 @@ def allocate_for(model: nn.Module, budget: Budget, weights: dict[str, torch.Tens
 
     Distributed: rank 0's allocation is broadcast, so every rank factorizes to the same ranks.
     """
-    from cstar.ranks import budget_limits
+    from cstar.budget import budget_limits
 
     layers = candidate_layers(model, budget.keep_dense)
     budgets = layer_budgets(model, budget.input_shape, layers)

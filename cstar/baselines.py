@@ -31,11 +31,12 @@ from typing import cast
 import torch
 from torch import nn
 
+from cstar.budget import model_cost
 from cstar.checkpoint import set_submodule
 from cstar.errors import CstarError
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.models import VGG, BasicBlock, CifarResNet
-from cstar.ranks import largest_fraction_within, model_cost
+from cstar.ranks import largest_fraction_within
 
 
 @dataclass

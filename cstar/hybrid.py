@@ -26,8 +26,9 @@ from torch import nn
 
 from cstar.admm import Budget, allocate_for, factorize_model
 from cstar.baselines import CostFn, PruneResult, WidthOptions, prune_to_budget
+from cstar.budget import model_cost
 from cstar.errors import CstarError
-from cstar.ranks import Allocation, model_cost
+from cstar.ranks import Allocation
 
 
 def budget_cost(budget: Budget, reference: nn.Module | None = None) -> CostFn:

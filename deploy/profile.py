@@ -637,22 +637,10 @@ def dense_model(model_dir: str | Path) -> tuple[Any, tuple[int, ...], dict[str, 
 
 
 def dense_model_onnx(model: Any, input_shape: tuple[int, ...], directory: Path) -> Path:
-    """Export the dense model as `cstar export` deploys it (see model_onnx)."""
-    return model_onnx(model, input_shape, directory, "dense")
+    """Export the dense model as `cstar export` deploys it (export.as_deployed)."""
+    from export.as_deployed import export_as_deployed
 
-
-def model_onnx(model: Any, input_shape: tuple[int, ...], directory: Path, name: str,
-               forms: dict[str, str] | None = None) -> Path:
-    """Export `model` as `cstar export` deploys it (deploy `forms`, BatchNorm folded, dynamic batch) to
-    DIRECTORY/NAME.onnx; simplified with onnxslim when that works, else the raw export."""
-    from export.deploy_form import to_deploy
-    from export.onnx_export import export_onnx, simplify
-
-    raw = export_onnx(to_deploy(model, forms), input_shape, directory / f"{name}_raw.onnx").path
-    try:
-        return simplify(raw, directory / f"{name}.onnx", "onnxslim")
-    except Exception:  # noqa: BLE001 - the unsimplified graph is a valid fallback for timing
-        return raw
+    return export_as_deployed(model, input_shape, directory, "dense")
 
 
 def _logger(progress: bool) -> Callable[[str], None]:

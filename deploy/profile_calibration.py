@@ -117,7 +117,7 @@ def calibrate_table(body: dict[str, Any], dense: Any, input_shape: tuple[int, ..
     Pass 1 fits on the uniform references and the allocator's picks under the uncalibrated table; each
     further pass adds what the allocator picks under the table just fitted (the models `cstar compress`
     will make) and times every model again together, so the last fit sees all of them at once."""
-    from deploy.profile import model_onnx
+    from export.as_deployed import export_as_deployed
     from export.forms import choose_forms
 
     uncalibrated = LatencyTable.from_dict(body, "the measured table")
@@ -130,7 +130,7 @@ def calibrate_table(body: dict[str, Any], dense: Any, input_shape: tuple[int, ..
                  {f"{name}@pass{index + 1}": model for name, model in allocated_references(dense, table, input_shape).items()})
         for name, model in fresh.items():
             forms = choose_forms(model, table, first)
-            paths[name] = model_onnx(model, input_shape, workdir, name, forms)
+            paths[name] = export_as_deployed(model, input_shape, workdir, name, forms)
             built[name] = (model, forms)
         measured = time_files(paths)
         body = _fit_into(body, uncalibrated, {name: (*built[name], measured[name]) for name in built})

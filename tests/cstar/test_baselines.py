@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from cstar.baselines import channel_groups, frozen_groups, prune_to_budget, pruned_rank_map
+from cstar.budget import model_cost
 from cstar.data import DatasetSpec
 from cstar.errors import CstarError
 from cstar.models import build_model
-from cstar.ranks import first_and_last, model_cost
+from cstar.ranks import first_and_last
 
 SPEC = DatasetSpec("synthetic", (3, 16, 16), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3, 0.03)
 

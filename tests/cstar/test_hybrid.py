@@ -11,6 +11,7 @@ from torch import nn
 
 import cstar.checkpoint as checkpoint
 from cstar.admm import Budget
+from cstar.budget import model_cost
 from cstar.checkpoint import load_checkpoint
 from cstar.compress import COMPRESSION_METHODS, METHODS, CompressConfig, compression_method, run_compress
 from cstar.data import DatasetSpec, load_dataset, to_tensors
@@ -18,7 +19,7 @@ from cstar.errors import CstarError
 from cstar.hybrid import hybrid_compress, prune_ratio
 from cstar.lowrank import LowRankConv2d
 from cstar.models import build_model
-from cstar.ranks import first_and_last, model_cost
+from cstar.ranks import first_and_last
 from tests.cstar.test_compress import rebuild_from_rank_map
 
 SPEC = DatasetSpec("synthetic", (3, 16, 16), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3, 0.03)

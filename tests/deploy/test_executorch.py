@@ -280,8 +280,10 @@ def test_int8_build_verify_bench_predict_cli(int8_calibrate: tuple[Path, dict[st
     with pytest.raises(CstarError, match="takes batches 1..64"):
         run_build(calib, BACKEND, tmp_path / "wide", batch_sizes=(1, 128))
     run_attackset(robust_digits_dir, "digits", tmp_path / "set", samples=60)
+    # one flipped image of 60 is 1.7 points, more than the default 1-point clean gate: which images flip is the
+    # CPU's kernels' (and the thread count's) to decide, so the chain is gated at 3 flips here
     assert main(["verify", "--artifact", str(build), "--set", str(tmp_path / "set"), "--square-queries", "10",
-                 "--threads", "1", "--out", str(tmp_path / "report")]) == 0
+                 "--threads", "1", "--max-clean-drop", "5", "--out", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     run, ref = report["metrics"]["runtime"], report["metrics"]["reference"]
     assert report["backend"] == BACKEND and report["passed"], report["failed_checks"]
