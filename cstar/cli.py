@@ -19,6 +19,7 @@ from cstar.errors import CstarError, GateFailure
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cstar.train", "adversarially train a dense model (PGD-AT or TRADES)"),
+    "import": ("cstar.importer", "a train-stage directory from weights made elsewhere (.safetensors, .pt)"),
     "compress": ("cstar.compress", "compress a robust model: CSTAR, robust pruning or uniform low-rank"),
     "export": ("export.exporter", "deploy form -> ONNX, simplified and parity-checked"),
     "calibrate": ("calibration.calibrate", "INT8 explicit Q/DQ quantization with a calibration set"),
