@@ -159,12 +159,12 @@ def calibrate_dir(base: Path, target: str) -> Path:
 def runtime_builds(export: Path, base: Path, backends: list[str], data: str, calib: tuple[int, int],
                    max_batch: int, threads: int) -> tuple[dict[str, dict[str, Path]], dict[str, Any]]:
     """({backend: {fp32: build dir, int8: build dir}}, {backend: INT8 calibrate metrics and format})."""
-    from deploy.build import BACKEND_TARGETS
+    from deploy.backends.registry import CALIBRATE_TARGETS
 
     builds: dict[str, dict[str, Path]] = {}
     calibration: dict[str, Any] = {}
     for backend in backends:
-        target = BACKEND_TARGETS[backend]
+        target = CALIBRATE_TARGETS[backend]
         int8 = ensure_calibrate(export, calibrate_dir(base, target), data, calib[0], calib[1], target)
         fp32_build = ensure_build(export, base / f"fp32-{backend}", threads, max_batch, backend)
         int8_build = ensure_build(int8.directory, base / f"int8-{backend}", threads, max_batch, backend)

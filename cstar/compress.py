@@ -417,14 +417,9 @@ def _check_ratio(ratios: dict[str, float], cfg: CompressConfig) -> None:
 
 
 def _logger(progress: bool) -> Any:
-    from cstar import distributed as dist
+    from cstar.stage_log import StageLog
 
-    def log(message: str) -> None:
-        if progress and dist.is_main():
-            print(message, file=sys.stderr, flush=True)
-
-    log.enabled = progress  # type: ignore[attr-defined]
-    return log
+    return StageLog(progress, main_rank_only=True)
 
 
 # ------------------------------------------------------------------------------------------ methods

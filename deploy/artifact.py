@@ -18,7 +18,6 @@ from deploy.backends.base import Runner
 from deploy.backends.registry import backend_names, create_runner
 
 ARTIFACT_STAGES = ("export", "calibrate", "build")
-BUILD_INFO_NAME = "build.json"
 DEFAULT_BACKEND = "ort-cpu"
 PTE_SUFFIX, PTE_BACKEND = ".pte", "executorch-xnnpack"  # ExecuTorch programs (calibrate --target executorch)
 

@@ -33,16 +33,17 @@ from cstar.manifest import (
     sha256_file,
     write_manifest,
 )
+from deploy.backends.base import BUILD_INFO_NAME
 from deploy.backends.registry import (
     OPENVINO_DEVICES,
     ORT_PROVIDERS,
     backend_names,
+    calibrate_target,
     create_runner,
     require_backend,
     runner_class,
 )
 
-BUILD_INFO_NAME = "build.json"
 ENGINE_NAME = "model.engine"
 TRT_CACHE_DIR = "trt_cache"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -52,12 +53,6 @@ COPY_THROUGH = (
 )
 VERSION_PACKAGES = ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "cuda-bindings",
                     "openvino", "executorch")
-# backend -> the `cstar calibrate --target` whose INT8 format it runs
-BACKEND_TARGETS = {
-    "ort-cpu": "ort-cpu", "ort-cuda": "tensorrt", "ort-trt": "tensorrt", "tensorrt": "tensorrt",
-    "openvino-cpu": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino",
-    "executorch-xnnpack": "executorch",
-}
 EXECUTORCH_BACKEND, XNNPACK_FORMAT, PTE_NAME = "executorch-xnnpack", "xnnpack-pt2e-int8", "model.pte"
 _PTE_ONLY_EXECUTORCH = ("cannot run it: it is an ExecuTorch program (model.pte, PT2E INT8 for XNNPACK) that only "
                         "executorch-xnnpack runs")
@@ -162,7 +157,7 @@ def check_int8_format(manifest: dict[str, Any], source_dir: Path, backend: str) 
     made_for = f"calibrated for --target {target}" if target else "no calibration target recorded"
     export_dir = next((str(Path(str(e["path"])).parent) for e in manifest.get("inputs", [])
                        if isinstance(e, dict) and Path(str(e.get("path", ""))).name == MANIFEST_NAME), "EXPORT_DIR")
-    wanted = BACKEND_TARGETS.get(backend, "ort-cpu")
+    wanted = calibrate_target(backend)
     raise CstarError(
         f"the INT8 model in {source_dir} is {fmt} ({made_for}), but backend '{backend}' {problem}",
         f"run `cstar calibrate --from {export_dir} --target {wanted} ...` and build from its directory, "

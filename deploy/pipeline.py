@@ -23,17 +23,12 @@ from cstar.config import config_from_dict, config_to_dict
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
 from cstar.suites import SUITES
+from deploy.backends.registry import calibrate_target
 
 STATE_DIR = ".pipeline"
 LATENCY_TABLE_FILE = "latency_table.json"
 BENCH_ROUNDS = 5  # interleaved rounds of a compressed artifact and the dense one in each bench stage
 
-# backend -> the `cstar calibrate --target` whose INT8 format that backend runs fast and correctly
-CALIBRATE_TARGETS: dict[str, str] = {
-    "ort-cpu": "ort-cpu", "ort-cuda": "tensorrt", "ort-trt": "tensorrt", "tensorrt": "tensorrt",
-    "openvino-cpu": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino",
-    "executorch-xnnpack": "executorch",
-}
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -286,7 +281,7 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
     for backend in config.verify.backends:
         sources = {"fp32": d["export"]}
         if config.calibrate.enabled:
-            sources["int8"] = targets[CALIBRATE_TARGETS.get(backend, "ort-cpu")]
+            sources["int8"] = targets[calibrate_target(backend)]
             builds.append(("int8", backend, run_dir / f"build-int8-{backend}"))
         for precision, source in sources.items():
             out = run_dir / f"build-{precision}-{backend}"
@@ -320,8 +315,8 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         ], set_dir, f"attack set + fake-quant twin of the {target} INT8 model"))
     for precision, backend, build_dir in verify_targets:
         attack_set = d["attackset-dense"] if precision == "dense" else d["attackset"]
-        if precision == "int8" and CALIBRATE_TARGETS.get(backend, "ort-cpu") in int8_sets:
-            attack_set = int8_sets[CALIBRATE_TARGETS.get(backend, "ort-cpu")]
+        if precision == "int8" and calibrate_target(backend) in int8_sets:
+            attack_set = int8_sets[calibrate_target(backend)]
         out = run_dir / f"verify-{precision}-{backend}"
         stages.append(Stage(f"verify-{precision}-{backend}", "verify", [
             "--artifact", str(build_dir), "--backend", backend, "--set", str(attack_set),
@@ -370,10 +365,10 @@ def twin_attacksets(targets: dict[str, Path], run_dir: Path) -> dict[str, Path]:
 
 def calibrate_dirs(backends: list[str], run_dir: Path) -> dict[str, Path]:
     """calibrate target -> its directory: `calibrate` for the first backend's target, `calibrate-<target>` else."""
-    first_target = CALIBRATE_TARGETS.get(backends[0], "ort-cpu")
+    first_target = calibrate_target(backends[0])
     dirs: dict[str, Path] = {}
     for backend in backends:
-        target = CALIBRATE_TARGETS.get(backend, "ort-cpu")
+        target = calibrate_target(backend)
         dirs[target] = run_dir / ("calibrate" if target == first_target else f"calibrate-{target}")
     return dirs
 

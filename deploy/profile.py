@@ -23,7 +23,6 @@ The timing side (everything but `main` and `dense_model_onnx`) is torch-free.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -644,11 +643,9 @@ def dense_model_onnx(model: Any, input_shape: tuple[int, ...], directory: Path) 
 
 
 def _logger(progress: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if progress:
-            print(message, file=sys.stderr, flush=True)
+    from cstar.stage_log import StageLog
 
-    return log
+    return StageLog(progress)
 
 
 class _bar:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,11 +67,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _logger(progress: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if progress:
-            print(f"[export] {message}", file=sys.stderr, flush=True)
+    from cstar.stage_log import StageLog
 
-    return log
+    return StageLog(progress, prefix="[export] ")
 
 
 def _validate(from_dir: Path, out_dir: Path, simplifier: str, opset: int, static_batch: int | None,

@@ -35,6 +35,7 @@ def logits_output(outputs: list[str], model_name: str) -> str:
 
 
 DEFAULT_PREDICT_BATCH = 256
+BUILD_INFO_NAME = "build.json"  # a build directory's record of how it was built (deploy.build writes it)
 RANGE_TOLERANCE = 1e-3
 
 

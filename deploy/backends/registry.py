@@ -33,6 +33,19 @@ ORT_PROVIDERS: dict[str, str] = {
 }
 
 
+# backend -> the `cstar calibrate --target` whose INT8 format that backend runs fast and correctly
+CALIBRATE_TARGETS: dict[str, str] = {
+    "ort-cpu": "ort-cpu", "ort-cuda": "tensorrt", "ort-trt": "tensorrt", "tensorrt": "tensorrt",
+    "openvino-cpu": "openvino", "openvino-gpu": "openvino", "openvino-npu": "openvino",
+    "executorch-xnnpack": "executorch",
+}
+
+
+def calibrate_target(backend: str) -> str:
+    """The calibrate target of `backend`'s INT8 format (ort-cpu for a backend not listed)."""
+    return CALIBRATE_TARGETS.get(backend, "ort-cpu")
+
+
 def backend_names() -> list[str]:
     """Every backend name, in preference order for edge deployment."""
     return list(BACKENDS)

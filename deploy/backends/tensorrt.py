@@ -31,10 +31,9 @@ import numpy as np
 
 from cstar.errors import CstarError, MissingDependencyError
 from cstar.manifest import atomic_write_bytes
-from deploy.backends.base import InputSpec, Runner, logits_output
+from deploy.backends.base import BUILD_INFO_NAME, InputSpec, Runner, logits_output
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BUILD_INFO_NAME = "build.json"
 
 
 def _import_trt() -> Any:
