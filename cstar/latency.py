@@ -24,7 +24,7 @@ from torch import nn
 
 from cstar.errors import CstarError
 from cstar.flops import probe_forward
-from cstar.latency_table import DEPLOY_FORMS, CostParts, LatencyTable, latency_batches
+from cstar.latency_table import DEPLOY_FORMS, CostParts, LatencyTable, fastest_form, latency_batches
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.ranks import CostModel, LayerBudget, Limit, Ranks, candidate_layers
 
@@ -45,7 +45,7 @@ def module_form_parts(table: LatencyTable, name: str, module: nn.Module, batch: 
 
         if form is None:
             at = batch if form_batch is None else form_batch
-            _, _, form = min((table.price(parts(f, at), at), i, f) for i, f in enumerate(DEPLOY_FORMS))
+            form = fastest_form({f: table.price(parts(f, at), at) for f in DEPLOY_FORMS})
         return form, parts(form, batch)
     if isinstance(module, LowRankLinear):
         ranks = (module.rank, module.rank)

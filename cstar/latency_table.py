@@ -55,6 +55,14 @@ TABLE_KIND = "cstar-latency-table"
 TABLE_SCHEMA_VERSION = 1
 DEPLOY_FORMS = ("dense", "three-conv", "merge-input", "merge-output")
 FACTORIZED_FORMS = DEPLOY_FORMS[1:]
+# One tie rule for every place that picks a deploy form (the latency model, the allocator's cost model,
+# export): on an exact tie the unmerged three-conv form first, the fully merged dense conv last.
+FORM_TIE_ORDER = ("three-conv", "merge-input", "merge-output", "dense")
+
+
+def fastest_form(costs: dict[str, float]) -> str:
+    """The cheapest deploy form of `costs` (form -> cost); exact ties follow FORM_TIE_ORDER."""
+    return min(costs, key=lambda form: (costs[form], FORM_TIE_ORDER.index(form)))
 # nodes a factorized form runs beyond the dense layer's one (a factorized Linear: two Gemms)
 EXTRA_NODES: dict[str, int] = {"three-conv": 2, "merge-input": 1, "merge-output": 1, "linear": 1}
 OPS = ("conv", "in_factor", "out_factor")
@@ -426,10 +434,10 @@ class LatencyTable:
 
     def fastest_form(self, layer: str, ranks: tuple[int, int], batch: int, cin: int | None = None,
                      cout: int | None = None, forms: tuple[str, ...] = FACTORIZED_FORMS) -> tuple[str, float]:
-        """(form, ms) of the fastest of `forms` (ties: the earlier form)."""
-        costs = [(self.form_ms(layer, form, ranks, batch, cin, cout), i, form) for i, form in enumerate(forms)]
-        ms, _, form = min(costs)
-        return form, ms
+        """(form, ms) of the fastest of `forms` (ties: FORM_TIE_ORDER, the rule export uses)."""
+        costs = {form: self.form_ms(layer, form, ranks, batch, cin, cout) for form in forms}
+        form = fastest_form(costs)
+        return form, costs[form]
 
     def dense_ms(self, layer: str, batch: int) -> float:
         """The layer at its profiled (full) width."""

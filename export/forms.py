@@ -24,10 +24,11 @@ from torch import nn
 
 from cstar.errors import CstarError
 from cstar.flops import probe_forward
+from cstar.latency_table import FORM_TIE_ORDER, fastest_form
 from cstar.lowrank import LowRankConv2d
 
-# Preference order on ties: today's unmerged form first, the fully merged conv last.
-FORMS = ("three-conv", "merge-input", "merge-output", "dense")
+# Every deploy form, in the one tie order (cstar.latency_table.FORM_TIE_ORDER: unmerged first, dense last).
+FORMS = FORM_TIE_ORDER
 CONVS_PER_FORM = {"three-conv": 3, "merge-input": 2, "merge-output": 2, "dense": 1}
 
 
@@ -155,8 +156,8 @@ def layer_positions(model: nn.Module, input_shape: tuple[int, ...] | None) -> di
 
 
 def _fastest(costs: dict[str, Any]) -> str:
-    """The cheapest form; ties go to the earlier form in FORMS."""
-    return min(FORMS, key=lambda form: (costs[form], FORMS.index(form)))
+    """The cheapest form; exact ties follow FORM_TIE_ORDER, as in the latency model that budgeted it."""
+    return fastest_form({form: costs[form] for form in FORMS})
 
 
 def _table_ms(table: FormTable, name: str, layer: LowRankConv2d, batch: int) -> dict[str, float]:

@@ -479,3 +479,27 @@ def test_prune_and_hybrid_meet_a_latency_budget_with_a_spill() -> None:
     assert predicted_latency_ms(pruned.model, table, 1) <= target + 1e-9
     hybrid = hybrid_compress(model, budget, share=0.5, cost=cost)
     assert predicted_latency_ms(hybrid.model, table, 1) <= target + 1e-9
+
+
+def test_one_tie_rule_for_the_latency_model_and_export() -> None:
+    """On an exact tie of every form the prediction and the export pick the same form (three-conv first)."""
+    from cstar.latency import module_form_parts
+    from cstar.latency_table import FORM_TIE_ORDER, fastest_form
+    from cstar.lowrank import LowRankConv2d
+    from export.forms import FORMS, _fastest, _table_ms
+
+    class Flat:  # prices every form of every layer the same
+        def form_parts(self, *args: object) -> str:
+            return "parts"
+
+        def price(self, parts: object, batch: int) -> float:
+            return 1.0
+
+        def form_ms(self, *args: object) -> float:
+            return 1.0
+
+    layer = LowRankConv2d(8, 8, (3, 3), (4, 4), padding=(1, 1))
+    predicted = module_form_parts(Flat(), "layer", layer, 1)  # type: ignore[arg-type]
+    assert predicted is not None and predicted[0] == "three-conv"
+    assert _fastest(_table_ms(Flat(), "layer", layer, 1)) == predicted[0]  # type: ignore[arg-type]
+    assert FORMS == FORM_TIE_ORDER and fastest_form({"dense": 2.0, "merge-output": 1.0, "merge-input": 1.0}) == "merge-input"
