@@ -37,7 +37,7 @@ from calibration.measure import (
     find_reference,
     transfer_block,
 )
-from calibration.quantize import DEFAULT_TARGET, TARGETS
+from calibration.quantize import DEFAULT_TARGET, METHODS, TARGETS
 from calibration.trt_check import PreflightReport, preflight
 from cstar import validate
 from cstar.errors import CstarError, GateFailure
@@ -54,7 +54,6 @@ from cstar.manifest import (
 INT8_NAME = "model.int8.onnx"
 EXECUTORCH_TARGET = "executorch"  # INT8 .pte via PT2E + XNNPACK (calibration.executorch_lower), not ONNX Q/DQ
 TARGET_CHOICES = (*TARGETS, EXECUTORCH_TARGET)
-METHODS = ("minmax", "entropy", "percentile")
 EVAL_PGD_STEPS = 20
 
 

@@ -24,6 +24,7 @@ from cstar.errors import CstarError, GateFailure
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, sha256_file
 from cstar.suites import SUITES
 from deploy.backends.registry import calibrate_target
+from deploy.run_layout import ArtifactDir
 
 STATE_DIR = ".pipeline"
 LATENCY_TABLE_FILE = "latency_table.json"
@@ -269,7 +270,7 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
                                              *latency_args],
                         d["export"], "compressed FP32 ONNX"))
     builds: list[tuple[str, str, Path]] = [
-        ("fp32", backend, run_dir / f"build-fp32-{backend}") for backend in config.verify.backends]
+        ("fp32", backend, ArtifactDir("build", "fp32", backend).path(run_dir)) for backend in config.verify.backends]
     targets = calibrate_dirs(config.verify.backends, run_dir)
     if config.calibrate.enabled:
         for target, calibrate_dir in targets.items():
@@ -282,14 +283,14 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         sources = {"fp32": d["export"]}
         if config.calibrate.enabled:
             sources["int8"] = targets[calibrate_target(backend)]
-            builds.append(("int8", backend, run_dir / f"build-int8-{backend}"))
+            builds.append(("int8", backend, ArtifactDir("build", "int8", backend).path(run_dir)))
         for precision, source in sources.items():
-            out = run_dir / f"build-{precision}-{backend}"
-            stages.append(Stage(f"build-{precision}-{backend}", "build",
+            out = ArtifactDir("build", precision, backend).path(run_dir)
+            stages.append(Stage(out.name, "build",
                                 ["--from", str(source), "--backend", backend, "--out", str(out)],
                                 out, f"{precision} on {backend}"))
     builds.sort(key=lambda b: (config.verify.backends.index(b[1]), b[0] != "fp32"))
-    dense_builds = [("dense", backend, run_dir / f"build-dense-{backend}") for backend in config.verify.backends]
+    dense_builds = [("dense", backend, ArtifactDir("build", "dense", backend).path(run_dir)) for backend in config.verify.backends]
     if config.export.export_dense:
         for _, backend, out in dense_builds:
             stages.append(Stage(out.name, "build", ["--from", str(d["export-dense"]), "--backend", backend,
@@ -317,22 +318,22 @@ def _stage_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         attack_set = d["attackset-dense"] if precision == "dense" else d["attackset"]
         if precision == "int8" and calibrate_target(backend) in int8_sets:
             attack_set = int8_sets[calibrate_target(backend)]
-        out = run_dir / f"verify-{precision}-{backend}"
-        stages.append(Stage(f"verify-{precision}-{backend}", "verify", [
+        out = ArtifactDir("verify", precision, backend).path(run_dir)
+        stages.append(Stage(out.name, "verify", [
             "--artifact", str(build_dir), "--backend", backend, "--set", str(attack_set),
             "--square-queries", str(config.verify.square_queries),
             "--max-robust-drop", str(config.verify.max_robust_drop), "--out", str(out), *config.verify.extra_args,
         ], out, f"verify {precision} on {backend}"))
     bench_targets = builds + (dense_builds if config.export.export_dense else [])
     for precision, backend, build_dir in bench_targets:
-        out = run_dir / f"bench-{precision}-{backend}"
+        out = ArtifactDir("bench", precision, backend).path(run_dir)
         argv = ["--artifact", str(build_dir), "--backend", backend, "--batch-sizes",
                 ",".join(str(b) for b in config.bench.batch_sizes), "--iters", str(config.bench.iters), "--out", str(out)]
         if config.bench.threads:
             argv += ["--threads", str(config.bench.threads)]
         if precision != "dense" and config.export.export_dense:  # the speedup: one run, rounds interleaved
-            argv += ["--compare", str(run_dir / f"build-dense-{backend}"), "--rounds", str(BENCH_ROUNDS)]
-        stages.append(Stage(f"bench-{precision}-{backend}", "bench", argv, out, f"latency {precision} on {backend}"))
+            argv += ["--compare", str(ArtifactDir("build", "dense", backend).path(run_dir)), "--rounds", str(BENCH_ROUNDS)]
+        stages.append(Stage(out.name, "bench", argv, out, f"latency {precision} on {backend}"))
     return stages
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, atomic_write_text
+from deploy.run_layout import ArtifactDir, parse_artifact_dir
 from deploy.selection import select_deployments
 
 ROBUST_NOTE = ("robust = per-example worst case: an image counts only if it survives every attack run on the runtime "
@@ -146,20 +147,20 @@ def _artifact_rows(run_dir: Path, batch_sizes: list[int]) -> list[dict[str, Any]
     benched_dense = [d for d in sorted(run_dir.glob("bench-dense-*"))
                      if not (run_dir / d.name.replace("bench-", "verify-", 1)).is_dir()]
     for verify_dir in verified + benched_dense:
-        kind = verify_dir.name.split("-", 1)[1]  # e.g. fp32-ort-cpu
-        precision, backend = kind.split("-", 1)
+        parts = parse_artifact_dir(verify_dir.name)
+        precision, backend = parts.precision, parts.backend  # e.g. verify-fp32-ort-cpu
         report = _read_json(verify_dir / "report.json") if verify_dir.name.startswith("verify") else None
-        bench = _read_json(run_dir / f"bench-{kind}" / "bench.json")
-        dense_bench = _read_json(run_dir / f"bench-dense-{backend}" / "bench.json")
+        bench = _read_json(parts.sibling("bench").path(run_dir) / "bench.json")
+        dense_bench = _read_json(ArtifactDir("bench", "dense", backend).path(run_dir) / "bench.json")
         runtime = (report or {}).get("metrics", {}).get("runtime", {})
-        build = _read_json(run_dir / f"build-{kind}" / MANIFEST_NAME) or {}
+        build = _read_json(parts.sibling("build").path(run_dir) / MANIFEST_NAME) or {}
         square = runtime.get("square") or {}
         worst = runtime.get("worst_case_robust_acc")
         row: dict[str, Any] = {
             "artifact": "dense" if precision == "dense" else f"compressed {precision}",
             "precision": "fp32" if precision == "dense" else precision,
             "backend": backend,
-            "path": f"build-{kind}",
+            "path": parts.sibling("build").name,
             "params": build.get("params"),
             "flops": build.get("flops"),
             "clean_acc": runtime.get("clean_acc"),

@@ -238,3 +238,13 @@ def test_verify_report_and_terminal_line_lead_with_the_worst_case(passing_run: t
     line = summary_line(report)
     assert line.startswith("verify ort-cpu: PASSED robust(worst case)=0.4000 clean=0.8000 | detail:")
     assert "pgd=0.6000" in line and "square=0.6500" in line
+
+
+def test_artifact_directory_names_have_one_source() -> None:
+    from deploy.run_layout import ArtifactDir, parse_artifact_dir
+
+    parts = parse_artifact_dir("verify-int8-openvino-cpu")
+    assert parts == ArtifactDir("verify", "int8", "openvino-cpu") and parts.sibling("build").name == "build-int8-openvino-cpu"
+    for bad in ("verify", "verify-bf16-ort-cpu", "attackset-int8-"):
+        with pytest.raises(ValueError):
+            parse_artifact_dir(bad)
