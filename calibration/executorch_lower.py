@@ -24,7 +24,6 @@ nodes such as getitem/sym_size left out) and lists the portable ops; builds and 
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from cstar.errors import CstarError, GateFailure, MissingDependencyError
-from cstar.manifest import MANIFEST_NAME, atomic_target, read_manifest
+from cstar.manifest import MANIFEST_NAME, atomic_write_bytes, read_manifest
 
 TARGET = "executorch"
 FORMAT = "xnnpack-pt2e-int8"
@@ -288,14 +287,7 @@ def quantization_block(observer: str) -> dict[str, Any]:
 
 def write_pte(lowered: Lowered, path: Path) -> Path:
     """Write the program atomically."""
-    tmp = atomic_target(path)
-    try:
-        tmp.write_bytes(lowered.buffer)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, bytes(lowered.buffer))
 
 
 def run_pte(path: Path, images: np.ndarray) -> np.ndarray:

@@ -6,12 +6,13 @@ rename) so a crash never leaves a half-written file that a later stage would tru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,18 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Atomic JSON write, pretty-printed, keys in insertion order."""
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp path beside `path` for a writer that needs a filename; renamed onto `path` when the block
+    succeeds, removed when it raises (the one atomic-write rule for files written by other libraries)."""
+    tmp = atomic_target(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_target(path: str | os.PathLike[str]) -> Path:

@@ -15,7 +15,6 @@ xnnpack-pt2e-int8 (a .pte) for every other backend.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 from cstar.errors import CstarError
 from cstar.manifest import (
     MANIFEST_NAME,
-    atomic_target,
+    atomic_path,
     atomic_write_json,
     file_entry,
     library_versions,
@@ -184,13 +183,8 @@ def _batch_range(batch_sizes: tuple[int, ...], opt_batch: int | None) -> tuple[i
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = atomic_target(dst)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _smoke(runner_name: str, model_path: Path, options: dict[str, Any], chw: tuple[int, int, int],

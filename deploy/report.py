@@ -14,7 +14,7 @@ from typing import Any
 
 from cstar.errors import CstarError
 from cstar.manifest import (
-    atomic_target,
+    atomic_path,
     atomic_write_json,
     atomic_write_text,
     cpu_model,  # noqa: F401 - re-exported: deploy.report.cpu_model
@@ -266,13 +266,11 @@ def write_plot(path: Path, report: dict[str, Any]) -> Path | None:
     except ImportError:
         return None
     fig = plot_figure(report)
-    tmp = atomic_target(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
