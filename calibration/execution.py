@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from cstar.errors import CstarError
+from cstar.ort_cpu import batched_logits, cpu_session, cpu_session_options
 
 QDQ_REFERENCE = "qdq-reference"
 ORT_CPU = "ort-cpu"
@@ -67,28 +68,16 @@ def execution_for(target: str) -> Execution:
 
 def session_options(execution: Execution, threads: int | None = None) -> Any:
     """onnxruntime.SessionOptions for `execution` (errors-only logging, optional intra-op thread count)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if execution.graph_optimization == "disabled":
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    else:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    return options
+    return cpu_session_options(execution.graph_optimization != "disabled", threads)
 
 
 def open_session(path: str | Path, execution: Execution | str = ORT_CPU, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session that executes `path` as `execution` says (a name or an Execution)."""
-    import onnxruntime as ort
-
     if isinstance(execution, str):
         if execution not in EXECUTIONS:
             raise CstarError(f"unknown INT8 execution '{execution}'", f"use one of: {', '.join(EXECUTIONS)}")
         execution = EXECUTIONS[execution]
-    return ort.InferenceSession(str(path), session_options(execution, threads), providers=["CPUExecutionProvider"])
+    return cpu_session(path, optimize=execution.graph_optimization != "disabled", threads=threads)
 
 
 def open_target_session(path: str | Path, target: str, threads: int | None = None) -> Any:
@@ -98,7 +87,4 @@ def open_target_session(path: str | Path, target: str, threads: int | None = Non
 
 def run_logits(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """float32 logits of `images` (NCHW) through `session`, in batches of `batch_size`."""
-    name = session.get_inputs()[0].name
-    outputs = [session.run(None, {name: np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32)})[0]
-               for s in range(0, images.shape[0], batch_size)]
-    return np.concatenate(outputs).astype(np.float32)
+    return batched_logits(session, images, batch_size)

@@ -15,6 +15,8 @@ import numpy as np
 from calibration.execution import ORT_CPU, Execution, open_session, run_logits
 from cstar.errors import CstarError
 from cstar.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from cstar.ort_cpu import accuracy as ort_accuracy
+from cstar.ort_cpu import compare_logits
 
 REFERENCE_STAGES = ("train", "compress")
 EVAL_APGD_ITERS = 100  # the apgd suite's transfer check (APGD-CE + APGD-T over 3 targets)
@@ -53,8 +55,8 @@ def run_logits_of(session: Any, images: np.ndarray, batch_size: int = 256) -> np
 
 
 def parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    return {"max_abs_diff": float(np.max(np.abs(a - b))) if a.size else 0.0,
-            "agreement": float(np.mean(a.argmax(1) == b.argmax(1))), "n": int(a.shape[0])}
+    """max |a - b|, top-1 agreement and n (cstar.ort_cpu.compare_logits)."""
+    return compare_logits(b, a)
 
 
 def torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
@@ -81,4 +83,5 @@ def transfer_block(eps: float, norm: str, seed: int) -> dict[str, Any]:
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(logits.argmax(1) == labels))
+    """Top-1 accuracy (cstar.ort_cpu.accuracy)."""
+    return ort_accuracy(logits, labels)

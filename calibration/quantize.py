@@ -325,10 +325,10 @@ def _restore_dynamic_batch(model: onnx.ModelProto, dynamic: bool, path: Path) ->
 
 def _check_runs(path: Path, input_name: str, sample: np.ndarray) -> None:
     """The quantized model must load and run on ONNX Runtime CPU."""
-    import onnxruntime as ort
+    from cstar.ort_cpu import cpu_session
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = cpu_session(path, fix="report this with the exported model.onnx attached")
         session.run(None, {input_name: np.ascontiguousarray(sample, dtype=np.float32)})
     except Exception as exc:  # noqa: BLE001 - ORT raises many types; report them as one user error
         raise CstarError(f"the quantized model does not run on ONNX Runtime CPU: {exc}",

@@ -14,53 +14,24 @@ import torch
 from torch import nn
 
 from cstar.attacks import pgd, torch_predict_fn
-from cstar.errors import CstarError
-from export.onnx_export import INPUT_NAME
+from cstar.ort_cpu import batched_logits, compare_logits, cpu_session
 
 PARITY_PGD_STEPS = 10
 
 
 def ort_session(onnx_path: str | Path) -> Any:
-    """A CPU onnxruntime session for `onnx_path` (clear error for unreadable files)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several private exception types
-        raise CstarError(f"onnxruntime cannot load {onnx_path}: {str(exc)[:300]}",
-                         "re-export the model (cstar export)") from exc
+    """A CPU onnxruntime session for `onnx_path` (cstar.ort_cpu; clear error for unreadable files)."""
+    return cpu_session(onnx_path, fix="re-export the model (cstar export)")
 
 
 def ort_logits(onnx_path: str | Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits of `onnx_path` on float32 NCHW `x`, run in chunks of `batch_size` on the CPU provider."""
-    session = ort_session(onnx_path)
-    input_meta = session.get_inputs()[0]
-    fixed = input_meta.shape[0] if isinstance(input_meta.shape[0], int) else None
-    step = fixed or batch_size
-    outputs = []
-    for start in range(0, x.shape[0], step):
-        chunk = np.ascontiguousarray(x[start : start + step], dtype=np.float32)
-        count = chunk.shape[0]
-        if fixed and count < fixed:  # static-batch graph: pad the last chunk
-            chunk = np.concatenate([chunk, np.zeros((fixed - count, *chunk.shape[1:]), dtype=np.float32)])
-        outputs.append(session.run(None, {input_meta.name or INPUT_NAME: chunk})[0][:count])
-    return np.concatenate(outputs) if outputs else np.zeros((0,), dtype=np.float32)
+    return batched_logits(ort_session(onnx_path), x, batch_size)
 
 
 def compare(reference_logits: np.ndarray, candidate_logits: np.ndarray) -> dict[str, Any]:
     """max |difference| and top-1 agreement of two logit arrays (same shape)."""
-    reference = np.asarray(reference_logits, dtype=np.float64)
-    candidate = np.asarray(candidate_logits, dtype=np.float64)
-    if reference.shape != candidate.shape:
-        raise CstarError(f"logit shapes differ: {reference.shape} vs {candidate.shape}",
-                         "the ONNX file does not match the model; re-export it")
-    n = int(reference.shape[0])
-    if n == 0:
-        return {"max_abs_diff": 0.0, "agreement": 1.0, "n": 0}
-    agree = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-    return {"max_abs_diff": float(np.abs(reference - candidate).max()), "agreement": agree, "n": n}
+    return compare_logits(reference_logits, candidate_logits)
 
 
 def _combine(clean: dict[str, Any], adversarial: dict[str, Any]) -> dict[str, Any]:
