@@ -208,9 +208,9 @@ def pct(value: float | None, digits: int = 1) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table (cells preformatted as strings, or formatted by fmt_cell)."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(v if isinstance(v, str) else fmt_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    from deploy.markdown import md_table
+
+    return md_table(list(headers), [[v if isinstance(v, str) else fmt_cell(v) for v in row] for row in rows]) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- data/paths

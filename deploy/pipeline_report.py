@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cstar.manifest import MANIFEST_NAME, atomic_write_json, atomic_write_text
+from deploy.markdown import md_table
 from deploy.run_layout import ArtifactDir, parse_artifact_dir
 from deploy.selection import select_deployments
 
@@ -319,9 +320,7 @@ def _report_blocks(summary: PipelineSummary) -> list[Block]:
 
 
 def _table_md(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return md_table(headers, rows)
 
 
 def _table_html(headers: list[str], rows: list[list[str]]) -> str:

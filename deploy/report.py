@@ -20,6 +20,7 @@ from cstar.manifest import (
     cpu_model,  # noqa: F401 - re-exported: deploy.report.cpu_model
     library_versions,
 )
+from deploy.markdown import md_table
 
 REPORT_SCHEMA_VERSION = 1
 DEVICE_VERSIONS = ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "executorch")
@@ -98,11 +99,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
             if value != 0 and abs(value) < 1e-3:
                 return f"{value:.2e}"
             return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
-        return str(value).replace("|", "\\|")
+        return str(value)
 
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return md_table([str(h) for h in headers], [[cell(v) for v in row] for row in rows]) + "\n"
 
 
 # --------------------------------------------------------------------------------------- validation

@@ -189,7 +189,7 @@ def test_verify_rejects_bad_inputs(robust_export: Path, attack_set: Path, work: 
         run_verify(robust_export, robust_export, work / "nope", thresholds=Thresholds())
     with pytest.raises(CstarError, match="schema"):
         validate_report({"schema_version": 1, "backend": "ort-cpu"})
-    assert markdown_table(["a", "b"], [[0.5, None]]) == "| a | b |\n| --- | --- |\n| 0.5000 | - |\n"
+    assert markdown_table(["a", "b"], [[0.5, None]]) == "| a | b |\n|---|---|\n| 0.5000 | - |\n"
 
 
 def test_square_on_ort_lowers_standard_model(standard_digits_dir: Path, work: Path) -> None:
