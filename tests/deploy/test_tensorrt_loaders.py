@@ -8,6 +8,7 @@ and the multi-output binding are checked here; the real build runs in the `tenso
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -410,8 +411,9 @@ def test_int8_needs_quantize_layers(fake_trt: FakeTrt, tmp_path: Path) -> None:
     assert info["network"]["quantize_layers"] is True and info["builder_flags"]["int8"] is False
 
 
-@pytest.mark.skipif(HAS_CONVERTER, reason="onnxconverter-common is installed here")
-def test_fp16_without_converter_names_the_extra(fake_trt: FakeTrt, tmp_path: Path) -> None:
+def test_fp16_without_converter_names_the_extra(fake_trt: FakeTrt, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # as if not installed (find_spec -> None)
     with pytest.raises(MissingDependencyError) as info:
         build_engine(_onnx(tmp_path), tmp_path / "model.engine", 1, 1, 4, "fp16")
     assert info.value.package == "onnxconverter-common" and info.value.extra == "tensorrt"
