@@ -79,7 +79,7 @@ def transfer_block(eps: float, norm: str, seed: int) -> dict[str, Any]:
     return {"suite": "apgd", "transfer": True, "crafted_on": "pytorch-reference", "eps": eps, "norm": norm,
             "seed": seed, "attacks": [{"name": "apgd-ce", "n_iter": EVAL_APGD_ITERS},
                                       {"name": "apgd-t", "n_iter": EVAL_APGD_ITERS, "n_targets": EVAL_APGD_TARGETS}],
-            "worst_case": "per example over both sets"}
+            "worst_case": "per example over every set"}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

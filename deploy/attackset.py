@@ -186,6 +186,7 @@ def _load_twin(quantized: str | Path, ref_manifest: dict[str, Any], eps: float, 
     """The fake-quant twin of a calibrate directory's INT8 ONNX (checked: same dataset and threat model as
     the reference); returns (twin, the ONNX path, its sha256)."""
     from calibration.fakequant import fake_quant_twin
+    from deploy.verify import dataset_name
 
     manifest = read_manifest(quantized, ("calibrate",))
     onnx_entry = manifest.get("onnx")
@@ -193,7 +194,7 @@ def _load_twin(quantized: str | Path, ref_manifest: dict[str, Any], eps: float, 
         raise CstarError(f"{quantized} holds no INT8 ONNX model (an ExecuTorch .pte has no fake-quant twin)",
                          "pass the calibrate directory of an ONNX target (ort-cpu, openvino or tensorrt)")
     path = verify_file(quantized, str(onnx_entry["file"]), str(onnx_entry["sha256"]))
-    name, ref_name = _dataset_name(manifest.get("dataset")), _dataset_name(ref_manifest.get("dataset"))
+    name, ref_name = dataset_name(manifest.get("dataset")), dataset_name(ref_manifest.get("dataset"))
     if name != ref_name:
         raise CstarError(f"--quantized {quantized} was calibrated for dataset '{name}', the reference is '{ref_name}'",
                          "pass the calibrate directory made from this reference's export")
@@ -202,10 +203,6 @@ def _load_twin(quantized: str | Path, ref_manifest: dict[str, Any], eps: float, 
         raise CstarError(f"--quantized {quantized} records eps {q_eps} / norm {manifest.get('norm')}, the set is "
                          f"crafted at eps {eps:g} / norm {norm}", "craft the set at the INT8 model's threat model")
     return fake_quant_twin(path), path, str(onnx_entry["sha256"])
-
-
-def _dataset_name(value: Any) -> str | None:
-    return str(value.get("name")) if isinstance(value, dict) else None
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -181,7 +181,8 @@ def load_attackset(directory: str | Path) -> AttackSet:
     )
 
 
-def _dataset_name(value: Any) -> str | None:
+def dataset_name(value: Any) -> str | None:
+    """The dataset name of a manifest's `dataset` entry (a spec dict or a plain name)."""
     if isinstance(value, dict):
         return value.get("name")
     return None if value is None else str(value)
@@ -190,7 +191,7 @@ def _dataset_name(value: Any) -> str | None:
 def check_compatible(artifact: Any, attack_set: AttackSet) -> list[str]:
     """Raise on dataset/shape/class mismatches between artifact and set; return warnings (eps)."""
     set_manifest = attack_set.manifest
-    a_name, s_name = _dataset_name(artifact.manifest.get("dataset")), _dataset_name(set_manifest.get("dataset"))
+    a_name, s_name = dataset_name(artifact.manifest.get("dataset")), dataset_name(set_manifest.get("dataset"))
     if a_name and s_name and a_name != s_name:
         raise CstarError(f"the attack set is for dataset '{s_name}', the artifact for '{a_name}'",
                          "craft the set from the reference of this artifact (cstar attackset --reference ...)")
