@@ -191,3 +191,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def dataset_name(value: Any) -> str | None:
+    """The dataset name of a manifest's `dataset` entry (a spec dict or a plain name)."""
+    if isinstance(value, dict):
+        return value.get("name")
+    return None if value is None else str(value)

@@ -25,6 +25,7 @@ from cstar.errors import CstarError
 from cstar.manifest import (
     MANIFEST_NAME,
     atomic_write_bytes,
+    dataset_name,
     file_entry,
     read_manifest,
     sha256_file,
@@ -186,7 +187,6 @@ def _load_twin(quantized: str | Path, ref_manifest: dict[str, Any], eps: float, 
     """The fake-quant twin of a calibrate directory's INT8 ONNX (checked: same dataset and threat model as
     the reference); returns (twin, the ONNX path, its sha256)."""
     from calibration.fakequant import fake_quant_twin
-    from deploy.verify import dataset_name
 
     manifest = read_manifest(quantized, ("calibrate",))
     onnx_entry = manifest.get("onnx")

@@ -22,7 +22,7 @@ import numpy as np
 
 from cstar import validate
 from cstar.errors import CstarError, GateFailure
-from cstar.manifest import read_manifest, verify_file
+from cstar.manifest import dataset_name, read_manifest, verify_file
 from cstar.square import NORMS as SQUARE_NORMS
 from cstar.square import square_attack
 from deploy.report import REPORT_SCHEMA_VERSION, device_versions, hardware_info, write_report
@@ -179,13 +179,6 @@ def load_attackset(directory: str | Path) -> AttackSet:
         adv={a: arrays[f"adv_{a}"].astype(np.float32, copy=False) for a in attacks},
         ref_adv={a: arrays[f"ref_logits_{a}"] for a in attacks if f"ref_logits_{a}" in arrays},
     )
-
-
-def dataset_name(value: Any) -> str | None:
-    """The dataset name of a manifest's `dataset` entry (a spec dict or a plain name)."""
-    if isinstance(value, dict):
-        return value.get("name")
-    return None if value is None else str(value)
 
 
 def check_compatible(artifact: Any, attack_set: AttackSet) -> list[str]:
