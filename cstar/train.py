@@ -855,6 +855,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
             "history": result.history, "best_epoch": result.best_epoch, "train_seconds": result.seconds,
         })
         (state_dir / STATE_NAME).unlink(missing_ok=True)
+        for stale in state_dir.glob(f".{STATE_NAME}.*"):  # a temp a SIGKILL left mid-checkpoint (atomic_target)
+            stale.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # leave a finished run as weights + manifest only
             state_dir.rmdir()
     dist.barrier()
