@@ -123,10 +123,10 @@ def worst_case(attack_set: Any, subset: Any, square_robust: Any) -> float:
     return float(alive.mean()) if alive.size else 0.0
 
 
-def report_expect(artifact_dir: Path, set_dir: Path, args: argparse.Namespace) -> Expect:
-    """What a verify report must match to be reused: this artifact and attack set, this Square budget."""
+def report_expect(artifact_dir: Path, set_dir: Path, args: argparse.Namespace, backend: str = "ort-cpu") -> Expect:
+    """What a verify report must match to be reused: this artifact and attack set on `backend`, this Square budget."""
     set_n = int(read_json(set_dir / "manifest.json")["set"]["n"])
-    config: dict[str, Any] = {"backend": "ort-cpu", "artifact.path": str(artifact_dir.resolve()),
+    config: dict[str, Any] = {"backend": backend, "artifact.path": str(artifact_dir.resolve()),
                               "set.path": str(set_dir.resolve())}
     if args.square_queries > 0 and min(args.square_samples, set_n) > 0:
         config.update({"metrics.runtime.square.queries": args.square_queries,
@@ -150,18 +150,19 @@ def report_inputs(report: dict[str, Any]) -> list[dict[str, Any]]:
             {"path": str(Path(str(attack_set.get("path", ""))) / SET_FILE), "sha256": attack_set.get("sha256")}]
 
 
-def verify(artifact_dir: Path, set_dir: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """run_verify on ort-cpu; a finished report is reused only if it passes the same check as a stage
+def verify(artifact_dir: Path, set_dir: Path, out: Path, args: argparse.Namespace,
+           backend: str = "ort-cpu") -> dict[str, Any]:
+    """run_verify on `backend`; a finished report is reused only if it passes the same check as a stage
     directory (its artifact and attack set unchanged, the same Square budget), else StaleWork."""
     from deploy.verify import run_verify
 
     report_path = out / "report.json"
     if report_path.is_file():
         report = read_json(report_path)
-        check_reusable(out, report, report_inputs(report), report_expect(artifact_dir, set_dir, args))
+        check_reusable(out, report, report_inputs(report), report_expect(artifact_dir, set_dir, args, backend))
         return report
-    log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} (Square {args.square_queries} queries)")
-    return run_verify(artifact_dir, set_dir, out, backend="ort-cpu", square_queries=args.square_queries,
+    log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} on {backend} (Square {args.square_queries} queries)")
+    return run_verify(artifact_dir, set_dir, out, backend=backend, square_queries=args.square_queries,
                       square_samples=args.square_samples, square_p_init=args.square_p_init, seed=args.seed,
                       threads=args.threads, raise_on_fail=False)
 

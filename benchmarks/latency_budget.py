@@ -495,13 +495,14 @@ def compress_dir_name(method: str, target: float, batch: int, seed: int, config:
 
 
 def ensure_latency_compress(dense: StageRun, root: Path, table: Path, method: str, target: float, seed: int,
-                            args: argparse.Namespace) -> StageRun | str:
+                            args: argparse.Namespace, extra: dict[str, Any] | None = None) -> StageRun | str:
     """`cstar compress --by latency --latency-table TABLE --latency-batch B --method M --ratio T --seed S` with the
-    normal recipe (reused when finished with the same config and table), or the error text (unreachable)."""
+    normal recipe and `extra` CompressConfig overrides (reused when finished with the same config and table), or
+    the error text (unreachable)."""
     from cstar.compress import run_compress
     from cstar.manifest import sha256_file
 
-    config = with_bench_suite({**own_compress_config(args), "seed": seed, "ratio": target, "method": method,
+    config = with_bench_suite({**own_compress_config(args), **(extra or {}), "seed": seed, "ratio": target, "method": method,
                                "by": "latency", "latency_table": str(table.resolve()),
                                "latency_batch": args.latency_batch, "latency_threads": args.threads})
     out = root / compress_dir_name(method, target, args.latency_batch, seed, config)

@@ -35,7 +35,7 @@ from cstar.budget import model_cost
 from cstar.checkpoint import set_submodule
 from cstar.errors import CstarError
 from cstar.lowrank import LowRankConv2d, LowRankLinear
-from cstar.models import VGG, BasicBlock, CifarResNet
+from cstar.models import VGG, BasicBlock, CifarResNet, PreActBlock
 from cstar.ranks import largest_fraction_within
 
 
@@ -51,12 +51,12 @@ class ChannelGroup:
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     """Prunable channel groups of a registry model (CIFAR-style ResNet with BasicBlocks, or VGG)."""
     net = getattr(model, "net", None)
-    if isinstance(net, CifarResNet) and not net.preact:
-        return _resnet_groups(net, "net.")
+    if isinstance(net, CifarResNet):
+        return _preact_groups(net, "net.") if net.preact else _resnet_groups(net, "net.")
     if isinstance(net, VGG):
         return _vgg_groups(net, "net.")
     raise CstarError(
-        f"structured pruning supports small-resnet, resnet18 and vgg16, not {type(net).__name__}",
+        f"structured pruning supports small-resnet, resnet18, preact-resnet18 and vgg16, not {type(net).__name__}",
         "use --method cstar or --method lowrank-uniform for this model",
     )
 
@@ -79,6 +79,32 @@ def _resnet_groups(net: CifarResNet, prefix: str) -> list[ChannelGroup]:
                 )
             else:
                 stream.producers += [f"{name}.conv2", f"{name}.bn2"]
+    stream.consumers.append(f"{prefix}fc")
+    groups.append(stream)
+    return groups
+
+
+def _preact_groups(net: CifarResNet, prefix: str) -> list[ChannelGroup]:
+    """Groups of a pre-activation ResNet: a block's bn1 normalizes the residual stream, so it is sliced with the
+    stream (listed with its producers); conv1 + bn2 are the block's inner group; bn1_final closes the last stream."""
+    groups: list[ChannelGroup] = []
+    stream = ChannelGroup(f"{prefix}stem", [f"{prefix}conv1"], [])
+    for stage in range(1, net.num_stages + 1):
+        for index, block in enumerate(getattr(net, f"layer{stage}")):
+            if not isinstance(block, PreActBlock):
+                raise CstarError("structured pruning supports PreActBlock pre-activation ResNets only",
+                                 "use --method cstar")
+            name = f"{prefix}layer{stage}.{index}"
+            stream.producers.append(f"{name}.bn1")
+            stream.consumers.append(f"{name}.conv1")
+            groups.append(ChannelGroup(f"{name}.inner", [f"{name}.conv1", f"{name}.bn2"], [f"{name}.conv2"]))
+            if block.shortcut is not None:
+                stream.consumers.append(f"{name}.shortcut.0")
+                groups.append(stream)
+                stream = ChannelGroup(f"{prefix}layer{stage}", [f"{name}.conv2", f"{name}.shortcut.0"])
+            else:
+                stream.producers.append(f"{name}.conv2")
+    stream.producers.append(f"{prefix}bn1_final")
     stream.consumers.append(f"{prefix}fc")
     groups.append(stream)
     return groups

@@ -139,3 +139,28 @@ def test_table_widths_read_each_groups_grid_from_the_table() -> None:
     for group in channel_groups(model):
         width = int(model.get_submodule(group.producers[0]).weight.shape[0])
         assert options(group, width) == channel_grid(width)
+
+
+def test_preact_resnet_prunes_with_its_stream_batchnorms() -> None:
+    """Pre-activation blocks normalize the residual stream (block.bn1, bn1_final): they are sliced with it, the
+    pruned model runs and meets the budget, and keeping every channel reproduces the dense outputs exactly."""
+    from cstar.baselines import keep_indices, prune_channels
+
+    torch.manual_seed(0)
+    model = build_model("preact-resnet18", SPEC, width=16).eval()
+    for module in model.modules():  # non-trivial BN statistics, so a mis-sliced BN changes the outputs
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    groups = channel_groups(model)
+    stream = next(g for g in groups if g.name == "net.layer2")
+    assert "net.layer2.1.bn1" in stream.producers and "net.layer3.0.shortcut.0" in stream.consumers
+    assert "net.bn1_final" in groups[-1].producers and groups[-1].consumers[-1] == "net.fc"
+    x = torch.rand(4, *SPEC.input_shape)
+    whole = prune_channels(model, keep_indices(model, groups, 1.0), groups).eval()
+    assert torch.equal(whole(x), model(x))
+    kept = prune_to_budget(model, SPEC.input_shape, 4.0, "params", keep_dense=first_and_last(model))
+    ratio = model_cost(model, SPEC.input_shape, "params") / model_cost(kept.model, SPEC.input_shape, "params")
+    assert 4.0 <= ratio <= 4.0 * 1.25
+    assert kept.model.eval()(x).shape == (4, 10)
+    assert int(kept.model.get_submodule("net.bn1_final").num_features) == 128  # the classifier's group stays whole
