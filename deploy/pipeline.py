@@ -9,6 +9,7 @@ one this config asks for. RUN_DIR/report.md and report.html summarize every stag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import time
@@ -164,6 +165,23 @@ def load_config(path: str | Path | None, data: str | None = None) -> PipelineCon
         config.data.name = data
     validate_config(config, str(source) + (" with --data" if data is not None else ""))
     return config
+
+
+def quick_config(config: PipelineConfig) -> PipelineConfig:
+    """The same stages at smoke-test size (`cstar pipeline --quick`): 1 training epoch, 1 ADMM and no fine-tune
+    epoch, Square at 50 queries, 50 verify samples, 64 calibration images, batch 1 only. The numbers it prints
+    say nothing about the model; it shows the config runs end to end on the data given."""
+    quick = dataclasses.replace
+    return quick(
+        config,
+        train=quick(config.train, epochs=1),
+        evaluate=quick(config.evaluate, queries=50 if config.evaluate.queries else config.evaluate.queries),
+        compress=quick(config.compress, latency_batch=1,
+                       extra_args=[*config.compress.extra_args, "--admm-epochs", "1", "--finetune-epochs", "0"]),
+        calibrate=quick(config.calibrate, samples=min(config.calibrate.samples, 64)),
+        verify=quick(config.verify, samples=min(config.verify.samples, 50), square_queries=50),
+        bench=quick(config.bench, batch_sizes=[1], iters=5, select_batch=None),
+    )
 
 
 def _check_data(name: str, where: str) -> None:
@@ -471,6 +489,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="re-run every stage even if its outputs are valid")
     parser.add_argument("--data", default=None, metavar="NAME[:PATH]",
                         help="dataset, overriding the config's [data] name (e.g. cifar10:/data/cifar-10-images)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-test sizes (1 epoch, few samples and queries): checks the config runs end to end")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -479,6 +499,8 @@ def main(args: argparse.Namespace) -> int:
     from deploy.selection import materialize
 
     config = load_config(args.config, getattr(args, "data", None))
+    if getattr(args, "quick", False):
+        config = quick_config(config)
     started = time.perf_counter()
     with OutputDir(args.out, "pipeline", (args.config,), resumable=True):  # checked and locked while it runs
         stages = run_pipeline(config, args.out, force=args.force)

@@ -236,3 +236,16 @@ def test_cifar_config_with_bad_data_is_one_clear_error_before_any_stage(data: st
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("error:") and needle in err[0] and err[1].strip().startswith("fix:")
     assert not (tmp_path / "run").exists()
+
+
+def test_quick_config_shrinks_sizes_and_keeps_the_recipe(tmp_path: Path) -> None:
+    from deploy.pipeline import quick_config
+
+    config = load_config(Path(__file__).resolve().parents[2] / "examples" / "cifar10-cpu.toml", f"cifar10:{tmp_path}")
+    quick = quick_config(config)
+    assert quick.train.epochs == 1 and config.train.epochs == 15  # the original is untouched
+    assert quick.train.method == config.train.method == "n-fgsm" and quick.train.model == "preact-resnet18"
+    assert quick.compress.extra_args[-4:] == ["--admm-epochs", "1", "--finetune-epochs", "0"]
+    assert quick.compress.method == "cstar" and quick.compress.by == "latency" and quick.compress.ratio == 2.0
+    assert (quick.verify.samples, quick.verify.square_queries, quick.evaluate.queries) == (50, 50, 50)
+    assert quick.calibrate.samples == 64 and quick.bench.batch_sizes == [1]
