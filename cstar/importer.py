@@ -34,7 +34,9 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `cstar import`."""
-    parser.add_argument("--model", required=True, help="model registry name the weights fit (e.g. preact-resnet18)")
+    parser.add_argument("--model", required=True, help="model registry name or import path package.module:factory the weights fit (e.g. preact-resnet18, torchvision.models:mobilenet_v2)")
+    parser.add_argument("--model-options", default=None, metavar="JSON",
+                        help="keyword arguments of the model builder as a JSON object (recorded in the manifest)")
     parser.add_argument("--width", type=int, default=None, help="base width of small-resnet/resnet18 models")
     parser.add_argument("--weights", required=True, type=Path, help=".safetensors, or .pt/.pth (weights_only)")
     parser.add_argument("--data", required=True, help="dataset to evaluate on (name or name:path)")
@@ -51,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: import, evaluate, print a one-line summary."""
-    manifest = run_import(args.model, args.weights, args.data, args.out, width=args.width, eps=args.eps,
+    from cstar.models import model_options
+
+    manifest = run_import(args.model, args.weights, args.data, args.out, width=args.width,
+                          options=model_options(None, args.model_options), eps=args.eps,
                           mean=args.mean, std=args.std, seed=args.seed, force=args.force, eval_args=args)
     print(f"imported {manifest['model']['name']} from {Path(args.weights).name} "
           f"({', '.join(manifest['imported']['mapping']) or 'keys as saved'}): "
@@ -156,9 +161,10 @@ def _load_into(model: Any, state: dict[str, Any], weights: Path, model_name: str
 
 
 def run_import(model_name: str, weights: str | Path, data: str, out: str | Path, width: int | None = None,
-               eps: float | None = None, mean: list[float] | None = None, std: list[float] | None = None,
+               options: dict[str, Any] | None = None, eps: float | None = None, mean: list[float] | None = None, std: list[float] | None = None,
                seed: int = 0, force: bool = False, eval_args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Import `weights` as registry model `model_name`, evaluate on `data`, write a train-stage directory."""
+    """Import `weights` as model `model_name` (a registry name or package.module:factory, built with `options`
+    and `width`), evaluate on `data`, write a train-stage directory."""
     from cstar.checkpoint import save_checkpoint
     from cstar.data import load_dataset
     from cstar.manifest import file_entry, read_manifest
@@ -179,7 +185,7 @@ def run_import(model_name: str, weights: str | Path, data: str, out: str | Path,
     spec = bundle.spec
     eps = spec.default_eps if eps is None else eps
     validate.eps(eps, "--eps", spec.name)
-    options = {"width": width} if width else {}
+    options = {**(options or {}), **({"width": width} if width else {})}
     model = build_model(model_name, spec, **options)
     mapped, mapping = map_state(state, model, mean, std)
     _load_into(model, mapped, weights, model_name)

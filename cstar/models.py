@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -226,12 +226,107 @@ def _tv_resnet50(spec: DatasetSpec) -> nn.Module:
     return _torchvision_resnet(50, spec)
 
 
-def build_model(name: str, spec: DatasetSpec, **options: Any) -> nn.Sequential:
-    """Build `name` for `spec`: Normalize(mean, std) followed by the network, randomly initialized."""
-    if name not in _REGISTRY:
-        raise CstarError(f"unknown model '{name}'", f"valid models: {', '.join(model_names())}")
+def model_options(width: int | None = None, options_json: str | None = None) -> dict[str, Any]:
+    """The model's build options from the CLI: `--width` and `--model-options '{"key": value}'` (a JSON object)."""
+    import json
+
+    options: dict[str, Any] = {}
+    if options_json:
+        try:
+            parsed = json.loads(options_json)
+        except json.JSONDecodeError as exc:
+            raise CstarError(f"--model-options is not JSON: {exc}",
+                             """pass a JSON object, e.g. '{"width_mult": 0.5}'""") from None
+        if not isinstance(parsed, dict):
+            raise CstarError(f"--model-options must be a JSON object, got {type(parsed).__name__}",
+                             """pass a JSON object, e.g. '{"width_mult": 0.5}'""")
+        options.update(parsed)
+    if width:
+        options["width"] = width
+    return options
+
+
+def is_import_path(name: str) -> bool:
+    """'package.module:factory' (timm/entry-point style) rather than a registry name."""
+    return ":" in name
+
+
+def import_factory(path: str) -> Callable[..., nn.Module]:
+    """The callable `package.module:attr[.attr]` names, or one clear error (not importable, missing, not callable)."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise CstarError(f"model path '{path}' is not package.module:factory",
+                         "write it like torchvision.models:mobilenet_v2 or mypkg.nets:make_net")
     try:
-        body = _REGISTRY[name](spec, **options)
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's environment
+        raise CstarError(f"cannot import module '{module_name}' of model '{path}': {type(exc).__name__}: {exc}",
+                         "install the package or put its directory on PYTHONPATH, in every stage's environment") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise CstarError(f"module '{module_name}' has no '{attr}' (model '{path}')",
+                             f"check the name after the colon; the module defines: "
+                             f"{', '.join(n for n in dir(target) if not n.startswith('_'))[:300]}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise CstarError(f"model '{path}' is not callable", "point at a function or class that returns an nn.Module")
+    return cast(Callable[..., nn.Module], target)
+
+
+def _factory_body(path: str, spec: DatasetSpec, options: dict[str, Any]) -> nn.Module:
+    """`factory(**options)`, given `num_classes` from the data when it takes one (or **kwargs) and the options do
+    not set it;
+    checked to be an nn.Module whose output has one logit per class at the data's input shape."""
+    import inspect
+
+    factory = import_factory(path)
+    kwargs = dict(options)
+    try:
+        parameters = inspect.signature(factory).parameters
+        accepts = "num_classes" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts and "num_classes" not in kwargs:
+        kwargs["num_classes"] = spec.num_classes
+    try:
+        body = factory(**kwargs)
     except TypeError as exc:
-        raise CstarError(f"bad options {options} for model '{name}' ({exc})", "check the model options") from exc
+        raise CstarError(f"bad options {options} for model '{path}' ({exc})", "check the model options") from exc
+    if not isinstance(body, nn.Module):
+        raise CstarError(f"model '{path}' returned {type(body).__name__}, not an nn.Module",
+                         "the factory must return a torch.nn.Module")
+    body.eval()
+    try:
+        with torch.no_grad():
+            out = body(torch.zeros(1, *spec.input_shape))
+    except Exception as exc:  # noqa: BLE001 - the user's network failing on the data's shape
+        raise CstarError(f"model '{path}' fails on a {tuple(spec.input_shape)} input: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}", "build it for the data's channels and image size (model options, "
+                         "or --image-size)") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CstarError(f"model '{path}' gives {shape} for a {tuple(spec.input_shape)} input; the data has "
+                         f"{spec.num_classes} classes", "make the factory return (batch, classes) logits "
+                         "(e.g. pass num_classes in the model options)")
+    return body.train()
+
+
+def build_model(name: str, spec: DatasetSpec, **options: Any) -> nn.Sequential:
+    """Build `name` for `spec`: Normalize(mean, std) followed by the network, randomly initialized.
+
+    `name` is a registry name (model_names()) or an import path `package.module:factory` whose factory returns
+    the network for normalized inputs (cstar puts Normalize in front, so stages feed [0,1] pixels); manifests record the
+    name and options, so every later stage rebuilds the model the same way."""
+    if is_import_path(name):
+        body = _factory_body(name, spec, options)
+    elif name not in _REGISTRY:
+        raise CstarError(f"unknown model '{name}'", f"valid models: {', '.join(model_names())}, or an import path "
+                         "package.module:factory (e.g. torchvision.models:mobilenet_v2)")
+    else:
+        try:
+            body = _REGISTRY[name](spec, **options)
+        except TypeError as exc:
+            raise CstarError(f"bad options {options} for model '{name}' ({exc})", "check the model options") from exc
     return nn.Sequential(OrderedDict(normalize=Normalize(spec.mean, spec.std), net=body))

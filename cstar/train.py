@@ -714,7 +714,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits", help="dataset: digits, fashion-mnist[:PATH], cifar10:PATH, "
                         "imagefolder:PATH")
     parser.add_argument("--image-size", type=int, default=None, help="resize inputs (digits default 16)")
-    parser.add_argument("--model", default=None, help="model registry name (default depends on the dataset)")
+    parser.add_argument("--model", default=None, help="model registry name or import path package.module:factory (default depends on the dataset)")
+    parser.add_argument("--model-options", default=None, metavar="JSON",
+                        help="keyword arguments of the model builder as a JSON object (recorded in the manifest)")
     parser.add_argument("--width", type=int, default=None, help="base width for small-resnet/resnet18")
     parser.add_argument("--epochs", type=int, default=None, help="default depends on the dataset")
     parser.add_argument("--eps", type=float, default=None, help="Linf radius in [0,1] pixels (default: dataset's)")
@@ -803,7 +805,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from cstar.checkpoint import save_checkpoint
     from cstar.data import load_dataset
     from cstar.manifest import read_manifest
-    from cstar.models import build_model, default_model_for
+    from cstar.models import build_model, default_model_for, model_options
 
     if args.epochs is not None and args.epochs < 1:
         raise CstarError(f"epochs must be >= 1, got {args.epochs}", "pass --epochs 1 or more")
@@ -824,7 +826,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if args.eps is not None:
         validate.eps(args.eps, dataset=spec.name)  # the warning above the dataset's usual range
     model_name = args.model or default_model_for(spec.name)
-    options = {"width": args.width} if args.width else {}
+    options = model_options(args.width, getattr(args, "model_options", None))
     cfg = TrainConfig(
         epochs=args.epochs or DEFAULT_EPOCHS.get(spec.name, 30), batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, schedule=args.schedule, method=args.method, trades_beta=args.trades_beta,
