@@ -17,12 +17,13 @@ built in resumable PARTS of at most ~2 hours each; every part writes its own res
 - `report`: no compute; collects every finished part into cifar10_cpu.json/.md (mean +- std over seeds,
   winner per target and whether its lead exceeds the seed spread) and the Pareto plot cifar10_cpu.png.
 
-`--plan` prints the parts with their estimated wall time (from the dense model's measured seconds per epoch,
-or from finished parts) against --budget-hours, and runs nothing.
+`--plan` prints the parts with their estimated wall time (from the dense model's measured seconds per epoch
+and the measured per-model deploy cost) against --budget-hours, and runs nothing. With 2 torch threads on an
+otherwise idle 2-core machine the table fits 6 hours (~4 h); with 1 thread (the other core busy) ~7 h.
 
     python benchmarks/cifar10_cpu.py --data ../shared/data/cifar10-jpeg.tar.gz --plan
-    OMP_NUM_THREADS=1 python benchmarks/cifar10_cpu.py --data DIR_OR_TARBALL --part profile
-    OMP_NUM_THREADS=1 python benchmarks/cifar10_cpu.py --data DIR_OR_TARBALL --part x2-s0
+    python benchmarks/cifar10_cpu.py --data DIR_OR_TARBALL --part profile --torch-threads 2
+    python benchmarks/cifar10_cpu.py --data DIR_OR_TARBALL --part x2-s0 --torch-threads 2
     python benchmarks/cifar10_cpu.py --data DIR_OR_TARBALL --part report
 """
 
@@ -67,12 +68,15 @@ SHIPPED_DENSE = Path(__file__).resolve().parent / "models" / "cifar10-preact18w1
 PLACEHOLDER = "CIFAR10_DIR"
 PART_PATTERN = re.compile(r"^x([0-9]+(?:\.[0-9]+)?)-s([0-9]+)$")
 # wall time of one compress epoch relative to one dense N-FGSM training epoch (ADMM trains the dense model
-# with its penalty; fine-tuning trains the smaller one), and the fixed cost per model (evaluation on
-# --eval-limit images, attack set, calibration with its twin attack, builds, verifies, bench): first
-# estimates, replaced by the measured seconds of finished parts in --plan
+# with its penalty; fine-tuning trains the smaller one), and the fixed cost per model: evaluation on
+# --eval-limit images (~250 s), attack set (140 s measured on the dense model, 1 thread), two calibrations
+# with their twin attacks (386 s at 500 parity samples, so ~200 s each at 250), four verifies and the bench
 EPOCH_FACTOR = 1.0
-DEPLOY_SECONDS_PER_MODEL = 420.0
-PROFILE_SECONDS = 900.0
+DEPLOY_SECONDS_PER_MODEL = 950.0
+PROFILE_SECONDS = 1500.0
+# speed of 2 torch threads over 1 on the 2 cores (measured: one N-FGSM step of preact-resnet18 w16 at batch 128
+# takes 231 ms with 2 threads, 160 s / 391 steps = 409 ms with 1); the dense epoch time was measured with 1
+THREAD_SPEEDUP = {1: 1.0, 2: 1.78}
 PART_LIMIT_SECONDS = 2 * 3600.0
 
 
@@ -96,14 +100,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="runtime threads of profile, bench and verify")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads of compress and attacks")
     parser.add_argument("--admm-epochs", type=int, default=1)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--train-method", default="n-fgsm", help="adversarial loss of every compress run")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-limit", type=int, default=2000, help="stratified test images of the strong suite")
     parser.add_argument("--hybrid-prune-share", type=float, default=0.5)
     parser.add_argument("--attack-samples", type=int, default=500, help="transfer set size per model")
     parser.add_argument("--calib-samples", type=int, default=512)
-    parser.add_argument("--parity-samples", type=int, default=500, help="calibrate's parity/robust check images")
+    parser.add_argument("--parity-samples", type=int, default=250,
+                        help="calibrate's parity/robust check images (its twin attack is most of its time)")
     parser.add_argument("--square-queries", type=int, default=1000)
     parser.add_argument("--square-samples", type=int, default=200)
     parser.add_argument("--square-p-init", type=float, default=0.05)
@@ -414,15 +419,17 @@ def report_part(args: argparse.Namespace, plot_path: Path) -> dict[str, Any]:
 
 
 def plan(args: argparse.Namespace, dense_manifest: dict[str, Any]) -> dict[str, Any]:
-    """Estimated seconds per part: epochs x the dense model's measured seconds per epoch (threads scaled)."""
+    """Estimated seconds per part: epochs x the dense model's measured seconds per epoch (1 thread), plus the
+    fixed per-model cost, scaled by --torch-threads."""
+    speed = THREAD_SPEEDUP.get(args.torch_threads, THREAD_SPEEDUP[2])
     epoch = float(dense_manifest.get("train_seconds") or 0) / max(1, int(dense_manifest["config"]["epochs"]))
-    per_model = (args.admm_epochs + args.finetune_epochs) * epoch * EPOCH_FACTOR + DEPLOY_SECONDS_PER_MODEL
-    parts = {"profile": PROFILE_SECONDS}
+    per_model = ((args.admm_epochs + args.finetune_epochs) * epoch * EPOCH_FACTOR + DEPLOY_SECONDS_PER_MODEL) / speed
+    parts = {"profile": PROFILE_SECONDS / speed}
     methods = len(parse_list(args.methods))
     for name in part_names(args)[1:]:
         parts[name] = methods * per_model
     total = sum(parts.values())
-    return {"dense_epoch_seconds": epoch, "per_model_seconds": per_model, "parts": parts, "total_seconds": total,
+    return {"dense_epoch_seconds": epoch, "torch_threads": args.torch_threads, "per_model_seconds": per_model, "parts": parts, "total_seconds": total,
             "budget_seconds": args.budget_hours * 3600, "fits": total <= args.budget_hours * 3600
             and max(parts.values()) <= PART_LIMIT_SECONDS}
 
@@ -510,7 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         estimate = plan(args, read_json(Path(args.dense) / "manifest.json"))
         for name, seconds in estimate["parts"].items():
             print(f"{name:12s} ~{seconds / 60:5.0f} min")
-        print(f"total ~{estimate['total_seconds'] / 3600:.1f} h of {args.budget_hours:g} h "
+        print(f"total ~{estimate['total_seconds'] / 3600:.1f} h of {args.budget_hours:g} h with "
+              f"{args.torch_threads} torch thread(s) "
               f"({'fits' if estimate['fits'] else 'does NOT fit'}; parts <= 2 h)")
         return estimate
     work = Path(args.work) / ("quick" if args.quick else "full")
