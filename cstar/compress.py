@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cstar import validate
 from cstar.config import TRAIN_METHODS
@@ -500,6 +500,20 @@ def compression_method(name: str) -> MethodFn:
     except KeyError:
         raise CstarError(f"unknown compression method '{name}'",
                          f"use one of: {', '.join(COMPRESSION_METHODS)}") from None
+
+
+def compress_module(dense: Any, train_set: Any, input_shape: tuple[int, ...], cfg: CompressConfig, eps: float,
+                    norm: str = "linf", table: Any = None, progress: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The stage's compression on an in-memory model: (compressed model, details incl. 'ranks'). `train_set` is
+    a Dataset of ([0,1] image, label) pairs; `table` a LatencyTable for `by='latency'`. Recipe fields left None
+    get the stage's defaults (pgd-at, 5 steps)."""
+    from cstar.data import DatasetSpec
+
+    cfg.validate()
+    cfg = _inherit_recipe(dataclasses.replace(cfg, device=str(_resolve_device(cfg.device))), {})
+    shape = cast(tuple[int, int, int], tuple(int(d) for d in input_shape))
+    spec = DatasetSpec("in-memory", shape, ("0",), (0.0,) * shape[0], (1.0,) * shape[0], eps)
+    return _compress(dense, spec, train_set, cfg, eps, norm, _logger(progress), table=table)
 
 
 def _compress(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: float, norm: str,
