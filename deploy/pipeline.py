@@ -179,7 +179,8 @@ def quick_config(config: PipelineConfig) -> PipelineConfig:
         compress=quick(config.compress, latency_batch=1,
                        extra_args=[*config.compress.extra_args, "--admm-epochs", "1", "--finetune-epochs", "0"]),
         calibrate=quick(config.calibrate, samples=min(config.calibrate.samples, 64)),
-        verify=quick(config.verify, samples=min(config.verify.samples, 50), square_queries=50),
+        verify=quick(config.verify, samples=min(config.verify.samples, 50), square_queries=50, max_robust_drop=100.0,
+                     extra_args=[*config.verify.extra_args, "--min-agreement", "0", "--max-clean-drop", "100"]),
         bench=quick(config.bench, batch_sizes=[1], iters=5, select_batch=None),
     )
 

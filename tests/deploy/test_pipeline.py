@@ -249,3 +249,5 @@ def test_quick_config_shrinks_sizes_and_keeps_the_recipe(tmp_path: Path) -> None
     assert quick.compress.method == "cstar" and quick.compress.by == "latency" and quick.compress.ratio == 2.0
     assert (quick.verify.samples, quick.verify.square_queries, quick.evaluate.queries) == (50, 50, 50)
     assert quick.calibrate.samples == 64 and quick.bench.batch_sizes == [1]
+    assert quick.verify.extra_args[-4:] == ["--min-agreement", "0", "--max-clean-drop", "100"]
+    assert quick.verify.max_robust_drop == 100.0 and config.verify.max_robust_drop == 2.0
