@@ -357,14 +357,10 @@ def part_files(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return found
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
-    from benchmarks.latency_budget import summarize
-
-    return summarize(values)
-
-
 def summary_rows(parts: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per (target, method): mean +- std over the finished seeds of clean, robust, PGD-20, p50 and speedups."""
+    from benchmarks.latency_budget import summarize as mean_std
+
     batch = str(args.latency_batch)
     rows = [r for p in parts.values() for r in p.get("rows", [])]
     out = []
@@ -374,7 +370,7 @@ def summary_rows(parts: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
             if not mine:
                 continue
             keys = sorted(mine[0]["latency"])
-            out.append({"method": method, "target": target, "n_seeds": len(mine),
+            out.append({"method": method, "target": target, "n_seeds": len(mine), "suite": mine[0].get("suite"),
                         "seeds": sorted(r["seed"] for r in mine),
                         "clean": mean_std([r["clean_acc"] for r in mine]),
                         "robust": mean_std([r["robust_acc"] for r in mine]),
@@ -472,7 +468,9 @@ def render_part(payload: dict[str, Any]) -> str:
                          f"{r['latency'][k][batch]['p50_ms']:.3f}", f"{r['speedup']['vs_same'][k]:.2f}x",
                          f"{r['speedup']['vs_dense_best'][k]:.2f}x",
                          "PASS" if r["deploy"]["verify"][k]["passed"] else "FAIL"])
-    lines.append(markdown_table(["method", "build", "clean", "robust (suite)", "PGD-20", "runtime worst case",
+    suite = next((r["suite"] for r in payload["rows"] if r.get("suite")), "attack suite")
+    lines.append(markdown_table(["method", "build", "clean", f"robust ({suite}, PyTorch)", "PGD-20 (PyTorch)",
+                                 "runtime worst case (transfer + Square)",
                                  f"p50 ms b{batch}", "speedup vs dense same build", "vs dense best", "verify"], rows))
     for error in payload["errors"]:
         lines += ["", f"- {error['method']}: {error['error']}"]
@@ -496,8 +494,9 @@ def render_report(payload: dict[str, Any]) -> str:
             rows.append([f"{s['target']:g}x", s["method"], s["n_seeds"], _pm(s["clean"]), _pm(s["robust"]),
                          _pm(s["pgd20"]), _pm(s["runtime_worst_case"][k]), k, _ms(s["p50_ms"][k]),
                          f"{s['speedup_vs_same'][k]['mean']:.2f}x", f"{s['speedup_vs_dense_best'][k]['mean']:.2f}x"])
-    lines.append(markdown_table(["target", "method", "seeds", "clean", "robust (apgd)", "PGD-20",
-                                 "runtime worst case", "build", "p50 ms", "speedup vs dense same build",
+    suite = next((s["suite"] for s in payload["summary"] if s.get("suite")), "attack suite")
+    lines.append(markdown_table(["target", "method", "seeds", "clean", f"robust ({suite}, PyTorch)", "PGD-20",
+                                 "runtime worst case (transfer + Square)", "build", "p50 ms", "speedup vs dense same build",
                                  "vs dense best"], rows))
     lines.append("")
     for w in payload["winners"]:

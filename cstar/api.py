@@ -23,7 +23,8 @@ PathLike = str | Path
 # ------------------------------------------------------------------------------------------ results
 
 
-def _pct(value: Any) -> str:
+def percent(value: Any) -> str:
+    """0.345 -> '34.5%'; None -> '-' (how every result object prints an accuracy)."""
     return "-" if value is None else f"{100 * float(value):.1f}%"
 
 
@@ -52,7 +53,7 @@ class StageResult:
         return self.metrics.get("robust_acc")
 
     def __str__(self) -> str:
-        text = f"{self.stage} {self.directory}: clean {_pct(self.clean_acc)}, robust {_pct(self.robust_acc)}"
+        text = f"{self.stage} {self.directory}: clean {percent(self.clean_acc)}, robust {percent(self.robust_acc)}"
         suite = (self.metrics.get("attack") or {}).get("suite")
         text += f" ({suite} suite)" if suite else ""
         ratios = self.manifest.get("compression") or {}
@@ -84,7 +85,7 @@ class CompressResult:
         if "latency_ratio" in self.ratios:
             text += f", predicted latency {self.ratios['latency_ratio']:.2f}x"
         if self.metrics:
-            text += f"; clean {_pct(self.metrics.get('clean_acc'))}, robust {_pct(self.metrics.get('robust_acc'))}"
+            text += f"; clean {percent(self.metrics.get('clean_acc'))}, robust {percent(self.metrics.get('robust_acc'))}"
         return text
 
 
@@ -158,7 +159,8 @@ def compress(source: PathLike | StageResult, out: PathLike, ratio: float, **conf
 
     if "latency_table" in config and config["latency_table"] is not None:
         config["latency_table"] = str(config["latency_table"])
-    run_compress(stage_dir(source), out, ratio=ratio, config=config, progress=config.pop("progress", False))
+    progress = bool(config.pop("progress", False))
+    run_compress(stage_dir(source), out, ratio=ratio, config=config, progress=progress)
     return read_stage("compress", Path(out))
 
 
@@ -175,24 +177,21 @@ def compress_model(model: Any, data: Any, ratio: float, *, by: str = "params", m
     dataset), an (images, labels) pair of tensors, or a dataset name. `test_data` (same forms): measured with the
     stage's suite when given. `latency_table`: a `cstar profile` table (path or LatencyTable) for by='latency'.
     Other keyword arguments are CompressConfig fields (admm_epochs, finetune_epochs, train_method, ...)."""
-    import dataclasses
-
     from cstar.compress import CompressConfig, compress_module, compression_ratios, eval_spec
     from cstar.stage_metrics import stage_metrics
-    from cstar.train import resolve_device
 
     cfg = CompressConfig(ratio=ratio, by=by, method=method, **_config_keys(config))
-    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))
     table = _table(latency_table)
     train_set = as_dataset(data, "train")
     shape = tuple(input_shape or train_set[0][0].shape)
     compressed, details = compress_module(model, train_set, shape, cfg, eps, norm, table, progress)
-    compressed, model = compressed.eval(), model.to(next(compressed.parameters()).device)
+    device = next(compressed.parameters()).device  # compress_module resolved the config's device
+    compressed, model = compressed.eval(), model.to(device)
     ratios = compression_ratios(model, compressed, shape, table, cfg.latency_batches)
     metrics = None
     if test_data is not None:
         images, labels = _tensors(as_dataset(test_data, "test"), cfg.eval_limit)
-        metrics = stage_metrics(compressed, images.to(cfg.device), labels.to(cfg.device), eps, norm, eval_spec(cfg))
+        metrics = stage_metrics(compressed, images.to(device), labels.to(device), eps, norm, eval_spec(cfg))
     return CompressResult(compressed, method, by, ratio, ratios, details["ranks"], metrics)
 
 

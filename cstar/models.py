@@ -277,8 +277,7 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
 
 def _factory_body(path: str, spec: DatasetSpec, options: dict[str, Any]) -> nn.Module:
     """`factory(**options)`, given `num_classes` from the data when it takes one (or **kwargs) and the options do
-    not set it;
-    checked to be an nn.Module whose output has one logit per class at the data's input shape."""
+    not set it; checked to be an nn.Module whose output has one logit per class at the data's input shape."""
     import inspect
 
     factory = import_factory(path)

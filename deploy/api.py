@@ -31,6 +31,7 @@ from cstar.api import (
     compress,
     compress_model,
     import_weights,
+    percent,
     read_stage,
     stage_dir,
     train,
@@ -40,10 +41,6 @@ from cstar.errors import CstarError
 __all__ = ["BenchResult", "CompressResult", "StageResult", "VerifyResult", "as_dataset", "attackset", "bench",
            "build", "calibrate", "compress", "compress_model", "export", "import_weights", "profile", "train",
            "verify"]
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100 * float(value):.1f}%"
 
 
 @dataclass(frozen=True)
@@ -64,9 +61,9 @@ class VerifyResult:
         return self.passed
 
     def __str__(self) -> str:
-        text = (f"verify {self.backend}: {'PASSED' if self.passed else 'FAILED'}, clean {_pct(self.clean_acc)}, "
-                f"worst case {_pct(self.robust_acc)} on the runtime (PyTorch reference: clean "
-                f"{_pct(self.reference_clean_acc)}, robust {_pct(self.reference_robust_acc)})")
+        text = (f"verify {self.backend}: {'PASSED' if self.passed else 'FAILED'}, clean {percent(self.clean_acc)}, "
+                f"worst case {percent(self.robust_acc)} on the runtime (PyTorch reference: clean "
+                f"{percent(self.reference_clean_acc)}, robust {percent(self.reference_robust_acc)})")
         return text + (f"; failed: {', '.join(self.failed_checks)}" if self.failed_checks else "")
 
 
@@ -104,7 +101,8 @@ def export(source: PathLike | StageResult, out: PathLike, **options: Any) -> Sta
     Options: run_export's (latency_table, latency_batch, opset, simplifier, parity_samples, tolerance, ...)."""
     from export.exporter import run_export
 
-    run_export(stage_dir(source), out, progress=options.pop("progress", False), **options)
+    progress = bool(options.pop("progress", False))
+    run_export(stage_dir(source), out, progress=progress, **options)
     return read_stage("export", Path(out))
 
 
@@ -114,8 +112,8 @@ def calibrate(source: PathLike | StageResult, out: PathLike, data: str, target: 
     robust accuracy (transfer + the fake-quant twin attack) recorded."""
     from calibration.calibrate import run_calibrate
 
-    run_calibrate(stage_dir(source), out, data, samples, target=target, verbose=options.pop("verbose", False),
-                  **options)
+    verbose = bool(options.pop("verbose", False))
+    run_calibrate(stage_dir(source), out, data, samples, target=target, verbose=verbose, **options)
     return read_stage("calibrate", Path(out))
 
 

@@ -18,7 +18,8 @@ def test_own_model_example_runs_the_chain_and_prints_the_results(tmp_path: Path)
                           env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     lines = done.stdout.splitlines()
-    assert any(line.startswith("verify ort-cpu: PASSED") for line in lines), done.stdout[-2000:]
+    assert any(line.startswith("fp32: verify ort-cpu: PASSED") for line in lines), done.stdout[-2000:]
+    assert any(line.startswith("int8: verify ort-cpu: ") for line in lines)  # its gate is the CPU kernels' call
     assert any(line.startswith("bench ort-cpu: p50 b32") for line in lines)
     dense = json.loads((out / "dense" / "manifest.json").read_text())
     assert dense["model"] == {"name": "own_model:make_net", "options": {"width": 16}}
@@ -27,6 +28,7 @@ def test_own_model_example_runs_the_chain_and_prints_the_results(tmp_path: Path)
     assert compressed["compression"]["latency_ratio"] >= 1.5 and compressed["compression"]["by"] == "latency"
     exported = json.loads((out / "onnx" / "manifest.json").read_text())
     assert exported["parity"]["passed"] and exported["parity"]["max_abs_diff"] <= 1e-4
-    verify = json.loads((out / "verify" / "report.json").read_text())
-    runtime = verify["metrics"]["runtime"]
-    assert 0.0 <= runtime["worst_case_robust_acc"] <= runtime["clean_acc"] <= 1.0
+    for precision in ("fp32", "int8"):
+        runtime = json.loads((out / f"verify-{precision}" / "report.json").read_text())["metrics"]["runtime"]
+        assert runtime["n"] == 150 and runtime["square"]["queries"] == 100
+        assert 0.0 <= runtime["worst_case_robust_acc"] <= runtime["clean_acc"] <= 1.0
