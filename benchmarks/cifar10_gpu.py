@@ -126,7 +126,7 @@ def probe_epoch_seconds(data_arg: str, args: argparse.Namespace) -> dict[str, An
 
     from cstar.data import load_dataset
     from cstar.models import build_model
-    from cstar.train import TrainConfig, _autocast, adversarial_loss, make_optimizer, resolve_device
+    from cstar.train import TrainConfig, adversarial_loss, autocast_context, make_optimizer, resolve_device
 
     bundle = load_dataset(data_arg)
     device = resolve_device(args.device)
@@ -142,7 +142,7 @@ def probe_epoch_seconds(data_arg: str, args: argparse.Namespace) -> dict[str, An
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
-        with _autocast(device, cfg.amp):
+        with autocast_context(device, cfg.amp):
             loss = adversarial_loss(model, x, y, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

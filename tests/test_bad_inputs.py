@@ -401,12 +401,12 @@ def test_verify_thresholds_are_bad_arguments_not_gate_failures(flag: str, value:
 def test_resume_without_a_state_says_it_starts_from_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`train --resume` on a fresh directory trains from scratch (documented), but says so first."""
-    import cstar.train
+    import cstar.train.stage
 
     def stop(*_: Any, **__: Any) -> Any:
         raise CstarError("stopped before training (test)", "none")
 
-    monkeypatch.setattr(cstar.train, "fit", stop)
+    monkeypatch.setattr(cstar.train.stage, "fit", stop)
     out = tmp_path / "run"
     assert cli_main(["train", "--data", "digits", "--width", "4", "--epochs", "1", "--resume", "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -286,7 +286,7 @@ def test_gpu_forward_matches_cpu_and_amp_pgd_stays_in_ball(digits: Any) -> None:
     from cstar.attacks import pgd
     from cstar.lowrank import LowRankConv2d
     from cstar.models import build_model
-    from cstar.train import _autocast
+    from cstar.train import autocast_context
 
     torch.manual_seed(0)
     model = build_model("small-resnet", digits.spec, width=8).eval()
@@ -297,7 +297,7 @@ def test_gpu_forward_matches_cpu_and_amp_pgd_stays_in_ball(digits: Any) -> None:
     gpu_model = model.cuda()
     gpu_logits = gpu_model(x.cuda()).cpu()
     assert torch.allclose(cpu_logits, gpu_logits, atol=1e-4, rtol=1e-4)
-    with _autocast(torch.device("cuda"), True):
+    with autocast_context(torch.device("cuda"), True):
         x_adv = pgd(gpu_model, x.cuda(), y.cuda(), 0.2, 5, 0.1, "linf", random_start=True)
     delta = (x_adv.float().cpu() - x).abs().max()
     assert float(delta) <= 0.2 + 1e-6 and float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
