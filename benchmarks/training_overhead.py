@@ -60,15 +60,15 @@ class Setup:
         from torch.utils.data import DataLoader
 
         from cstar.checkpoint import load_checkpoint
-        from cstar.compress import CompressConfig, _inherit_recipe, _Trainer
+        from cstar.compress import CompressConfig, Trainer, inherit_recipe
         from cstar.data import DatasetSpec, load_dataset_from_spec
 
         source = dense.manifest
         self.spec = DatasetSpec.from_dict(source["dataset"])
-        self.cfg = _inherit_recipe(CompressConfig(ratio=ratio, method="cstar", seed=seed, device="cpu"), source)
+        self.cfg = inherit_recipe(CompressConfig(ratio=ratio, method="cstar", seed=seed, device="cpu"), source)
         self.eps, self.norm = float(source.get("eps", self.spec.default_eps)), str(source.get("norm", "linf"))
         self.dense, _ = load_checkpoint(dense.directory)
-        self.trainer = _Trainer(load_dataset_from_spec(self.spec).train, self.cfg, self.eps, self.norm, progress=False)
+        self.trainer = Trainer(load_dataset_from_spec(self.spec).train, self.cfg, self.eps, self.norm, progress=False)
         self.loader = DataLoader(self.trainer.train_set, batch_size=self.cfg.batch_size, shuffle=True,
                                  generator=torch.Generator().manual_seed(seed))
 

@@ -14,6 +14,8 @@ T = TypeVar("T")
 # adversarial training losses of `cstar train` and of compress's fine-tuning (torch-free, for the parsers);
 # fgsm-rs and n-fgsm are fast AT: one gradient per batch (cstar.attacks.fast_example)
 TRAIN_METHODS = ("pgd-at", "trades", "fgsm-rs", "n-fgsm")
+# weight decay of factorized layers: on each factor, or on the product W they form (Frobenius decay)
+FACTOR_DECAYS = ("factors", "frobenius")
 
 
 def config_from_dict(cls: type[T], values: Any, where: str = "config") -> T:

@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from cstar import validate
-from cstar.config import TRAIN_METHODS
+from cstar.config import FACTOR_DECAYS, TRAIN_METHODS
 from cstar.errors import CstarError
 
 METHODS = TRAIN_METHODS
 SCHEDULES = ("cosine", "step", "cyclic")
-FACTOR_DECAYS = ("factors", "frobenius")
 DEFAULT_EPOCHS = {"digits": 60, "fashion-mnist": 10, "cifar10": 60, "imagefolder": 30}
 # TrainConfig fields a resumed run must share with the interrupted one (others, e.g. device, may change)
 RESUME_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "momentum", "weight_decay", "method",

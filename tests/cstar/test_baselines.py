@@ -82,7 +82,7 @@ def test_cost_function_is_pluggable() -> None:
 
 
 def _parsed_config(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    from cstar import compress
+    from cstar.compress import command as compress
 
     captured: dict[str, Any] = {}
 

@@ -186,7 +186,7 @@ def test_frobenius_decay_reaches_the_fine_tuning(robust_digits_dir: Path, tmp_pa
     from cstar import compress, distributed, train
 
     assert CompressConfig().factor_decay == "factors"
-    assert compress.FACTOR_DECAYS == train.FACTOR_DECAYS  # the torch-free copy matches
+    assert compress.FACTOR_DECAYS is train.FACTOR_DECAYS  # one source (cstar.config)
     optimizers: list[tuple[torch.nn.Module, train.TrainConfig, torch.optim.Optimizer]] = []
     penalties: list[tuple[float | None, float]] = []
     make_optimizer, train_epoch = train.make_optimizer, train.train_epoch
@@ -206,8 +206,11 @@ def test_frobenius_decay_reaches_the_fine_tuning(robust_digits_dir: Path, tmp_pa
                 penalties.append((None if extra_loss is None else float(extra_loss()), expected))
         return train_epoch(model, loader, optimizer, cfg, scheduler, extra_loss, **kwargs)
 
-    monkeypatch.setattr(train, "make_optimizer", spy_optimizer)
-    monkeypatch.setattr(train, "train_epoch", spy_epoch)
+    from cstar.train import loop
+
+    for module in (train, loop):  # the ADMM W-step reads them from cstar.train, fit from its own module
+        monkeypatch.setattr(module, "make_optimizer", spy_optimizer)
+        monkeypatch.setattr(module, "train_epoch", spy_epoch)
     manifest = run_compress(robust_digits_dir, tmp_path / "c", ratio=3.0, method="cstar",
                             config={**TINY, "eval_dense": False, "factor_decay": "frobenius"}, progress=False)
     assert manifest["config"]["factor_decay"] == "frobenius"

@@ -75,7 +75,7 @@ def _worker(out: Path) -> None:
 
     from cstar import distributed as dist
     from cstar.admm import AdmmConfig, Budget, factorize_model, run_admm
-    from cstar.compress import CompressConfig, _Trainer
+    from cstar.compress import CompressConfig, Trainer
     from cstar.data import load_dataset
     from cstar.models import build_model
     from cstar.ranks import first_and_last
@@ -99,7 +99,7 @@ def _worker(out: Path) -> None:
     ccfg = CompressConfig(ratio=2.0, batch_size=PER_RANK_BATCH, train_method="pgd-at", train_steps=1, device="cpu")
     model = copy.deepcopy(adv.model)
     budget = Budget(2.0, "params", tuple(bundle.spec.input_shape), first_and_last(model))
-    trainer = _Trainer(train, ccfg, eps=0.2, norm="linf", progress=False)
+    trainer = Trainer(train, ccfg, eps=0.2, norm="linf", progress=False)
     result = run_admm(model, budget, AdmmConfig(epochs=2, realloc_epochs=1), trainer.admm_epoch(2))
     compressed = factorize_model(result.model, result.allocation.ranks)
     torch.save({"weights": result.model.state_dict(), "compressed": compressed.state_dict(),
