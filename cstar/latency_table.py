@@ -25,7 +25,7 @@ stay in between calls (fitted: on a VM whose L3 other tenants also use, it is fa
 model above it reads its weights from memory, one below from L3). That term is not a sum over layers, so
 `model_price` adds it to the summed parts and the allocator meets it as a second linear budget
 (cstar.latency.latency_limits). `cstar profile` fits these coefficients on whole models (the dense one and
-reference compressed ones, deploy.profile_calibration / cstar.latency_fit; the fit is kept in
+reference compressed ones, deploy.profile.fit / cstar.latency_fit; the fit is kept in
 `calibration`); without that step they come from the dense model alone (no stream, no spill). What the table's
 layers do not cover ("rest": activations, adds, pooling, the call itself) is `rest_ms[batch]` when the
 profile measured it (ort-cpu: the call overhead plus every other node's kernel time inside the dense

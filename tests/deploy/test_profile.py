@@ -129,7 +129,7 @@ def test_table_is_calibrated_on_whole_reference_models(profiled: tuple[Path, Pat
 
 def test_reference_models_sit_on_the_tables_grid(profiled: tuple[Path, Path]) -> None:
     from cstar.lowrank import LowRankConv2d
-    from deploy.profile_calibration import pruned_reference, tucker_reference
+    from deploy.profile.fit import pruned_reference, tucker_reference
 
     _, path = profiled
     table = LatencyTable.load(path)
