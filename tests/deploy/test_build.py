@@ -236,13 +236,13 @@ def test_cli_build_refuses_non_positive_counts(export_dir: Path, tmp_path: Path,
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_ort_trt_build_record_without_a_gpu(export_dir: Path, tmp_path: Path, precision: str) -> None:
     """ORT-TRT options are decided before any GPU is touched: int8 enabled for Q/DQ, the timing cache a folder."""
-    from deploy.build import _build_ort
+    from deploy.build import BuildRequest, build_ort
 
     out = tmp_path / "build"
     out.mkdir()
     cache_file = tmp_path / "caches" / "trt.timing"  # what --timing-cache names for the native backend
-    info, options, _ = _build_ort(export_dir / "model.onnx", out, "ort-trt", precision, 1, 8, 64, None, 256,
-                                  cache_file, [])
+    info, options, _ = build_ort(BuildRequest(export_dir / "model.onnx", out, "ort-trt", precision, 1, 8, 64, None,
+                                              256, cache_file))
     provider = info["provider_options"]
     assert provider.get("trt_int8_enable", False) is (precision == "int8")
     assert options.get("trt_int8_enable", False) is (precision == "int8")
@@ -253,11 +253,11 @@ def test_ort_trt_build_record_without_a_gpu(export_dir: Path, tmp_path: Path, pr
 
 
 def test_ort_cuda_int8_is_labelled_fake_quantized(export_dir: Path, tmp_path: Path) -> None:
-    from deploy.build import _build_ort, ort_trt_timing_cache_dir
+    from deploy.build import BuildRequest, build_ort, ort_trt_timing_cache_dir
 
     out = tmp_path / "build"
     out.mkdir()
-    info, _, _ = _build_ort(export_dir / "model.onnx", out, "ort-cuda", "int8", 1, 1, 8, None, 256, None, [])
+    info, _, _ = build_ort(BuildRequest(export_dir / "model.onnx", out, "ort-cuda", "int8", 1, 1, 8, None, 256, None))
     assert info["executes_as"].startswith("fp32 (Q/DQ fake-quantized")
     assert ort_trt_timing_cache_dir(tmp_path) == tmp_path.resolve()  # an existing folder is used as is
 
@@ -267,7 +267,7 @@ def test_build_tensorrt_fp16_without_converter_writes_nothing(export_dir: Path, 
     """FP16 engines need onnxconverter-common: refused before any file is written, naming the extra
     (the package is hidden from the import system here, so the test runs whether or not it is installed)."""
     import deploy.backends.tensorrt as trt_backend
-    import deploy.build as build
+    import deploy.build.stage as build
 
     monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # find_spec -> None, import -> ImportError
 
