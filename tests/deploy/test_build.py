@@ -272,7 +272,7 @@ def test_build_tensorrt_fp16_without_converter_writes_nothing(export_dir: Path, 
     monkeypatch.setitem(sys.modules, "onnxconverter_common", None)  # find_spec -> None, import -> ImportError
 
     monkeypatch.setattr(build, "require_backend", lambda name: None)  # as if tensorrt were installed
-    monkeypatch.setattr(trt_backend, "_import_trt", lambda: object())
+    monkeypatch.setattr(trt_backend, "import_trt", lambda: object())
     out = tmp_path / "build-fp16"
     with pytest.raises(MissingDependencyError) as info:
         run_build(export_dir, "tensorrt", out, precision="fp16")

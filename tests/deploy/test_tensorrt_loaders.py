@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import deploy.backends.tensorrt as trt_backend
+import deploy.backends.tensorrt.build as trt_build
+import deploy.backends.tensorrt.runner as trt_runner
 from cstar.errors import CstarError, MissingDependencyError
 from deploy.backends.tensorrt import (
     ProfileShapes,
@@ -371,8 +372,8 @@ def test_serialized_engine_and_atomic_save(tmp_path: Path) -> None:
 @pytest.fixture()
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTrt:
     trt = FakeTrt()
-    monkeypatch.setattr(trt_backend, "_import_trt", lambda: trt)
-    monkeypatch.setattr(trt_backend, "gpu_info", lambda device=0: {"name": "Fake GPU", "compute_capability": "9.0"})
+    monkeypatch.setattr(trt_build, "import_trt", lambda: trt)
+    monkeypatch.setattr(trt_build, "gpu_info", lambda device=0: {"name": "Fake GPU", "compute_capability": "9.0"})
     return trt
 
 
@@ -546,8 +547,8 @@ def _runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs: list[str])
     trt = FakeTrt()
     trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: engine)
     trt.nptype = lambda dtype: np.float32
-    monkeypatch.setattr(trt_backend, "_import_trt", lambda: trt)
-    monkeypatch.setattr(trt_backend, "_device_memory", lambda: memory)
+    monkeypatch.setattr(trt_runner, "import_trt", lambda: trt)
+    monkeypatch.setattr(trt_runner, "device_memory", lambda: memory)
     path = tmp_path / "model.engine"
     path.write_bytes(b"PLAN")
     return TensorrtRunner(path), engine
