@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -75,7 +74,7 @@ from benchmarks.common import (  # noqa: E402
     work_root,
     write_results,
 )
-from cstar.errors import CstarError  # noqa: E402
+from cstar.errors import CstarError, UnreachableBudget  # noqa: E402
 
 BENCHMARK = "latency_budget"
 BACKEND = "ort-cpu"
@@ -226,10 +225,9 @@ def bench(exports: dict[str, Path], sizes: list[int], iters: int, args: argparse
     return {key: per["fp32"] for key, per in timed.items()}
 
 
-def best_reachable(message: str) -> float | None:
-    """The best reachable ratio an allocator/pruning error names ('... at most 1.68x', '(best 1.68x)')."""
-    found = re.search(r"(?:at most|best) ([0-9]+(?:\.[0-9]+)?)x", message)
-    return float(found.group(1)) if found else None
+def best_reachable(error: CstarError) -> float | None:
+    """The best reachable ratio an unreachable budget's error carries, to the two decimals its message shows."""
+    return round(error.best_ratio, 2) if isinstance(error, UnreachableBudget) else None
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -272,7 +270,7 @@ def reachable_ratios(dense: Any, table: Any, batch: int, input_shape: tuple[int,
             latency_structure(dense, table, method, UNREACHABLE_PROBE, batch, input_shape, share)
             found[method] = {"best": None, "message": "no limit found"}
         except CstarError as error:
-            found[method] = {"best": best_reachable(error.message), "message": error.message}
+            found[method] = {"best": best_reachable(error), "message": error.message}
     return found
 
 
@@ -307,8 +305,8 @@ def save_structure(out: Path, dense_dir: Path, table_path: Path, method: str, ta
 
 
 def ensure_structure(root: Path, dense: StageRun, table: Path, method: str, target: float,
-                     batches: tuple[int, ...], share: float) -> StageRun | str:
-    """The structure's directory (made or reused), or the error text when the target is not reachable."""
+                     batches: tuple[int, ...], share: float) -> StageRun | CstarError:
+    """The structure's directory (made or reused), or the error when the target is not reachable."""
     key = structure_key(method, target, batches)
     expect = Expect(config={"config.method": method, "config.ratio": target,
                             "config.latency_batch": config_batch(batches),
@@ -323,7 +321,7 @@ def ensure_structure(root: Path, dense: StageRun, table: Path, method: str, targ
         if isinstance(error, StaleWork):
             raise
         log(f"{key}: {error.message}")
-        return error.message
+        return error
 
 
 def structure_key(method: str, target: float, batches: tuple[int, ...]) -> str:
@@ -375,9 +373,9 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         for target in parse_list(args.cifar_targets, float):
             for method in parse_list(args.cifar_methods):
                 made = ensure_structure(root, dense, table_path, method, target, batches, args.hybrid_prune_share)
-                if isinstance(made, str):
+                if isinstance(made, CstarError):
                     errors.append({"method": method, "target": target, "budget_batch": batch_label(batches),
-                                   "budget_batches": list(batches), "error": made,
+                                   "budget_batches": list(batches), "error": made.message,
                                    "best_reachable": best_reachable(made)})
                 else:
                     models[structure_key(method, target, batches)] = {"run": made, "method": method,

@@ -33,7 +33,7 @@ from torch import nn
 
 from cstar.budget import model_cost
 from cstar.checkpoint import set_submodule
-from cstar.errors import CstarError
+from cstar.errors import CstarError, UnreachableBudget
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.models import VGG, BasicBlock, CifarResNet, PreActBlock
 from cstar.ranks import largest_fraction_within
@@ -268,10 +268,11 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
     smallest = measure(pruned_at(0.0))
     if smallest > target:
         ends = " with the first/last layers kept dense" if frozen else ""
-        raise CstarError(
+        raise UnreachableBudget(
             f"a {by} ratio of {ratio:g} is not reachable by pruning{ends}: one channel per group gives at most "
             f"{dense / smallest:.2f}x (the best reachable ratio)",
             "pass a smaller --ratio" + (", or --compress-ends" if frozen else "") + ", or use --method cstar",
+            dense / smallest,
         )
     low = largest_fraction_within(lambda fraction: measure(pruned_at(fraction)), target, iterations=20)
     keep = keep_indices(model, groups, low, frozen, widths)

@@ -29,5 +29,14 @@ class MissingDependencyError(CstarError):
         self.extra = extra
 
 
+class UnreachableBudget(CstarError):
+    """A compression ratio the method cannot reach on this model; `best_ratio` is the best it reaches
+    (a field, so callers such as the benchmarks never parse it back out of the message)."""
+
+    def __init__(self, message: str, hint: str | None, best_ratio: float) -> None:
+        super().__init__(message, hint)
+        self.best_ratio = best_ratio
+
+
 class GateFailure(CstarError):
     """A verification gate failed (exit status 1, not 2: the input was fine, the artifact is not)."""

@@ -35,7 +35,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from cstar.errors import CstarError
+from cstar.errors import CstarError, UnreachableBudget
 from cstar.flops import probe_forward
 from cstar.tucker import singular_values, unfold
 
@@ -372,7 +372,7 @@ def _check_allocation_args(ratio: float, step: int) -> None:
         raise CstarError(f"rank step must be >= 1, got {step}", "pass --rank-step 1 (any rank) or e.g. 8")
 
 
-def _unreachable(cost_model: CostModel, dense_total: float, used: float, ratio: float, step: int) -> CstarError:
+def _unreachable(cost_model: CostModel, dense_total: float, used: float, ratio: float, step: int) -> UnreachableBudget:
     """The error for a ratio the cheapest ranks cannot reach: names the best reachable ratio."""
     best = dense_total / used if used > 0 else math.inf
     if cost_model.monotone:
@@ -380,10 +380,11 @@ def _unreachable(cost_model: CostModel, dense_total: float, used: float, ratio: 
         where = f"{floor} in every factorizable layer gives at most"
     else:
         where = "the fastest measured ranks (or dense) of every factorizable layer give at most"
-    return CstarError(
+    return UnreachableBudget(
         f"a {cost_model.by} ratio of {ratio:g} is not reachable: {where} {best:.2f}x",
         f"pass --ratio {math.floor(best * 100) / 100:g} or less"
         + (", or a smaller --rank-step" if step > 1 else "") + ", or let the first/last layers be factorized",
+        best,
     )
 
 
@@ -419,9 +420,9 @@ def uniform_allocation(
     state, used = at(0.0)
     if worst_share(used) > 1.0:
         best = min(d / u if u > 0 else math.inf for d, u in zip(references, used, strict=True))
-        raise CstarError(
+        raise UnreachableBudget(
             f"a {cost_model.by} ratio of {ratio:g} is not reachable with uniform ranks (best {best:.2f}x)",
-            "pass a smaller --ratio",
+            "pass a smaller --ratio", best,
         )
     low = largest_fraction_within(lambda fraction: worst_share(at(fraction)[1]), 1.0, iterations=40)
     state, used = at(low)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 import pytest
@@ -68,6 +69,10 @@ def test_unreachable_ratio_with_dense_ends_names_compress_ends() -> None:
     with pytest.raises(CstarError, match="first/last layers kept dense") as info:
         prune_to_budget(_resnet(), SPEC.input_shape, 400.0, "params", keep_dense=first_and_last(_resnet()))
     assert "--compress-ends" in (info.value.hint or "")
+    from cstar.errors import UnreachableBudget
+
+    best = float(re.search(r"at most ([0-9.]+)x", info.value.message).group(1))  # type: ignore[union-attr]
+    assert isinstance(info.value, UnreachableBudget) and round(info.value.best_ratio, 2) == best
 
 
 def test_cost_function_is_pluggable() -> None:

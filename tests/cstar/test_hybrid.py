@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,12 @@ def test_unreachable_remainder_is_restated_against_the_dense_model() -> None:
     with pytest.raises(CstarError, match=r"hybrid: after pruning .*x, Tucker-2 cannot reach") as info:
         hybrid_compress(_resnet(), Budget(200.0, "params", SPEC.input_shape, ()), share=0.05)
     assert "--hybrid-prune-share" in (info.value.hint or "")
+    from cstar.errors import UnreachableBudget
+
+    pruned = float(re.search(r"after pruning ([0-9.]+)x", info.value.message).group(1))  # type: ignore[union-attr]
+    inner = float(re.search(r"at most ([0-9.]+)x", info.value.message).group(1))  # type: ignore[union-attr]
+    assert isinstance(info.value, UnreachableBudget)  # the best total: the pruning's times the allocator's
+    assert info.value.best_ratio == pytest.approx(pruned * inner, rel=0.01)
 
 
 def test_registry_lists_hybrid() -> None:

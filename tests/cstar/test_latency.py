@@ -18,7 +18,7 @@ from cstar.admm import Budget, allocate_for, factorize_model
 from cstar.checkpoint import save_checkpoint, set_submodule
 from cstar.cli import main as cli_main
 from cstar.data import DatasetSpec
-from cstar.errors import CstarError
+from cstar.errors import CstarError, UnreachableBudget
 from cstar.latency import (
     candidate_geometry,
     latency_cost_model,
@@ -255,6 +255,7 @@ def test_unreachable_latency_ratio_names_the_best_reachable_one() -> None:
     with pytest.raises(CstarError, match=rf"at most {best:.2f}x") as info:
         allocate(layers, table.model_ms(1), 1000.0, "latency", cost_model=model)
     assert f"--ratio {math.floor(best * 100) / 100:g}" in (info.value.hint or "")
+    assert isinstance(info.value, UnreachableBudget) and info.value.best_ratio == pytest.approx(best, rel=1e-9)
 
 
 def test_latency_budget_needs_a_table() -> None:
