@@ -148,12 +148,12 @@ def test_tiny_pipeline_fills_every_stage_then_skips(tmp_path: Path) -> None:
 def test_latency_budget_profiles_the_first_backend_before_compress(tmp_path: Path) -> None:
     """The default config compresses by latency: profile on the deploy backend at the select batch, then
     compress and export with that table (export picks the deploy forms by it)."""
-    from deploy.pipeline import PipelineConfig, _stage_plan
+    from deploy.pipeline import PipelineConfig, stage_plan
 
     config = PipelineConfig()
     config.verify.backends = ["openvino-cpu", "ort-cpu"]
     config.bench.batch_sizes = [8, 64]
-    stages = {s.key: s for s in _stage_plan(config, tmp_path)}
+    stages = {s.key: s for s in stage_plan(config, tmp_path)}
     keys = list(stages)
     assert config.compress.by == "latency" and keys.index("profile") < keys.index("compress")
     table = str(tmp_path / "profile" / "latency_table.json")
@@ -164,10 +164,10 @@ def test_latency_budget_profiles_the_first_backend_before_compress(tmp_path: Pat
         argv = stages[key].argv
         assert argv[argv.index("--latency-table") + 1] == table and argv[argv.index("--latency-batch") + 1] == "64"
     config.compress.latency_batch = 8
-    assert next(s.argv[s.argv.index("--latency-batch") + 1] for s in _stage_plan(config, tmp_path)
+    assert next(s.argv[s.argv.index("--latency-batch") + 1] for s in stage_plan(config, tmp_path)
                        if s.key == "compress") == "8"
     config.compress.latency_batch = [1, 64]  # a budget held at both: profiled at both, passed on to both stages
-    planned = {s.key: s.argv for s in _stage_plan(config, tmp_path)}
+    planned = {s.key: s.argv for s in stage_plan(config, tmp_path)}
     assert planned["profile"][planned["profile"].index("--batch-sizes") + 1] == "1,8,64"
     for key in ("compress", "export"):
         assert planned[key][planned[key].index("--latency-batch") + 1] == "1,64"
@@ -185,7 +185,7 @@ def test_a_stale_stage_is_rerun_with_force_only_over_its_own_directory(tmp_path:
     import types
 
     import cstar.cli
-    from deploy.pipeline import Stage, _invoke
+    from deploy.pipeline import Stage, invoke
 
     seen: list[argparse.Namespace] = []
     parser = argparse.ArgumentParser()
@@ -197,7 +197,7 @@ def test_a_stale_stage_is_rerun_with_force_only_over_its_own_directory(tmp_path:
     if exists:
         out.mkdir()
     stage = Stage("export", "export", ["--out", str(out)], out, "t")
-    _invoke(stage)
+    invoke(stage)
     assert seen[0].force is exists and stage.argv == ["--out", str(out)]  # the recorded command line stays
 
 
