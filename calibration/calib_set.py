@@ -14,6 +14,7 @@ import numpy as np
 
 from cstar.data import DatasetSpec, stratified_indices
 from cstar.errors import CstarError
+from export.reference import load_reference
 
 CALIBRATION_SPLIT = "train"
 PGD_STEPS = 10
@@ -92,22 +93,6 @@ def craft_apgd(model: Any, images: np.ndarray, labels: np.ndarray, eps: float, n
         for name, adv in transfer_examples(model, x, y, eps, ce, targeted).items():
             out[name][start : start + x.shape[0]] = adv.cpu().numpy()
     return out
-
-
-def load_reference(reference_dir: str | Path, spec: DatasetSpec | None = None) -> tuple[Any, dict[str, Any]]:
-    """Load the PyTorch reference checkpoint (train/compress dir) and check it was made for `spec`'s data."""
-    from cstar.checkpoint import load_checkpoint
-
-    model, manifest = load_checkpoint(reference_dir)
-    if spec is not None:
-        ref = DatasetSpec.from_dict(manifest["dataset"])
-        if ref.name != spec.name or tuple(ref.input_shape) != tuple(spec.input_shape):
-            raise CstarError(
-                f"reference {reference_dir} was trained on {ref.name} {list(ref.input_shape)}, "
-                f"but the model being calibrated takes {spec.name} {list(spec.input_shape)}",
-                "pass --reference with the train/compress directory this model was exported from",
-            )
-    return model, manifest
 
 
 def build_calibration_set(

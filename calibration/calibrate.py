@@ -13,7 +13,7 @@ calibration.fakequant); robust_acc is the per-example worst case over all four s
 DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
 target, which `cstar build` checks against the backend. `--target executorch` instead quantizes the
 PyTorch reference with PT2E (XNNPACKQuantizer) and writes DIR/model.pte (format xnnpack-pt2e-int8,
-measured the same way on the ExecuTorch runtime; see calibration.executorch_lower).
+measured the same way on the ExecuTorch runtime; see calibration.executorch_int8).
 """
 
 from __future__ import annotations
@@ -30,13 +30,7 @@ import numpy as np
 
 from calibration import measure
 from calibration.execution import execution_for
-from calibration.measure import (
-    EVAL_APGD_ITERS,
-    EVAL_APGD_TARGETS,
-    REFERENCE_STAGES,
-    find_reference,
-    transfer_block,
-)
+from calibration.measure import EVAL_APGD_ITERS, EVAL_APGD_TARGETS, transfer_block
 from calibration.quantize import DEFAULT_TARGET, METHODS, TARGETS
 from calibration.trt_check import PreflightReport, preflight
 from cstar import validate
@@ -50,9 +44,10 @@ from cstar.manifest import (
     verify_file,
     write_manifest,
 )
+from export.reference import REFERENCE_STAGES, find_reference
 
 INT8_NAME = "model.int8.onnx"
-EXECUTORCH_TARGET = "executorch"  # INT8 .pte via PT2E + XNNPACK (calibration.executorch_lower), not ONNX Q/DQ
+EXECUTORCH_TARGET = "executorch"  # INT8 .pte via PT2E + XNNPACK (calibration.executorch_int8), not ONNX Q/DQ
 TARGET_CHOICES = (*TARGETS, EXECUTORCH_TARGET)
 EVAL_PGD_STEPS = 20
 
@@ -208,11 +203,12 @@ def run_calibrate(
     (calibration.fakequant) and counts it in `metrics.robust_acc` (the default: a transfer set crafted
     on FP32 alone understates what an attacker of the INT8 model finds).
     """
-    from calibration.calib_set import build_calibration_set, craft_apgd, load_reference
+    from calibration.calib_set import build_calibration_set, craft_apgd
     from calibration.fakequant import craft_on_twin
     from calibration.quantize import quantize_for_target, target_format
     from cstar.data import DatasetSpec
     from cstar.outdir import OutputDir, dataset_path
+    from export.reference import load_reference
 
     from_dir, out = Path(from_dir), Path(out_dir)
     if method not in METHODS:
@@ -220,7 +216,7 @@ def run_calibrate(
     if target != EXECUTORCH_TARGET:
         target_format(target)  # unknown target: clear error before any work
     else:
-        from calibration.executorch_lower import require_executorch
+        from export.executorch import require_executorch
 
         require_executorch("`cstar calibrate --target executorch`")  # before any work
     if strict_trt and target != "tensorrt":
@@ -259,7 +255,7 @@ def run_calibrate(
     calib = build_calibration_set(spec, samples, include_adversarial, reference_dir, seed, eps=eps, norm=norm)
     eval_images, eval_labels, eval_indices = _eval_set(spec, parity_samples, seed)
     if target == EXECUTORCH_TARGET:
-        from calibration.executorch_lower import CalibrationJob, calibrate_executorch
+        from calibration.executorch_int8 import CalibrationJob, calibrate_executorch
 
         assert reference_dir is not None  # refused above
         with claim as work:  # staged sibling, renamed into place once the .pte and manifest are written

@@ -1,8 +1,9 @@
 """How calibrate (ONNX and ExecuTorch targets alike) measures an INT8 model: sessions, logits, parity,
-accuracy, the transfer sets' per-example worst case, and where the PyTorch reference is.
+accuracy and the transfer sets' per-example worst case.
 
-One module below both `calibration.calibrate` and `calibration.executorch_lower`, so neither imports
-the other's private helpers. Torch-free except `torch_logits` (imports torch when called).
+One module below both `calibration.calibrate` and `calibration.executorch_int8`, so neither imports
+the other's private helpers (where the PyTorch reference is: export.reference). Torch-free except
+`torch_logits` (imports torch when called).
 """
 
 from __future__ import annotations
@@ -13,36 +14,11 @@ from typing import Any
 import numpy as np
 
 from calibration.execution import ORT_CPU, Execution, open_session, run_logits
-from cstar.errors import CstarError
-from cstar.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from cstar.ort_cpu import accuracy as ort_accuracy
 from cstar.ort_cpu import compare_logits
 
-REFERENCE_STAGES = ("train", "compress")
 EVAL_APGD_ITERS = 100  # the apgd suite's transfer check (APGD-CE + APGD-T over 3 targets)
 EVAL_APGD_TARGETS = 3
-
-
-def find_reference(export_manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
-    """The train/compress directory among the export manifest's inputs, or (None, why not)."""
-    why = "the export manifest lists no train/compress manifest among its inputs"
-    for entry in export_manifest.get("inputs", []):
-        path = Path(str(entry.get("path", "")))
-        if path.name != MANIFEST_NAME:
-            continue
-        directory = path.parent
-        try:
-            manifest = read_manifest(directory)
-        except CstarError as exc:
-            why = f"the reference recorded in the export manifest is unusable: {exc.message}"
-            continue
-        if manifest.get("stage") not in REFERENCE_STAGES:
-            continue
-        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-            why = f"{path} changed since export (sha256 differs); pass --reference explicitly if intended"
-            continue
-        return directory, None
-    return None, why
 
 
 def session(path: Path, execution: Execution | str = ORT_CPU) -> Any:
@@ -51,6 +27,7 @@ def session(path: Path, execution: Execution | str = ORT_CPU) -> Any:
 
 
 def run_logits_of(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """float32 logits of `images` through an ONNX Runtime `session` (calibration.execution.run_logits)."""
     return run_logits(session, images, batch_size)
 
 
@@ -60,6 +37,7 @@ def parity(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
 
 
 def torch_logits(model: Any, x: np.ndarray) -> np.ndarray:
+    """float32 logits of `x` through a PyTorch `model` without autograd (the reference's transfer check)."""
     import torch
 
     with torch.no_grad():

@@ -170,7 +170,7 @@ def build_executorch(req: BuildRequest) -> tuple[dict[str, Any], dict[str, Any],
         copy_atomic(source.model_path, dst)
         lowering["lowered_from"] = {"path": str(source_dir.resolve()), "stage": "calibrate"}
     else:
-        from calibration.executorch_lower import build_fp32
+        from export.executorch import build_fp32
 
         lowering = build_fp32(source_dir, source.manifest, source.model_path, dst, source.input_shape, req.low,
                               req.high)

@@ -16,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper
 from calibration.calib_set import (
     build_calibration_set,
     craft_apgd,
-    load_reference,
     select_calibration_indices,
 )
 from calibration.calibrate import EVAL_APGD_ITERS, EVAL_APGD_TARGETS, INT8_NAME, run_calibrate
@@ -26,6 +25,7 @@ from calibration.trt_check import preflight
 from cstar.data import DataBundle, to_tensors
 from cstar.errors import CstarError
 from cstar.manifest import read_manifest, sha256_file
+from export.reference import load_reference
 from tests.logit_checks import assert_int8_tracks_fp32
 
 N_TEST = 360  # the whole digits test split

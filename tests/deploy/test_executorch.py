@@ -160,8 +160,8 @@ def test_fp32_build_matches_onnx_and_torch(fp32_build: tuple[Path, dict[str, Any
                                           test_images: tuple[np.ndarray, np.ndarray]) -> None:
     import torch
 
-    from calibration.calib_set import load_reference
-    from calibration.executorch_lower import deploy_model
+    from export.executorch import deploy_model
+    from export.reference import load_reference
 
     out, manifest = fp32_build
     assert sorted(p.name for p in out.iterdir()) == ["build.json", "manifest.json", "model.pte"]
@@ -201,7 +201,7 @@ def test_static_batch_program_pads(tmp_path: Path) -> None:
     import torch
     from torch import nn
 
-    from calibration.executorch_lower import lower_fp32, write_pte
+    from export.executorch import lower_fp32, write_pte
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -1,11 +1,11 @@
-"""ExecuTorch XNNPACK lowering (host side: torch + executorch): a cstar checkpoint's deploy form -> `.pte`.
+"""FP32 ExecuTorch lowering for XNNPACK (host side: torch + executorch): an export's checkpoint -> `.pte`.
 
-FP32: the export stage's source checkpoint in its deploy form (export.deploy_form.to_deploy, with the
+The export stage's source checkpoint in its deploy form (export.deploy_form.to_deploy, with the
 per-layer forms the export recorded, BatchNorms folded) -> `torch.export` -> `to_edge_transform_and_lower`
-with the XNNPACK partitioner -> `.pte`. INT8: PT2E with `XNNPACKQuantizer`
-(`get_symmetric_quantization_config(is_per_channel=True)`: int8 symmetric per-channel weights, int8
-per-tensor affine activations, float bias), calibrated on the images `cstar calibrate` uses, then the
-same lowering. The format is `xnnpack-pt2e-int8`; only the executorch-xnnpack backend runs it.
+with the XNNPACK partitioner -> `.pte`, checked against the export's ONNX model (`build_fp32`, which
+`cstar build` calls for the executorch-xnnpack backend). The same export/lower/write/run steps serve
+calibration.executorch_int8, which quantizes with PT2E in between; this module never imports
+calibration. Torch and executorch are imported inside the functions that use them.
 
 Batch: the batch dimension is exported dynamic in [min, max] and the bounds are stored in the program
 as the constant methods `cstar_min_batch` / `cstar_max_batch` (deploy.backends.executorch reads them);
@@ -23,23 +23,19 @@ nodes such as getitem/sym_size left out) and lists the portable ops; builds and 
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cstar.errors import CstarError, GateFailure, MissingDependencyError
-from cstar.manifest import MANIFEST_NAME, atomic_write_bytes, read_manifest
+from cstar.manifest import MANIFEST_NAME, atomic_write_bytes
 
-TARGET = "executorch"
-FORMAT = "xnnpack-pt2e-int8"
 PTE_NAME = "model.pte"
 BACKEND = "executorch-xnnpack"
-DEFAULT_MAX_BATCH = 64
 MIN_BATCH_METHOD = "cstar_min_batch"
 MAX_BATCH_METHOD = "cstar_max_batch"
 # nodes that move values around the delegate calls rather than compute
@@ -48,8 +44,6 @@ BOOKKEEPING_OPS = frozenset({"getitem", "sym_size", "sym_size_int", "executorch_
 MIN_DELEGATED_FRACTION = 0.9
 # ATen's CPU conv picks its backend on `input.size(0) >= 16`: a guard on the traced batch (module docstring)
 CONV_GUARD_BATCH = 16
-# activation observer per `cstar calibrate --method` (weights always per-channel min/max)
-OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver", "percentile": "HistogramObserver"}
 
 
 def require_executorch(purpose: str) -> None:
@@ -82,7 +76,7 @@ def deploy_model(model: Any, export_manifest: dict[str, Any]) -> Any:
 
 def reference_for_export(export_dir: Path, export_manifest: dict[str, Any]) -> Path:
     """The train/compress directory the export was made from (sha256-checked); a CstarError if none."""
-    from calibration.measure import find_reference
+    from export.reference import find_reference
 
     reference, why = find_reference(export_manifest)
     if reference is None:
@@ -109,6 +103,7 @@ class Lowered:
 
     @property
     def dynamic_batch(self) -> bool:
+        """Whether the program takes a batch range (min < max) rather than one static batch."""
         return self.low != self.high
 
     def record(self) -> dict[str, Any]:
@@ -134,12 +129,14 @@ def trace_batch(low: int, high: int) -> int:
 
 
 def _example(input_shape: Sequence[int], batch: int) -> Any:
+    """A seeded uniform example input to trace on: the same bytes out for the same model and bounds."""
     import torch
 
     return torch.rand((batch, *[int(d) for d in input_shape]), generator=torch.Generator().manual_seed(0))
 
 
 def _dynamic_shapes(low: int, high: int) -> Any:
+    """torch.export's dynamic_shapes for the batch (None when static), its upper bound the trace batch."""
     from torch.export import Dim
 
     return None if low == high else ({0: Dim("batch", min=low, max=trace_batch(low, high))},)
@@ -228,61 +225,7 @@ def lower_fp32(model: Any, input_shape: Sequence[int], low: int, high: int) -> L
     return lower(export_program(model.eval(), input_shape, low, high), low, high)
 
 
-def quantization_config(method: str) -> tuple[Any, str]:
-    """(XNNPACK quantization config, activation observer name) for a `cstar calibrate --method`."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
-
-    if method not in OBSERVERS:
-        raise CstarError(f"unknown calibration method '{method}'", f"use one of: {', '.join(OBSERVERS)}")
-    config = get_symmetric_quantization_config(is_per_channel=True)
-    observer = OBSERVERS[method]
-    if observer == "MinMaxObserver":
-        from torchao.quantization.pt2e import MinMaxObserver
-
-        observer_ctr = MinMaxObserver.with_args(eps=2**-12)
-        spec = replace(config.input_activation, observer_or_fake_quant_ctr=observer_ctr)
-        config = replace(config, input_activation=spec, output_activation=spec)
-    return config, observer
-
-
-def quantize(model: Any, images: np.ndarray, input_shape: Sequence[int], low: int, high: int,
-             method: str = "minmax") -> tuple[Any, str]:
-    """PT2E INT8 (XNNPACKQuantizer) of a deploy-form model calibrated on `images`: (program, observer)."""
-    import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    require_executorch(f"INT8 for the {BACKEND} backend")
-    if images.shape[0] == 0:
-        raise CstarError("no calibration images", "pass --samples N with N >= 1")
-    config, observer = quantization_config(method)
-    graph = export_program(model.eval(), input_shape, low, high).module()
-    prepared = prepare_pt2e(graph, XNNPACKQuantizer().set_global(config))
-    with torch.no_grad():
-        for start in range(0, images.shape[0], high):
-            chunk = np.ascontiguousarray(images[start : start + high], dtype=np.float32)
-            if chunk.shape[0] < low:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], low - chunk.shape[0], axis=0)])
-            prepared(torch.from_numpy(chunk))
-    converted = convert_pt2e(prepared)
-    return export_program(converted, input_shape, low, high), observer
-
-
-def quantization_block(observer: str) -> dict[str, Any]:
-    """The manifest's `quantization` block of an xnnpack-pt2e-int8 program."""
-    return {
-        "format": FORMAT,
-        "target": TARGET,
-        "quant_format": "pt2e",
-        "quantizer": "XNNPACKQuantizer get_symmetric_quantization_config(is_per_channel=True)",
-        "activations": {"type": "int8", "symmetric": False, "granularity": "per-tensor",
-                        "observer": observer},
-        "weights": {"type": "int8", "symmetric": True, "granularity": "per-channel", "bits": 8,
-                    "range": [-127, 127]},
-        "reduce_range": False,
-        "per_channel": True,
-        "bias": "float",
-    }
+# ------------------------------------------------------------------------------------------ files
 
 
 def write_pte(lowered: Lowered, path: Path) -> Path:
@@ -319,14 +262,12 @@ def run_pte(path: Path, images: np.ndarray) -> np.ndarray:
 def fp32_parity(pte: Path, onnx_path: Path, input_shape: Sequence[int], n: int,
                 seed: int = 0) -> dict[str, Any]:
     """FP32 `.pte` against the export's ONNX model (ONNX Runtime CPU) on `n` seeded uniform [0,1] images."""
-    from calibration.measure import parity as _parity
-    from calibration.measure import run_logits_of as _run
-    from calibration.measure import session as _session
+    from cstar.ort_cpu import batched_logits, compare_logits, cpu_session
 
     images = np.random.default_rng(seed).random((n, *[int(d) for d in input_shape]), dtype=np.float32)
-    reference = _run(_session(onnx_path), images)
+    reference = batched_logits(cpu_session(onnx_path), images)
     got = run_pte(pte, images)
-    parity = _parity(got, reference)
+    parity = compare_logits(reference, got)
     scale = float(np.abs(reference).max()) if reference.size else 0.0
     return {**parity, "against": "fp32-onnx", "runtime": "ort-cpu", "inputs": "uniform [0,1]", "seed": seed,
             "logit_scale": scale}
@@ -338,9 +279,9 @@ def build_fp32(export_dir: Path, export_manifest: dict[str, Any], onnx_path: Pat
 
     Parity gate: max |logit difference| <= tolerance x max(1, logit scale) on 2 x max-batch images.
     """
-    from calibration.calib_set import load_reference
     from cstar.data import DatasetSpec
     from cstar.manifest import file_entry
+    from export.reference import load_reference
 
     require_executorch(f"lowering to the {BACKEND} backend")
     reference = reference_for_export(export_dir, export_manifest)
@@ -363,140 +304,3 @@ def build_fp32(export_dir: Path, export_manifest: dict[str, Any], onnx_path: Pat
     source = [file_entry(reference / MANIFEST_NAME)] + ([file_entry(reference / weights)] if weights else [])
     return {**lowered.record(), "lowered_from": {"path": str(reference.resolve()), "files": source},
             "parity": parity, "warnings": lowered.warnings}
-
-
-# ------------------------------------------------------------------------------------------ calibrate (INT8)
-
-
-@dataclass
-class CalibrationJob:
-    """What `cstar calibrate --target executorch` prepared before quantizing (see calibration.calibrate)."""
-
-    from_dir: Path
-    out: Path
-    export: dict[str, Any]
-    fp32_path: Path
-    spec: Any
-    eps: float
-    norm: str
-    reference_dir: Path
-    calib: Any
-    eval_images: np.ndarray
-    eval_labels: np.ndarray
-    eval_indices: np.ndarray
-    method: str
-    seed: int
-    include_adversarial: float
-    warnings: list[str]
-    max_batch: int = DEFAULT_MAX_BATCH
-    pgd_steps: int = 20
-
-
-def _metrics(job: CalibrationJob, pte: Path,
-             model: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(metrics, parity vs FP32 ONNX, parity vs PyTorch) of the INT8 program on the TEST subset."""
-    import torch
-
-    from calibration.calib_set import craft_apgd
-    from calibration.measure import (
-        EVAL_APGD_ITERS,
-        EVAL_APGD_TARGETS,
-        transfer_block,
-    )
-    from calibration.measure import accuracy as _accuracy
-    from calibration.measure import parity as _parity
-    from calibration.measure import run_logits_of as _run
-    from calibration.measure import session as _session
-    from calibration.measure import torch_logits as _torch_logits
-    from calibration.measure import worst_case as _worst_case
-
-    fp32 = _session(job.fp32_path)
-    int8_logits, fp32_logits = run_pte(pte, job.eval_images), _run(fp32, job.eval_images)
-    with torch.no_grad():
-        torch_logits = model(torch.from_numpy(job.eval_images)).float().numpy()
-    sets = craft_apgd(model, job.eval_images, job.eval_labels, job.eps, job.norm, job.seed, EVAL_APGD_ITERS,
-                      EVAL_APGD_TARGETS)
-    metrics = {
-        "clean_acc": _accuracy(int8_logits, job.eval_labels),
-        "robust_acc": _worst_case(functools.partial(run_pte, pte), sets, job.eval_labels),
-        "fp32_clean_acc": _accuracy(fp32_logits, job.eval_labels),
-        "fp32_robust_acc": _worst_case(functools.partial(_run, fp32), sets, job.eval_labels),
-        "reference_robust_acc": _worst_case(functools.partial(_torch_logits, model), sets, job.eval_labels),
-        "n": int(job.eval_labels.shape[0]),
-        "executed_as": BACKEND,  # measured on the ExecuTorch runtime itself
-        "attack": transfer_block(job.eps, job.norm, job.seed),
-    }
-    parity = {**_parity(int8_logits, fp32_logits), "against": "fp32-onnx", "runtime": BACKEND,
-              "executed_as": BACKEND}
-    parity_torch = {**_parity(int8_logits, torch_logits), "against": "pytorch-reference"}
-    return metrics, parity, parity_torch
-
-
-def calibrate_executorch(job: CalibrationJob, verbose: bool = True) -> dict[str, Any]:
-    """INT8 `.pte` (xnnpack-pt2e-int8) of the export's checkpoint into job.out; returns the manifest."""
-    from calibration.calib_set import load_reference
-    from cstar.manifest import file_entry, sha256_file, write_manifest
-
-    require_executorch(f"`cstar calibrate --target {TARGET}`")
-    model, _ = load_reference(job.reference_dir, job.spec)
-    shape = tuple(int(d) for d in job.spec.input_shape)
-    exported, observer = quantize(deploy_model(model, job.export), job.calib.images, shape, 1, job.max_batch,
-                                  job.method)
-    lowered = lower(exported, 1, job.max_batch)
-    job.warnings.extend(lowered.warnings)
-    for line in lowered.warnings:
-        if verbose:
-            print(f"warning: {line}", file=sys.stderr)
-    job.out.mkdir(parents=True, exist_ok=True)
-    (job.out / MANIFEST_NAME).unlink(missing_ok=True)  # unfinished until the new manifest lands
-    final = job.out / PTE_NAME
-    try:
-        write_pte(lowered, final)
-        metrics, parity, parity_torch = _metrics(job, final, model)
-        body: dict[str, Any] = {
-            "inputs": [file_entry(job.fp32_path), file_entry(job.from_dir / MANIFEST_NAME),
-                       file_entry(job.reference_dir / MANIFEST_NAME)],
-            "dataset": job.export["dataset"],
-            "model": job.export.get("model"),
-            "eps": job.eps,
-            "norm": job.norm,
-            "metrics": metrics,
-        }
-        for key in ("params", "flops", "compression", "ranks", "classes", "input", "deploy_forms"):
-            if key in job.export:
-                body[key] = job.export[key]
-        body["parity"] = parity
-        body["parity_torch"] = parity_torch
-        body["artifact"] = {"file": PTE_NAME, "sha256": sha256_file(final), "format": "pte",
-                            "backend": BACKEND}
-        body["executorch"] = lowered.record()
-        body["precision"] = "int8"
-        body["quantization"] = quantization_block(observer)
-        body["calibration"] = _calibration_record(job, observer)
-        body["warnings"] = job.warnings
-        write_manifest(job.out, "calibrate", body)
-    except BaseException:
-        final.unlink(missing_ok=True)
-        raise
-    return read_manifest(job.out, ("calibrate",))
-
-
-def _calibration_record(job: CalibrationJob, observer: str) -> dict[str, Any]:
-    calib = job.calib
-    return {
-        "samples": int(len(calib)),
-        "method": job.method,
-        "observer": observer,
-        "split": calib.split,
-        "indices": [int(i) for i in calib.indices],
-        "adversarial_fraction": float(job.include_adversarial),
-        "n_adversarial": int(calib.n_adversarial),
-        "adversarial_attack": calib.attack,
-        "seed": job.seed,
-        "per_channel": True,
-        "symmetric": False,
-        "activation_type": "int8",
-        "weight_type": "int8",
-        "quantize_bias": False,
-        "eval_indices": [int(i) for i in job.eval_indices],
-    }
