@@ -108,18 +108,12 @@ def prune_stage(model: nn.Module, budget: Budget, share: float, cost: CostFn | N
 def residual_error(stage: PruneStage, ratio: float, error: CstarError) -> CstarError:
     """The allocator's error on the pruned model, restated against the dense model (its best reachable ratio
     too: the pruning's times the best the allocator reaches on the pruned model)."""
+    message = (f"hybrid: after pruning {stage.prune_ratio:.2f}x, Tucker-2 cannot reach the remaining "
+               f"{stage.residual.ratio:.2f}x (total {ratio:g}x): {error.message}")
+    hint = "pass a larger --hybrid-prune-share (prune more), or a smaller --ratio"
     if isinstance(error, UnreachableBudget):
-        return UnreachableBudget(
-            f"hybrid: after pruning {stage.prune_ratio:.2f}x, Tucker-2 cannot reach the remaining "
-            f"{stage.residual.ratio:.2f}x (total {ratio:g}x): {error.message}",
-            "pass a larger --hybrid-prune-share (prune more), or a smaller --ratio",
-            stage.prune_ratio * error.best_ratio,
-        )
-    return CstarError(
-        f"hybrid: after pruning {stage.prune_ratio:.2f}x, Tucker-2 cannot reach the remaining "
-        f"{stage.residual.ratio:.2f}x (total {ratio:g}x): {error.message}",
-        "pass a larger --hybrid-prune-share (prune more), or a smaller --ratio",
-    )
+        return UnreachableBudget(message, hint, stage.prune_ratio * error.best_ratio)
+    return CstarError(message, hint)
 
 
 @dataclass
