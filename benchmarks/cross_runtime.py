@@ -328,20 +328,17 @@ def random_image_tree(directory: Path, per_class: int, seed: int) -> Path:
 
 def structure_models(dense: Any, input_shape: tuple[int, ...], ratio: float) -> dict[str, tuple[Any, dict[str, Any]]]:
     """{key: (model, manifest extras)}: CSTAR (global rank allocation + Tucker-2) and channel pruning to
-    `ratio` FLOPs, ends dense, no training: the structures cstar compress would fine-tune."""
-    from cstar.admm import Budget, allocate_for, factorize_model, rank_map
-    from cstar.baselines import prune_to_budget, pruned_rank_map
-    from cstar.compress import compression_ratios
-    from cstar.hybrid import budget_cost
+    `ratio` FLOPs, ends dense, no training: the structures cstar compress would fine-tune
+    (cstar.compress.structure)."""
+    from cstar.admm import Budget
+    from cstar.compress import compress_structure, compression_ratios
     from cstar.ranks import first_and_last
 
     budget = Budget(ratio, "flops", input_shape, first_and_last(dense))
-    cstar = factorize_model(dense, allocate_for(dense, budget).ranks)
-    pruned = prune_to_budget(dense, input_shape, ratio, "flops", budget.keep_dense, budget_cost(budget)).model
-    return {f"{method}-x{ratio:g}flops": (model, {"compression": compression_ratios(dense, model, input_shape),
-                                                   "ranks": ranks, "method": method})
-            for method, model, ranks in (("cstar", cstar, rank_map(cstar)),
-                                         ("prune", pruned, pruned_rank_map(dense, pruned)))}
+    made = {method: compress_structure(dense, budget, method) for method in ("cstar", "prune")}
+    return {f"{method}-x{ratio:g}flops": (s.model, {"compression": compression_ratios(dense, s.model, input_shape),
+                                                     "ranks": s.ranks(dense), "method": method})
+            for method, s in made.items()}
 
 
 def cifar_checkpoints(root: Path, data: str, args: argparse.Namespace) -> dict[str, StageRun]:

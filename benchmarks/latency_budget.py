@@ -241,23 +241,15 @@ def summarize(values: list[float]) -> dict[str, float]:
 def latency_structure(dense: Any, table: Any, method: str, target: float, batch: int | tuple[int, ...],
                       input_shape: tuple[int, ...], share: float) -> tuple[Any, dict[str, Any]]:
     """(model, ranks) compressed to `target` x the predicted latency at `batch` (at each of several) as `cstar
-    compress --by latency` allocates before training: the same Budget, allocator, pruning and cost function."""
-    from cstar.admm import Budget, allocate_for, factorize_model, rank_map
-    from cstar.baselines import pruned_rank_map
-    from cstar.hybrid import hybrid_compress, prune_for_budget
+    compress --by latency` allocates before training: the same Budget and structure path
+    (cstar.compress.structure), so the same allocator, pruning and cost function."""
+    from cstar.admm import Budget
+    from cstar.compress import compress_structure
     from cstar.ranks import first_and_last
 
     budget = Budget(target, "latency", input_shape, first_and_last(dense), latency_table=table, latency_batch=batch)
-    if method in ("cstar", "lowrank-uniform"):
-        model = factorize_model(dense, allocate_for(dense, budget, uniform=method == "lowrank-uniform").ranks)
-        return model, rank_map(model)
-    if method == "prune":
-        model = prune_for_budget(dense, budget).model
-    elif method == "hybrid":
-        model = hybrid_compress(dense, budget, share).model
-    else:
-        raise CstarError(f"unknown method '{method}' for a structure", "use cstar, prune, lowrank-uniform or hybrid")
-    return model, pruned_rank_map(dense, model)
+    structure = compress_structure(dense, budget, method, share=share)
+    return structure.model, structure.ranks(dense)
 
 
 def reachable_ratios(dense: Any, table: Any, batch: int, input_shape: tuple[int, ...], methods: list[str],

@@ -20,7 +20,7 @@ allocation and Z/U are broadcast from rank 0, test metrics are sharded and summe
 alone writes the output directory. `--amp`, `--channels-last` and `--workers` act as in `cstar train`.
 
 The package, one concept per module: `config` (CompressConfig), `methods` (the registry), `trainer` (the
-shared recipe), `engine` (one compression of an in-memory model), `ratios`, `stage` (`run_compress`) and
+shared recipe), `engine` (one compression of an in-memory model), `structure` (structure-only compression), `ratios`, `stage` (`run_compress`) and
 `command` (the CLI). Importing it needs no torch.
 """
 
@@ -30,11 +30,12 @@ from cstar.compress.engine import compress_module, compress_with_method, inherit
 from cstar.compress.methods import COMPRESSION_METHODS, MethodFn, MethodResult, compression_method
 from cstar.compress.ratios import compression_ratios
 from cstar.compress.stage import run_compress
+from cstar.compress.structure import STRUCTURES, Structure, compress_structure
 from cstar.compress.trainer import Trainer
 from cstar.config import FACTOR_DECAYS
 
 __all__ = [
     "BUDGETS", "COMPRESSION_METHODS", "FACTOR_DECAYS", "METHODS", "CompressConfig", "MethodFn", "MethodResult",
-    "Trainer", "add_arguments", "compress_module", "compress_with_method", "compression_method",
-    "compression_ratios", "eval_spec", "inherit_recipe", "main", "run_compress",
+    "STRUCTURES", "Structure", "Trainer", "add_arguments", "compress_module", "compress_with_method", "compression_method",
+    "compress_structure", "compression_ratios", "eval_spec", "inherit_recipe", "main", "run_compress",
 ]

@@ -1,5 +1,6 @@
 """The compression methods by name (timm-style registry): CSTAR, uniform low-rank, robust pruning, hybrid.
 
+The baselines fine-tune the untrained structure of cstar.compress.structure (the one structure-only path).
 Each takes (model, budget, config, trainer, log) and returns the model to fine-tune, its manifest details
 and how many fine-tuning epochs it gets, so every method shares one recipe and one epoch budget."""
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cstar.compress.config import CompressConfig
+from cstar.compress.structure import compress_structure
 from cstar.compress.trainer import Trainer
 from cstar.errors import CstarError
 
@@ -38,19 +40,16 @@ def _cstar_method(model: Any, budget: Any, cfg: CompressConfig, trainer: Trainer
 def _lowrank_uniform_method(model: Any, budget: Any, cfg: CompressConfig, trainer: Trainer, log: Any
                             ) -> MethodResult:
     """Baseline: the same rank fraction in every layer, factorized at once, all epochs fine-tuning."""
-    from cstar.admm import allocate_for, factorize_model
-
-    allocation = allocate_for(model, budget, uniform=True)
-    compressed = factorize_model(model, allocation.ranks, cfg.sweeps)
-    return MethodResult(compressed, {"allocation": _allocation_summary(allocation), "history": {}}, cfg.total_epochs)
+    structure = compress_structure(model, budget, "lowrank-uniform", sweeps=cfg.sweeps)
+    return MethodResult(structure.model, {"allocation": _allocation_summary(structure.allocation), "history": {}},
+                        cfg.total_epochs)
 
 
 def _prune_method(model: Any, budget: Any, cfg: CompressConfig, trainer: Trainer, log: Any) -> MethodResult:
     """Baseline: robust channel pruning to the same budget, all epochs fine-tuning."""
-    from cstar.hybrid import prune_for_budget
-
-    pruned = prune_for_budget(model, budget)
-    return MethodResult(pruned.model, {"pruning": _pruning_summary(pruned), "history": {}}, cfg.total_epochs)
+    structure = compress_structure(model, budget, "prune")
+    return MethodResult(structure.model, {"pruning": _pruning_summary(structure.pruned), "history": {}},
+                        cfg.total_epochs)
 
 
 def _hybrid_method(model: Any, budget: Any, cfg: CompressConfig, trainer: Trainer, log: Any) -> MethodResult:

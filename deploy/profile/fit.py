@@ -77,18 +77,17 @@ def pruned_reference(dense: Any, table: LatencyTable, fraction: float) -> Any | 
 def allocated_references(dense: Any, table: LatencyTable, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """{name: model}: CSTAR's allocation and latency pruning at each reachable REFERENCE_LATENCY_RATIOS ratio
     of the table's prediction at its largest batch (structure only: random weights, no training)."""
-    from cstar.admm import Budget, allocate_for, factorize_model
-    from cstar.hybrid import prune_for_budget
+    from cstar.admm import Budget
+    from cstar.compress import compress_structure
     from cstar.ranks import first_and_last
 
     models: dict[str, Any] = {}
     for ratio in REFERENCE_LATENCY_RATIOS:
         budget = Budget(ratio, "latency", input_shape, first_and_last(dense), latency_table=table,
                         latency_batch=max(table.batch_sizes))
-        with suppress(CstarError):  # a ratio this model cannot reach on this runtime is skipped
-            models[f"cstar-x{ratio:g}"] = factorize_model(dense, allocate_for(dense, budget).ranks, sweeps=0)
-        with suppress(CstarError):
-            models[f"prune-x{ratio:g}"] = prune_for_budget(dense, budget).model
+        for method in ("cstar", "prune"):
+            with suppress(CstarError):  # a ratio this model cannot reach on this runtime is skipped
+                models[f"{method}-x{ratio:g}"] = compress_structure(dense, budget, method, sweeps=0).model
     return models
 
 

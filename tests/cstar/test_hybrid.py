@@ -131,3 +131,30 @@ def test_hybrid_round_trip(robust_digits_dir: Path, tmp_path: Path, monkeypatch:
         expected = saved["model"].eval()(images)
         for candidate in (model, rebuilt):
             assert float((candidate(images) - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_structure_path_meets_the_budget_for_every_method(method: str) -> None:
+    """cstar.compress.structure: one structure-only path keyed like the method registry; each structure reaches
+    the ratio (within the allocator's/pruning's granularity) and keeps the ends' weights' shapes."""
+    from cstar.compress import STRUCTURES, compress_structure
+
+    assert tuple(STRUCTURES) == METHODS
+    dense = _resnet()
+    keep = first_and_last(dense)
+    structure = compress_structure(dense, Budget(4.0, "params", SPEC.input_shape, keep), method, sweeps=0)
+    achieved = model_cost(dense, SPEC.input_shape, "params") / model_cost(structure.model, SPEC.input_shape, "params")
+    assert 4.0 <= achieved <= 4.0 * 1.25, achieved
+    ranks = structure.ranks(dense)
+    assert keep and all(ranks[name]["kind"] == "dense" for name in keep), {name: ranks[name] for name in keep}
+    assert any(entry["kind"] != "dense" for entry in ranks.values())
+    assert (structure.pruned is not None) == (method in ("prune", "hybrid"))
+    assert (structure.allocation is not None) == (method != "prune")
+
+
+def test_structure_path_names_the_methods_on_a_typo() -> None:
+    from cstar.compress import compress_structure
+
+    with pytest.raises(CstarError, match="unknown compression method 'pruned'") as info:
+        compress_structure(_resnet(), Budget(2.0, "params", SPEC.input_shape, ()), "pruned")
+    assert "lowrank-uniform" in (info.value.hint or "")
