@@ -48,15 +48,26 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)
 
 
-def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """Prunable channel groups of a registry model (CIFAR-style ResNet with BasicBlocks, or VGG)."""
+def has_written_groups(model: nn.Module) -> bool:
+    """True for the registry's CIFAR ResNets and VGG, whose channel groups are written out here."""
+    return isinstance(getattr(model, "net", None), (CifarResNet, VGG))
+
+
+def channel_groups(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[ChannelGroup]:
+    """Prunable channel groups: written out for the registry's CIFAR ResNets (BasicBlock, PreActBlock) and VGG;
+    for any other graph traced by Torch-Pruning at `input_shape` (cstar.graph_pruning)."""
     net = getattr(model, "net", None)
     if isinstance(net, CifarResNet):
         return _preact_groups(net, "net.") if net.preact else _resnet_groups(net, "net.")
     if isinstance(net, VGG):
         return _vgg_groups(net, "net.")
+    if input_shape is not None:
+        from cstar.graph_pruning import graph_groups
+
+        return graph_groups(model, input_shape)
     raise CstarError(
-        f"structured pruning supports small-resnet, resnet18, preact-resnet18 and vgg16, not {type(net).__name__}",
+        f"structured pruning without an input shape supports small-resnet, resnet18, preact-resnet18 and vgg16, "
+        f"not {type(net if net is not None else model).__name__}",
         "use --method cstar or --method lowrank-uniform for this model",
     )
 
@@ -129,12 +140,13 @@ def _vgg_groups(net: VGG, prefix: str) -> list[ChannelGroup]:
 
 
 def channel_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """Per-channel L1 filter norm summed over the group's producing convs (each normalized by its mean)."""
+    """Per-channel L1 filter norm summed over the group's producing convs and linears (each normalized by its
+    mean)."""
     modules = dict(model.named_modules())
     score: torch.Tensor | None = None
     for name in group.producers:
         module = modules[name]
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             norms = module.weight.detach().abs().flatten(1).sum(1).double()
             norms = norms / norms.mean().clamp_min(1e-12)
             score = norms if score is None else score + norms
@@ -147,8 +159,14 @@ def group_size(model: nn.Module, group: ChannelGroup) -> int:
     return int(cast(torch.Tensor, model.get_submodule(group.producers[0]).weight).shape[0])
 
 
-def prune_channels(model: nn.Module, keep: dict[str, torch.Tensor], groups: list[ChannelGroup]) -> nn.Module:
-    """A copy of `model` where each group keeps channel indices `keep[group.name]` (real smaller layers)."""
+def prune_channels(model: nn.Module, keep: dict[str, torch.Tensor], groups: list[ChannelGroup],
+                   input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A copy of `model` where each group keeps channel indices `keep[group.name]` (real smaller layers).
+    Groups traced by Torch-Pruning (a model without written-out groups, given `input_shape`) are pruned by it."""
+    if input_shape is not None and not has_written_groups(model):
+        from cstar.graph_pruning import prune_graph
+
+        return prune_graph(model, keep, groups, input_shape)
     pruned = copy.deepcopy(model)
     out_index: dict[str, torch.Tensor] = {}
     in_index: dict[str, torch.Tensor] = {}
@@ -257,13 +275,13 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
     `widths`: the kept counts each group may take (a latency table's grid), each group rounded down to one.
     """
     measure: CostFn = cost if cost is not None else (lambda m: model_cost(m, input_shape, by))
-    groups = channel_groups(model)
+    groups = channel_groups(model, input_shape)
     frozen = frozen_groups(groups, keep_dense)
     dense = measure(model)
     target = dense / ratio
 
     def pruned_at(fraction: float) -> nn.Module:
-        return prune_channels(model, keep_indices(model, groups, fraction, frozen, widths), groups)
+        return prune_channels(model, keep_indices(model, groups, fraction, frozen, widths), groups, input_shape)
 
     smallest = measure(pruned_at(0.0))
     if smallest > target:
@@ -277,7 +295,7 @@ def prune_to_budget(model: nn.Module, input_shape: tuple[int, ...], ratio: float
     low = largest_fraction_within(lambda fraction: measure(pruned_at(fraction)), target, iterations=20)
     keep = keep_indices(model, groups, low, frozen, widths)
     kept = {g.name: (int(keep[g.name].numel()), group_size(model, g)) for g in groups}
-    return PruneResult(prune_channels(model, keep, groups), low, kept, frozen)
+    return PruneResult(prune_channels(model, keep, groups, input_shape), low, kept, frozen)
 
 
 def pruned_rank_map(dense: nn.Module, pruned: nn.Module) -> dict[str, dict]:

@@ -1,0 +1,121 @@
+"""Robust channel pruning of any graph through Torch-Pruning (cstar.graph_pruning)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from cstar.baselines import channel_groups, prune_to_budget
+from cstar.budget import model_cost
+from cstar.checkpoint import apply_structure, describe_structure
+from cstar.data import DatasetSpec
+from cstar.errors import CstarError
+from cstar.graph_pruning import graph_groups
+from cstar.models import build_model
+from cstar.ranks import first_and_last
+
+SPEC = DatasetSpec("synthetic", (3, 16, 16), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3, 0.03)
+CIFAR = DatasetSpec("synthetic", (3, 32, 32), tuple(str(i) for i in range(10)), (0.5,) * 3, (0.25,) * 3, 8 / 255)
+MOBILENET = "torchvision.models:mobilenet_v2"
+
+
+class Branches(nn.Module):
+    """Two branches concatenated, a residual add and a depthwise conv: no written-out channel rules."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.left = nn.Sequential(nn.Conv2d(16, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.right = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                   nn.Conv2d(16, 20, 1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
+        self.merge = nn.Sequential(nn.Conv2d(32, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.again = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24))
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.merge(torch.cat([self.left(x), self.right(x)], dim=1))
+        x = torch.relu(x + self.again(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _as_sets(groups: list) -> set[tuple[frozenset[str], frozenset[str]]]:
+    return {(frozenset(g.producers), frozenset(g.consumers)) for g in groups}
+
+
+@pytest.mark.parametrize("name", ["small-resnet", "resnet18", "preact-resnet18", "vgg16"])
+def test_traced_groups_equal_the_written_rules_on_the_registry(name: str) -> None:
+    """So the registry's pruned networks are the same whichever source gives the groups."""
+    torch.manual_seed(0)
+    model = build_model(name, SPEC, **({} if name == "vgg16" else {"width": 8}))
+    assert _as_sets(graph_groups(model, SPEC.input_shape)) == _as_sets(channel_groups(model))
+
+
+def _ratio(dense: nn.Module, pruned: nn.Module, shape: tuple[int, ...]) -> float:
+    return model_cost(dense, shape, "params") / model_cost(pruned, shape, "params")
+
+
+def _depthwise(model: nn.Module) -> dict[str, nn.Conv2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+
+
+def test_mobilenet_v2_prunes_to_the_budget_and_round_trips() -> None:
+    torch.manual_seed(0)
+    dense = build_model(MOBILENET, CIFAR).train()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    keep = first_and_last(dense)
+    result = prune_to_budget(dense, CIFAR.input_shape, 2.0, "params", keep_dense=keep)
+    assert 2.0 <= _ratio(dense, result.model, CIFAR.input_shape) <= 2.1
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())  # input unchanged, BN stats too
+    assert dense.training and all(m.training for m in dense.modules())
+    depthwise = _depthwise(result.model)
+    assert len(depthwise) == len(_depthwise(dense)) == 17
+    assert all(m.groups == m.in_channels == m.out_channels for m in depthwise.values())
+    assert any(m.out_channels < _depthwise(dense)[n].out_channels for n, m in depthwise.items())
+    modules, original = dict(result.model.named_modules()), dict(dense.named_modules())
+    for name in keep:  # the kept-dense ends keep their weights' shapes, as CSTAR keeps them
+        assert modules[name].weight.shape == original[name].weight.shape
+    result.model.eval()
+    rebuilt = apply_structure(build_model(MOBILENET, CIFAR), describe_structure(result.model))
+    rebuilt.load_state_dict(result.model.state_dict())
+    x = torch.rand(3, *CIFAR.input_shape)
+    with torch.no_grad():
+        assert (rebuilt.eval()(x) - result.model(x)).abs().max().item() <= 1e-6
+
+
+def test_branches_that_concatenate_prune_and_keep_the_output() -> None:
+    torch.manual_seed(0)
+    model = Branches()
+    groups = {g.name: g for g in graph_groups(model, SPEC.input_shape)}
+    merged = [g for g in groups.values() if "merge.0" in g.consumers]
+    assert {p for g in merged for p in g.producers} >= {"left.0", "right.2"}  # both halves of the cat feed merge
+    residual = next(g for g in groups.values() if "again.0" in g.producers or "again.1" in g.producers)
+    assert {"merge.0", "again.0"} <= set(residual.producers)  # the add ties merge's and again's channels
+    result = prune_to_budget(model, SPEC.input_shape, 2.0, "params", keep_dense=())  # --compress-ends
+    assert 2.0 <= _ratio(model, result.model, SPEC.input_shape) <= 2.3
+    with torch.no_grad():
+        out = result.model.eval()(torch.rand(2, *SPEC.input_shape))
+    assert out.shape == (2, 10)  # the classifier's outputs are never pruned
+    assert result.model.merge[0].in_channels == result.model.left[0].out_channels + result.model.right[2].out_channels
+
+
+def test_missing_torch_pruning_is_one_error_naming_the_methods_that_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(CstarError, match="needs Torch-Pruning") as info:
+        prune_to_budget(Branches(), SPEC.input_shape, 2.0, "params")
+    assert "--method cstar" in (info.value.hint or "") and "torch-pruning" in (info.value.hint or "")
+
+
+def test_an_untraceable_model_is_refused_naming_the_methods_that_work() -> None:
+    class DataDependent(Branches):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > -1:
+                raise RuntimeError("cannot trace")
+            return super().forward(x)
+
+    with pytest.raises(CstarError, match="cannot trace this model") as info:
+        graph_groups(DataDependent(), SPEC.input_shape)
+    assert "--method cstar" in (info.value.hint or "")
