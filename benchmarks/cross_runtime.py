@@ -341,6 +341,14 @@ def structure_models(dense: Any, input_shape: tuple[int, ...], ratio: float) -> 
             for method, s in made.items()}
 
 
+def cifar_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The part's model options: the registry models' width; none for a model by import path (its defaults,
+    num_classes from the data)."""
+    from cstar.models import is_import_path
+
+    return {} if is_import_path(args.cifar_model) else {"width": args.cifar_width}
+
+
 def cifar_checkpoints(root: Path, data: str, args: argparse.Namespace) -> dict[str, StageRun]:
     """dense (random init, seed) and the two structures, as train/compress directories export reads."""
     import torch
@@ -351,7 +359,7 @@ def cifar_checkpoints(root: Path, data: str, args: argparse.Namespace) -> dict[s
     from cstar.models import build_model
 
     spec = load_dataset(data).spec
-    options = {"width": args.cifar_width}
+    options = cifar_options(args)
     config = {"model": args.cifar_model, "options": options, "seed": args.seed, "random_weights": True}
     body = {"eps": spec.default_eps, "norm": "linf", "metrics": {}, "config": config}
     expect = Expect(config={"config.model": args.cifar_model, "config.options": options, "config.seed": args.seed})
@@ -397,7 +405,7 @@ def cifar_part(root: Path, args: argparse.Namespace, backends: list[str]) -> dic
         formats[key] = {backend: block["format"] for backend, block in calibration.items()}
     latency = timed(builds, args, args.threads, args.cifar_batch_sizes, args.cifar_iters)
     rows = cifar_rows(runs, latency, formats)
-    return {"model": args.cifar_model, "options": {"width": args.cifar_width}, "ratio": args.cifar_ratio,
+    return {"model": args.cifar_model, "options": cifar_options(args), "ratio": args.cifar_ratio,
             "by": "flops", "random_weights": True, "batch_sizes": sizes, "threads": args.threads,
             "iters": args.cifar_iters, "calibration_images": args.cifar_images * 10,
             "models": {key: {"dir": str(run.directory), "params": run.manifest.get("params"),

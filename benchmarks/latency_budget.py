@@ -95,7 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="part 2 interleaved bench rounds, median taken (9; quick 1): this shared VM has phases of "
                              "~0.1-1 s where every call runs ~1.4x slower, and three long rounds let one cover a model")
     parser.add_argument("--no-cifar", action="store_true", help="skip part 1 (CIFAR ResNet-18 shapes)")
-    parser.add_argument("--cifar-model", default="resnet18", help="registry model of part 1 (default resnet18)")
+    parser.add_argument("--cifar-model", default="resnet18",
+                        help="part 1's model: a registry name (default resnet18) or package.module:factory, e.g. "
+                             "torchvision.models:mobilenet_v2 (its defaults; --cifar-width then unused)")
+    parser.add_argument("--tag", default=None,
+                        help="suffix of the result files (latency_budget_<data>_<tag>), e.g. for another --cifar-model")
     parser.add_argument("--cifar-width", type=int, default=None, help="its width option (64; quick 8)")
     parser.add_argument("--cifar-targets", default=None,
                         help="latency ratios of part 1 (4,8,16; quick 1.5,16: width 8 reaches ~1.7x)")
@@ -348,6 +352,7 @@ def predicted_by_batch(run: StageRun, table: Any, form_batch: int) -> dict[str, 
 
 def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Part 1: profile, latency-budget structures, exports by the table, interleaved bench."""
+    from benchmarks.cross_runtime import cifar_options
     from cstar.latency_table import LatencyTable
 
     sizes = parse_list(args.cifar_batch_sizes, int)
@@ -378,7 +383,7 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                for key, m in models.items()}
     latency = bench(exports, sizes, args.cifar_iters, args, args.cifar_rounds)
     rows = cifar_rows(models, latency, table, sizes)
-    return {"model": args.cifar_model, "options": {"width": args.cifar_width}, "random_weights": True,
+    return {"model": args.cifar_model, "options": cifar_options(args), "random_weights": True,
             "backend": BACKEND, "threads": args.threads, "batch_sizes": sizes, "iters": args.cifar_iters,
             "rounds": args.cifar_rounds,
             "table": {"path": str(table_path), **table.describe(),
@@ -677,6 +682,11 @@ def _mean_std(stats: dict[str, float], scale: float = 100.0, digits: int = 1) ->
     return f"{scale * stats['mean']:.{digits}f} +- {scale * stats['std']:.{digits}f}"
 
 
+def _options_label(options: dict[str, Any]) -> str:
+    """' (width 64)' for a registry model's options; '' for a model by import path at its defaults."""
+    return f" ({', '.join(f'{k} {v}' for k, v in options.items())})" if options else ""
+
+
 def cifar_markdown(block: dict[str, Any]) -> str:
     """Part 1: one line per (model, measured batch), then the checks and the unreachable targets."""
     headers = ["model", "budget", "budget batch", "batch", "predicted (ms)", "measured p50 (ms)", "speedup vs dense",
@@ -690,7 +700,7 @@ def cifar_markdown(block: dict[str, Any]) -> str:
                      "-" if r["of_target"] is None else f"{r['of_target']:.2f}", _err(r["prediction_error"]),
                      _err(r.get("anchored_error")), forms])
     table = block["table"]
-    head = (f"## Latency budget on {block['model']} (width {block['options']['width']}), CIFAR-10 shapes, "
+    head = (f"## Latency budget on {block['model']}{_options_label(block['options'])}, CIFAR-10 shapes, "
             f"RANDOM WEIGHTS\n\nRANDOM WEIGHTS (latency only, no accuracy). `cstar profile` on {block['backend']} "
             f"({table['runtime'].get('name')} {table['runtime'].get('version')}, {block['threads']} thread, batch "
             f"{', '.join(map(str, block['batch_sizes']))}; its dense model, measured in the calibration rounds: "
@@ -830,15 +840,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_torch(args.torch_threads)
     machine = machine_info(args.threads)
     root = work_root(args.data, args.quick, args.work)
-    name = result_name(BENCHMARK, args.data)
+    name = result_name(BENCHMARK, args.data) + (f"_{args.tag}" if args.tag else "")
     plot_path = results_dir(args.quick, args.results_dir) / f"{name}_pareto.png"
     with stopwatch() as total:
         with stopwatch() as first:
-            cifar = None if args.no_cifar else cifar_part(root / BENCHMARK / f"cifar-{args.cifar_model}", args)
+            part_dir = root / BENCHMARK / f"cifar-{args.cifar_model.replace(':', '-')}"
+            cifar = None if args.no_cifar else cifar_part(part_dir, args)
         accuracy = None if args.no_accuracy else accuracy_part(root, args, plot_path)
     payload = {"machine": machine, "data": args.data, "cifar": cifar, "accuracy": accuracy,
                "config": {key: getattr(args, key) for key in (
-                   "threads", "iters", "warmup", "rounds", "cifar_model", "cifar_width", "cifar_targets",
+                   "threads", "iters", "warmup", "rounds", "cifar_model", "cifar_width", "tag", "cifar_targets",
                    "cifar_methods", "cifar_batch_sizes", "cifar_budget_batches", "cifar_iters", "cifar_rounds",
                    "flops_reference",
                    "hybrid_prune_share", "methods", "targets", "seeds", "batch_sizes", "latency_batch", "admm_epochs",

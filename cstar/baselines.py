@@ -16,6 +16,10 @@ tied to its channel group, so a group that a kept layer produces (the stem -> th
 stream) or consumes (the classifier <- the last stage's stream) is not pruned; the other groups share
 the fraction f. `--compress-ends` (no kept layers) prunes every group, as CSTAR then factorizes the ends.
 
+Any other graph (torchvision models, a user's `package.module:factory`) gets its groups from Torch-Pruning's
+dependency graph (cstar.graph_pruning), given the input shape; importance, fraction search, kept ends and
+width grid are the same code.
+
 Uniform low-rank: every factorizable layer gets the same rank fraction (no ADMM, no global
 allocation), Tucker-2 by HOSVD + HOOI, then the same adversarial fine-tuning.
 """

@@ -119,3 +119,28 @@ def test_an_untraceable_model_is_refused_naming_the_methods_that_work() -> None:
     with pytest.raises(CstarError, match="cannot trace this model") as info:
         graph_groups(DataDependent(), SPEC.input_shape)
     assert "--method cstar" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("method", ["prune", "hybrid"])
+def test_pruned_mobilenet_v2_exports_with_parity(method: str, tmp_path) -> None:
+    """A Torch-Pruning structure (depthwise convs pruned with their groups) through export: BN folded, parity."""
+    from cstar.admm import Budget
+    from cstar.checkpoint import save_checkpoint
+    from cstar.compress import compress_structure
+    from export.exporter import run_export
+
+    torch.manual_seed(0)
+    dense = build_model(MOBILENET, CIFAR, width_mult=0.5).eval()
+    for module in dense.modules():
+        if isinstance(module, nn.BatchNorm2d):  # trained-looking statistics, so folding is really exercised
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    budget = Budget(2.0, "params", CIFAR.input_shape, first_and_last(dense))
+    structure = compress_structure(dense, budget, method, sweeps=0)
+    assert _ratio(dense, structure.model, CIFAR.input_shape) >= 2.0
+    save_checkpoint(tmp_path / "ckpt", structure.model.eval(), "compress", MOBILENET, {"width_mult": 0.5}, CIFAR,
+                    {"eps": 8 / 255, "norm": "linf", "metrics": {}, "ranks": structure.ranks(dense)})
+    exported = run_export(tmp_path / "ckpt", tmp_path / "onnx", parity_samples=8, progress=False,
+                          parity_data=(torch.rand(20, *CIFAR.input_shape), torch.arange(20) % 10))
+    assert exported["parity"]["passed"] and exported["parity"]["max_abs_diff"] <= 1e-4
+    assert "BatchNormalization" not in exported["onnx"]["nodes"]
