@@ -36,20 +36,12 @@ import torch
 from torch import nn
 
 from cstar.budget import model_cost
+from cstar.channels import ChannelGroup, group_size
 from cstar.checkpoint import set_submodule
 from cstar.errors import CstarError, UnreachableBudget
 from cstar.lowrank import LowRankConv2d, LowRankLinear
 from cstar.models import VGG, BasicBlock, CifarResNet, PreActBlock
 from cstar.ranks import largest_fraction_within
-
-
-@dataclass
-class ChannelGroup:
-    """Channels that must be pruned together: producers' outputs (conv/bn) and consumers' inputs."""
-
-    name: str
-    producers: list[str] = field(default_factory=list)
-    consumers: list[str] = field(default_factory=list)
 
 
 def has_written_groups(model: nn.Module) -> bool:
@@ -157,10 +149,6 @@ def channel_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     if score is None:
         raise ValueError(f"group {group.name} has no producing conv")
     return score
-
-
-def group_size(model: nn.Module, group: ChannelGroup) -> int:
-    return int(cast(torch.Tensor, model.get_submodule(group.producers[0]).weight).shape[0])
 
 
 def prune_channels(model: nn.Module, keep: dict[str, torch.Tensor], groups: list[ChannelGroup],

@@ -19,15 +19,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from cstar.channels import ChannelGroup, group_size
 from cstar.errors import CstarError
-
-if TYPE_CHECKING:
-    from cstar.baselines import ChannelGroup
 
 FIX_METHODS = "use --method cstar or --method lowrank-uniform (Tucker-2 keeps every layer's channels)"
 
@@ -93,11 +91,9 @@ def _groups_of(graph: Any, model: nn.Module, input_shape: tuple[int, ...]) -> It
 
 
 def graph_groups(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelGroup]:
-    """cstar.baselines.ChannelGroup for every channel group of `model` (named by its root layer): producers are
+    """ChannelGroup for every channel group of `model` (named by its root layer): producers are
     the layers whose output channels the group removes (convs, depthwise convs, BatchNorm), consumers those
     whose input channels it removes."""
-    from cstar.baselines import ChannelGroup
-
     graph = dependency_graph(model, input_shape)
     names = {module: name for name, module in model.named_modules()}
     groups = []
@@ -120,8 +116,6 @@ def prune_graph(model: nn.Module, keep: dict[str, torch.Tensor], groups: list[Ch
                 input_shape: tuple[int, ...]) -> nn.Module:
     """A copy of `model` where each group keeps the channel indices `keep[group.name]` (Torch-Pruning slices
     every coupled layer; the copy's own graph re-maps concatenations after each group)."""
-    from cstar.baselines import group_size
-
     pruned = copy.deepcopy(model)
     graph = dependency_graph(pruned, input_shape)
     modules = dict(pruned.named_modules())

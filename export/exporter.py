@@ -18,6 +18,7 @@ from typing import Any
 
 from cstar.errors import CstarError, GateFailure
 from cstar.manifest import MANIFEST_NAME
+from cstar.stage_log import StageLog
 
 MODEL_FILE = "model.onnx"
 DEFAULT_PARITY_SAMPLES = 256
@@ -66,10 +67,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _logger(progress: bool) -> Callable[[str], None]:
-    from cstar.stage_log import StageLog
-
-    return StageLog(progress, prefix="[export] ")
 
 
 def _validate(from_dir: Path, out_dir: Path, simplifier: str, opset: int, static_batch: int | None,
@@ -114,7 +111,7 @@ def run_export(
     _validate(from_path, out_path, simplifier, opset, static_batch, parity_samples, tolerance)
     claim = OutputDir(out_path, "export", (from_path, latency_table), force=force)
     table = _load_table(latency_table, latency_batch)
-    log = _logger(progress)
+    log = StageLog(progress, prefix="[export] ")
     from cstar.checkpoint import load_checkpoint
 
     model, source = load_checkpoint(from_path)

@@ -10,6 +10,7 @@ from cstar.compress.config import CompressConfig
 from cstar.compress.methods import compression_method
 from cstar.compress.trainer import Trainer
 from cstar.config import TRAIN_METHODS
+from cstar.stage_log import StageLog
 
 
 def compress_module(dense: Any, train_set: Any, input_shape: tuple[int, ...], cfg: CompressConfig, eps: float,
@@ -23,7 +24,7 @@ def compress_module(dense: Any, train_set: Any, input_shape: tuple[int, ...], cf
     cfg = inherit_recipe(dataclasses.replace(cfg, device=str(resolve_device(cfg.device))), {})
     shape = cast(tuple[int, int, int], tuple(int(d) for d in input_shape))
     spec = DatasetSpec("in-memory", shape, ("0",), (0.0,) * shape[0], (1.0,) * shape[0], eps)
-    return compress_with_method(dense, spec, train_set, cfg, eps, norm, stage_logger(progress), table=table)
+    return compress_with_method(dense, spec, train_set, cfg, eps, norm, StageLog(progress, main_rank_only=True), table=table)
 
 
 def compress_with_method(dense: Any, spec: Any, train_set: Any, cfg: CompressConfig, eps: float, norm: str,
@@ -90,7 +91,3 @@ def resolve_device(name: str) -> Any:
 
 
 
-def stage_logger(progress: bool) -> Any:
-    from cstar.stage_log import StageLog
-
-    return StageLog(progress, main_rank_only=True)

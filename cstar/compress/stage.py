@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from cstar.compress.config import CompressConfig, eval_spec
-from cstar.compress.engine import compress_with_method, inherit_recipe, resolve_device, stage_logger
+from cstar.compress.engine import compress_with_method, inherit_recipe, resolve_device
 from cstar.compress.ratios import check_ratio, compression_ratios
 from cstar.errors import CstarError
+from cstar.stage_log import StageLog
 from cstar.stage_metrics import stage_metrics
 
 
@@ -65,7 +66,7 @@ def _compress_into(from_dir: str | Path, work: Path, cfg: CompressConfig, progre
     _check_table_layers(table, dense, cfg)
     torch.manual_seed(cfg.seed)
     bundle = load_dataset_from_spec(spec)
-    log = stage_logger(progress)
+    log = StageLog(progress, main_rank_only=True)
     compressed, details = compress_with_method(dense, spec, bundle.train, cfg, eps, norm, log, table=table)
     compressed = compressed.to(cfg.device).eval()
     ratios = compression_ratios(dense, compressed, spec.input_shape, table, cfg.latency_batches)

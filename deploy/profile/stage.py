@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cstar.errors import CstarError
 from cstar.latency_table import TABLE_KIND, LatencyTable
+from cstar.stage_log import StageLog
 from deploy.profile.specs import LayerSpec, ProfileSettings
 from deploy.profile.table import PROGRESS, profile_layers, write_table
 from deploy.profile.timer import CALIBRATION_ROUNDS, MicroTimer
@@ -94,7 +94,7 @@ def run_profile(model_dir: str | Path, out: str | Path, settings: ProfileSetting
     model, input_shape, info = dense_model(model_dir)
     layers = [LayerSpec.from_geometry(g, settings.grid_cap, settings.ranks)
               for g in candidate_geometry(model, input_shape)]
-    log = _logger(progress)
+    log = StageLog(progress)
     with tempfile.TemporaryDirectory(prefix="cstar-profile-model-") as tmp:
         onnx_path = dense_model_onnx(model, input_shape, Path(tmp))
         log(f"profiling {len(layers)} layers of {info['name']} on {settings.backend} "
@@ -143,10 +143,6 @@ def dense_model_onnx(model: Any, input_shape: tuple[int, ...], directory: Path) 
     return export_as_deployed(model, input_shape, directory, "dense")
 
 
-def _logger(progress: bool) -> Callable[[str], None]:
-    from cstar.stage_log import StageLog
-
-    return StageLog(progress)
 
 
 class _bar:
