@@ -24,19 +24,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import StageRun, ensure_compress, ensure_dense  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    add_allow_dirty,
-    log,
-    machine_info,
-    markdown_table,
-    pct,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
-)
 
 BENCHMARK = "attack_suite"
 MAX_OVERSTATEMENT = 0.02  # issue 27: the manifest may read at most 2 points above the independent worst case
@@ -54,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="1 epoch each, 100 test images, 10 iterations")
-    add_allow_dirty(parser)
+    common.add_allow_dirty(parser)
 
 
 def _test_images(manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -160,17 +149,17 @@ def model_row(label: str, run: StageRun, quick: bool) -> dict[str, Any]:
            "stage_seconds": run.seconds, **others}
     row["overstatement"] = row["robust_acc"] - row["ta_worst"]
     row["within_2_points"] = row["overstatement"] <= MAX_OVERSTATEMENT + 1e-9
-    log(f"{label}: {attack.get('suite')} {pct(row['robust_acc'])} vs torchattacks APGD worst {pct(row['ta_worst'])}, "
-        f"PGD-20 {pct(row['pgd20'])}")
+    common.log(f"{label}: {attack.get('suite')} {common.pct(row['robust_acc'])} vs torchattacks APGD worst {common.pct(row['ta_worst'])}, "
+        f"PGD-20 {common.pct(row['pgd20'])}")
     return row
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train, compress (reusing finished runs), attack every model, write the result files."""
-    setup_torch(args.torch_threads)
-    work = Path(args.work) if args.work else work_root(args.data, args.quick) / "attack_suite"
+    common.setup_torch(args.torch_threads)
+    work = Path(args.work) if args.work else common.work_root(args.data, args.quick) / "attack_suite"
     quick_eval = ["--eval-steps", "10", "--eval-queries", "100"] if args.quick else []
-    with stopwatch() as total:
+    with common.stopwatch() as total:
         dense = ensure_dense(args.data, work / f"dense-{args.suite}", 1 if args.quick else None, args.eps,
                              extra=["--eval-suite", args.suite, *quick_eval])
         quick = {"admm_epochs": 1, "finetune_epochs": 0, "eval_limit": 100, "eval_steps": 10,
@@ -180,15 +169,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                           args.ratio, config) for m in METHODS}}
         rows = [model_row(label, stage, args.quick) for label, stage in runs.items()]
     dense_row = rows[0]
-    payload = {"machine": machine_info(), "data": args.data, "eps": args.eps, "ratio": args.ratio,
+    payload = {"machine": common.machine_info(), "data": args.data, "eps": args.eps, "ratio": args.ratio,
                "suite": args.suite, "rows": rows,
                "checks": {"manifest_within_2_points_of_independent_apgd": all(r["within_2_points"] for r in rows),
                           "reference_clean_at_least_0.93": dense_row["clean_acc"] >= REFERENCE_CLEAN_MIN,
                           "suite_below_pgd20": all(r["robust_acc"] <= r["pgd20"] for r in rows)},
                "seconds": round(total["seconds"], 1)}
-    paths = write_results(f"{BENCHMARK}_{args.data.split(':', 1)[0]}", payload, render(payload), args.quick,
+    paths = common.write_results(f"{BENCHMARK}_{args.data.split(':', 1)[0]}", payload, render(payload), args.quick,
                           args.results_dir, allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
+    common.log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 
 
@@ -202,29 +191,27 @@ def render(payload: dict[str, Any]) -> str:
             f"worst case over the {suite} suite (APGD-CE, APGD-T{', Square' if suite == 'aa' else ''}); torchattacks "
             "APGD-CE / APGD-T (9 targets) run 100 iterations each, their worst case is per example; PGD-20 and "
             "PGD-100 (step eps/10) are cstar's PGD.\n\n")
-    table = markdown_table(
+    table = common.markdown_table(
         ["model", "params", "clean %", f"robust_acc ({suite} worst case) %", "torchattacks APGD worst %",
          "torchattacks APGD-CE %", "torchattacks APGD-T %", "PGD-20 %", "PGD-100 %", "manifest - independent (pts)"],
-        [[r["model"], str(r["params"]), pct(r["clean_acc"]), pct(r["robust_acc"]), pct(r["ta_worst"]),
-          pct(r["ta_apgd_ce"]), pct(r["ta_apgd_t"]), pct(r["pgd20"]), pct(r["pgd100"]),
+        [[r["model"], str(r["params"]), common.pct(r["clean_acc"]), common.pct(r["robust_acc"]), common.pct(r["ta_worst"]),
+          common.pct(r["ta_apgd_ce"]), common.pct(r["ta_apgd_t"]), common.pct(r["pgd20"]), common.pct(r["pgd100"]),
           f"{100 * r['overstatement']:+.1f}"] for r in rows])
     checks = "\n".join(f"- {name}: {'yes' if ok else 'NO'}" for name, ok in payload["checks"].items())
-    cost = markdown_table(["model", "stage total s", *[f"{k} s/1000 img" for k in rows[0]["seconds_per_1000"]]],
+    cost = common.markdown_table(["model", "stage total s", *[f"{k} s/1000 img" for k in rows[0]["seconds_per_1000"]]],
                           [[r["model"], f"{r['stage_seconds']:.0f}" if r["stage_seconds"] else "-",
                             *[str(v) for v in r["seconds_per_1000"].values()]] for r in rows])
     names = list(rows[0]["diagnosis"])
-    diagnosis = markdown_table(["PGD variant (robust %)", *[r["model"] for r in rows]],
-                               [[name, *[pct(r["diagnosis"][name]) for r in rows]] for name in names]
-                               + [["APGD-CE (torchattacks)", *[pct(r["ta_apgd_ce"]) for r in rows]]])
+    diagnosis = common.markdown_table(["PGD variant (robust %)", *[r["model"] for r in rows]],
+                               [[name, *[common.pct(r["diagnosis"][name]) for r in rows]] for name in names]
+                               + [["APGD-CE (torchattacks)", *[common.pct(r["ta_apgd_ce"]) for r in rows]]])
     warnings = [f"- {r['model']}: {w}" for r in rows for w in r["warnings"]]
     return (head + table + "\n### Checks\n\n" + checks + "\n\n### Why PGD reads high: one change at a time\n\n"
             + diagnosis + "\n### Cost\n\n" + cost
             + ("\n### Suite warnings\n\n" + "\n".join(warnings) if warnings else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, None, argv)
+main = common.entry_point(__doc__, add_arguments, run, None)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import (  # noqa: E402
     StageRun,
     ensure_attackset,
@@ -47,19 +48,6 @@ from benchmarks.artifacts import (  # noqa: E402
     ensure_calibrate,
     read_json,
     timing_of,
-)
-from benchmarks.common import (  # noqa: E402
-    add_allow_dirty,
-    log,
-    machine_info,
-    markdown_table,
-    parse_list,
-    pct,
-    results_dir,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    write_results,
 )
 from cstar.errors import CstarError  # noqa: E402
 
@@ -122,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny eval/attack sizes, 0+0 epochs "
                         "(results go to benchmarks/results/quick)")
     parser.add_argument("--seed", type=int, default=0, help="attack set, Square and bench seed")
-    add_allow_dirty(parser)
+    common.add_allow_dirty(parser)
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -137,7 +125,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise CstarError("no --part given", f"pass one of: {', '.join(part_names(args))}, report (or --plan)")
     if args.part not in ("profile", "report") and not PART_PATTERN.match(args.part):
         raise CstarError(f"unknown part '{args.part}'", f"pass one of: {', '.join(part_names(args))}, report")
-    if parse_list(args.batch_sizes, int)[0] != args.latency_batch:
+    if common.parse_list(args.batch_sizes, int)[0] != args.latency_batch:
         raise CstarError(f"--batch-sizes {args.batch_sizes} must start with --latency-batch {args.latency_batch}",
                          f"pass --batch-sizes {args.latency_batch},...")
     return args
@@ -145,8 +133,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def part_names(args: argparse.Namespace) -> list[str]:
     """profile, then x<T>-s<S> for every target and seed (seed-major: a finished seed is a whole table)."""
-    return ["profile"] + [f"x{t:g}-s{s}" for s in parse_list(args.seeds, int)
-                          for t in parse_list(args.targets, float)]
+    return ["profile"] + [f"x{t:g}-s{s}" for s in common.parse_list(args.seeds, int)
+                          for t in common.parse_list(args.targets, float)]
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -202,7 +190,7 @@ def deploy_model(run: StageRun, root: Path, table: Path, data: str, args: argpar
     builds: dict[str, dict[str, Path]] = {}
     reports: dict[str, Any] = {}
     calibrations: dict[str, Any] = {}
-    for backend in parse_list(args.runtimes):
+    for backend in common.parse_list(args.runtimes):
         target = calibrate_target(backend)
         int8 = ensure_calibrate(export.directory, base / f"calibrate-{target}", data, args.calib_samples,
                                 args.parity_samples, target=target)
@@ -274,11 +262,11 @@ def profile_part(dense: StageRun, work: Path, data: str, args: argparse.Namespac
     from cstar.checkpoint import load_checkpoint
     from cstar.latency_table import LatencyTable
 
-    with stopwatch() as clock:
+    with common.stopwatch() as clock:
         table_path = ensure_dense_table(dense, work, args)
         table = LatencyTable.load(table_path)
         model, _ = load_checkpoint(dense.directory)
-        reach = reachable_ratios(model, table, args.latency_batch, (3, 32, 32), parse_list(args.methods),
+        reach = reachable_ratios(model, table, args.latency_batch, (3, 32, 32), common.parse_list(args.methods),
                                  args.hybrid_prune_share)
         deployed = deploy_model(dense, work, table_path, data, args)
         latency = bench_builds({"dense": deployed["builds"]}, args)
@@ -306,14 +294,14 @@ def compress_part(dense: StageRun, work: Path, data: str, target: float, seed: i
     """Every method at `target` with `seed`: compress, deploy, then one interleaved bench with the dense builds."""
     from benchmarks.latency_budget import ensure_latency_compress
 
-    with stopwatch() as clock:
+    with common.stopwatch() as clock:
         table_path = ensure_dense_table(dense, work, args)
         dense_deploy = deploy_model(dense, work, table_path, data, args)
         rows, errors, builds = [], [], {"dense": dense_deploy["builds"]}
         compress_args = argparse.Namespace(admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
                                            seed=seed, quick=False, latency_batch=args.latency_batch,
                                            threads=args.threads)
-        for method in parse_list(args.methods):
+        for method in common.parse_list(args.methods):
             made = ensure_latency_compress(dense, work / "compress", table_path, method, target, seed, compress_args,
                                            compress_extra(args))
             if isinstance(made, str):
@@ -351,7 +339,7 @@ def part_files(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every finished part's result payload, by part name."""
     found = {}
     for name in part_names(args):
-        path = results_dir(args.quick, args.results_dir) / f"{BENCHMARK}_{name}.json"
+        path = common.results_dir(args.quick, args.results_dir) / f"{BENCHMARK}_{name}.json"
         if path.is_file():
             found[name] = read_json(path)
     return found
@@ -364,8 +352,8 @@ def summary_rows(parts: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
     batch = str(args.latency_batch)
     rows = [r for p in parts.values() for r in p.get("rows", [])]
     out = []
-    for target in parse_list(args.targets, float):
-        for method in parse_list(args.methods):
+    for target in common.parse_list(args.targets, float):
+        for method in common.parse_list(args.methods):
             mine = [r for r in rows if r["method"] == method and r["target"] == target]
             if not mine:
                 continue
@@ -392,18 +380,18 @@ def report_part(args: argparse.Namespace, plot_path: Path) -> dict[str, Any]:
     parts = part_files(args)
     missing = [name for name in part_names(args) if name not in parts]
     summary = summary_rows(parts, args)
-    targets = parse_list(args.targets, float)
+    targets = common.parse_list(args.targets, float)
     wins = winners(summary, targets)
     profile = parts.get("profile")
     batch = str(args.latency_batch)
-    headline = parse_list(args.runtimes)[0] + "/fp32"
+    headline = common.parse_list(args.runtimes)[0] + "/fp32"
     dense = {**(profile or {}).get("dense", {}), "p50_ms": {batch: profile["latency"][headline][batch]["p50_ms"]}} \
         if profile else None
     rows = [{**r, "p50_ms": {batch: r["latency"][headline][batch]["p50_ms"]}} for p in parts.values()
             for r in p.get("rows", [])]
     plot_rows = [{**s, "p50_ms": s["p50_ms"][headline]} for s in summary]
     if dense and rows:
-        pareto_plot({"methods": parse_list(args.methods), "rows": rows, "summary": plot_rows, "dense": dense,
+        pareto_plot({"methods": common.parse_list(args.methods), "rows": rows, "summary": plot_rows, "dense": dense,
                      "latency_batch": args.latency_batch, "threads": args.threads}, plot_path)
     return {"parts_done": sorted(parts), "parts_missing": missing, "summary": summary, "winners": wins,
             "dense": dense, "profile": profile and {k: profile[k] for k in ("table", "reachable", "latency")},
@@ -425,7 +413,7 @@ def plan(args: argparse.Namespace, dense_manifest: dict[str, Any]) -> dict[str, 
     per_model = ((args.admm_epochs + args.finetune_epochs) * epoch * EPOCH_FACTOR + COMPRESS_OVERHEAD_SECONDS
                  + DEPLOY_SECONDS_PER_MODEL) / speed
     parts = {"profile": PROFILE_SECONDS / speed}
-    methods = len(parse_list(args.methods))
+    methods = len(common.parse_list(args.methods))
     for name in part_names(args)[1:]:
         parts[name] = methods * per_model
     total = sum(parts.values())
@@ -450,26 +438,26 @@ def render_part(payload: dict[str, Any]) -> str:
     lines = [f"# CIFAR-10 on CPU: part {payload['part']}", ""]
     if payload["part"] == "profile":
         dense = payload["dense"]
-        lines += [f"Dense: clean {pct(dense['clean_acc'])}, {dense['suite']} robust {pct(dense['robust_acc'])}, "
-                  f"PGD-20 {pct(dense['pgd20_robust_acc'])} on {dense['n']} test images.", ""]
+        lines += [f"Dense: clean {common.pct(dense['clean_acc'])}, {dense['suite']} robust {common.pct(dense['robust_acc'])}, "
+                  f"PGD-20 {common.pct(dense['pgd20_robust_acc'])} on {dense['n']} test images.", ""]
         lines += ["Best reachable latency ratio: " + ", ".join(
             f"{m} {r['best']}x" for m, r in payload["reachable"].items()), ""]
-        lines.append(markdown_table(["build", "p50 ms per batch", "verify", "runtime worst case"], [
+        lines.append(common.markdown_table(["build", "p50 ms per batch", "verify", "runtime worst case"], [
             [k, ", ".join(f"b{b}: {c['p50_ms']:.3f}" for b, c in cells.items()),
              "PASS" if payload["deploy"]["verify"][k]["passed"] else "FAIL",
-             pct(payload["deploy"]["verify"][k]["worst_case_robust_acc"])] for k, cells in payload["latency"].items()]))
+             common.pct(payload["deploy"]["verify"][k]["worst_case_robust_acc"])] for k, cells in payload["latency"].items()]))
         return "\n".join(lines)
     batch = str(payload["latency_batch"])
     rows = []
     for r in payload["rows"]:
         for k in sorted(r["latency"]):
-            rows.append([r["method"], k, pct(r["clean_acc"]), pct(r["robust_acc"]), pct(r["pgd20_robust_acc"]),
-                         pct(r["deploy"]["verify"][k]["worst_case_robust_acc"]),
+            rows.append([r["method"], k, common.pct(r["clean_acc"]), common.pct(r["robust_acc"]), common.pct(r["pgd20_robust_acc"]),
+                         common.pct(r["deploy"]["verify"][k]["worst_case_robust_acc"]),
                          f"{r['latency'][k][batch]['p50_ms']:.3f}", f"{r['speedup']['vs_same'][k]:.2f}x",
                          f"{r['speedup']['vs_dense_best'][k]:.2f}x",
                          "PASS" if r["deploy"]["verify"][k]["passed"] else "FAIL"])
     suite = next((r["suite"] for r in payload["rows"] if r.get("suite")), "attack suite")
-    lines.append(markdown_table(["method", "build", "clean", f"robust ({suite}, PyTorch)", "PGD-20 (PyTorch)",
+    lines.append(common.markdown_table(["method", "build", "clean", f"robust ({suite}, PyTorch)", "PGD-20 (PyTorch)",
                                  "runtime worst case (transfer + Square)",
                                  f"p50 ms b{batch}", "speedup vs dense same build", "vs dense best", "verify"], rows))
     for error in payload["errors"]:
@@ -485,8 +473,8 @@ def render_report(payload: dict[str, Any]) -> str:
              f"{', '.join(payload['parts_missing']) or 'none'}.", ""]
     if payload["dense"]:
         d = payload["dense"]
-        lines += [f"Dense PreAct-ResNet-18 w16: clean {pct(d['clean_acc'])}, robust {pct(d['robust_acc'])} "
-                  f"({d['suite']}), PGD-20 {pct(d['pgd20_robust_acc'])}, {headline} p50 "
+        lines += [f"Dense PreAct-ResNet-18 w16: clean {common.pct(d['clean_acc'])}, robust {common.pct(d['robust_acc'])} "
+                  f"({d['suite']}), PGD-20 {common.pct(d['pgd20_robust_acc'])}, {headline} p50 "
                   f"{next(iter(d['p50_ms'].values())):.3f} ms.", ""]
     rows = []
     for s in payload["summary"]:
@@ -495,7 +483,7 @@ def render_report(payload: dict[str, Any]) -> str:
                          _pm(s["pgd20"]), _pm(s["runtime_worst_case"][k]), k, _ms(s["p50_ms"][k]),
                          f"{s['speedup_vs_same'][k]['mean']:.2f}x", f"{s['speedup_vs_dense_best'][k]['mean']:.2f}x"])
     suite = next((s["suite"] for s in payload["summary"] if s.get("suite")), "attack suite")
-    lines.append(markdown_table(["target", "method", "seeds", "clean", f"robust ({suite}, PyTorch)", "PGD-20",
+    lines.append(common.markdown_table(["target", "method", "seeds", "clean", f"robust ({suite}, PyTorch)", "PGD-20",
                                  "runtime worst case (transfer + Square)", "build", "p50 ms", "speedup vs dense same build",
                                  "vs dense best"], rows))
     lines.append("")
@@ -515,7 +503,7 @@ def render_report(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one part (or the plan, or the report) and write its result files."""
-    setup_torch(args.torch_threads)
+    common.setup_torch(args.torch_threads)
     if args.plan:
         estimate = plan(args, read_json(Path(args.dense) / "manifest.json"))
         for name, seconds in estimate["parts"].items():
@@ -527,8 +515,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) / ("quick" if args.quick else "full")
     stem = f"{BENCHMARK}_{args.part}" if args.part != "report" else BENCHMARK
     if args.part == "report":
-        payload = report_part(args, results_dir(args.quick, args.results_dir) / f"{BENCHMARK}.png")
-        write_results(stem, payload, render_report(payload), args.quick, args.results_dir, args.allow_dirty)
+        payload = report_part(args, common.results_dir(args.quick, args.results_dir) / f"{BENCHMARK}.png")
+        common.write_results(stem, payload, render_report(payload), args.quick, args.results_dir, args.allow_dirty)
         return payload
     data_dir = data_directory(args.data, Path(args.work))
     dense = localized_dense(Path(args.dense), work / "dense", data_dir)
@@ -546,9 +534,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         body = compress_part(dense, work, data_arg(data_dir), float(found.group(1)), int(found.group(2)), args)
     payload = {"part": args.part, "settings": settings, "dense_model": dense_info,
                "data": "CIFAR-10 (JPEG copy)" if "jpeg" in args.data.lower() else "CIFAR-10",
-               "latency_batch": args.latency_batch, "machine": machine_info(args.threads), **body}
-    json_path, _ = write_results(stem, payload, render_part(payload), args.quick, args.results_dir, args.allow_dirty)
-    log(f"part {args.part} done in {body['seconds'] / 60:.1f} min -> {json_path}")
+               "latency_batch": args.latency_batch, "machine": common.machine_info(args.threads), **body}
+    json_path, _ = common.write_results(stem, payload, render_part(payload), args.quick, args.results_dir, args.allow_dirty)
+    common.log(f"part {args.part} done in {body['seconds'] / 60:.1f} min -> {json_path}")
     return payload
 
 
@@ -556,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point (--plan reads no results and writes none, so it runs from any tree)."""
     argv = sys.argv[1:] if argv is None else argv
     argv = [*argv, "--allow-dirty"] if "--plan" in argv and "--allow-dirty" not in argv else argv
-    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
+    return common.run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
 
 
 if __name__ == "__main__":

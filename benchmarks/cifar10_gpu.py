@@ -27,17 +27,11 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import compression_table  # noqa: E402
-from benchmarks.artifacts import ensure_dense, read_json  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    add_allow_dirty,
-    log,
-    machine_info,
-    markdown_table,
-    run_cli,
-    stopwatch,
-    write_results,
+from benchmarks import (
+    common,  # noqa: E402
+    compression_table,  # noqa: E402
 )
+from benchmarks.artifacts import ensure_dense, read_json  # noqa: E402
 
 # Per dataset: eps (Linf, [0,1] pixels), model and width, whether to crop/flip, how results name it.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -93,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-name", default=None, help="with --collect: the GPU the runs used")
     parser.add_argument("--gpu-machine-cpus", type=int, default=None, help="with --collect: CPU cores of that machine")
     parser.add_argument("--seed", type=int, default=0)
-    add_allow_dirty(parser)
+    common.add_allow_dirty(parser)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -109,7 +103,7 @@ def unpack(data: str, work: Path) -> Path:
     target = work / "data"
     marker = target / ".unpacked"
     if not marker.is_file():
-        log(f"unpacking {source} -> {target}")
+        common.log(f"unpacking {source} -> {target}")
         target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(source) as archive:
             archive.extractall(target, filter="data")
@@ -272,9 +266,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                "plan": plan, "budget_seconds": args.budget_seconds, "dense_seconds": dense.seconds,
                "eval": {"pgd_limit": rows[0]["n"], "square_samples": square["n"], "square_queries": square["queries"]},
                "epoch_seconds": epoch_times(dense.directory, table), **table}
-    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir,
+    paths = common.write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir,
                           allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]}" + (f"; missing rows: {', '.join(missing)}" if missing else ""))
+    common.log(f"wrote {paths[0]} and {paths[1]}" + (f"; missing rows: {', '.join(missing)}" if missing else ""))
     return payload
 
 
@@ -295,20 +289,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    with stopwatch() as total:
+    with common.stopwatch() as total:
         data_arg = f"{args.dataset}:{unpack(args.data, work)}"
         probe = probe_epoch_seconds(data_arg, args)
         methods = [m for m in args.methods.split(",") if m]
         plan = plan_epochs(probe, args, len(methods), len([r for r in args.ratios.split(",") if r]))
-        log(f"probe: {probe['epoch_seconds']:.1f}s per PGD-AT epoch; plan {plan}")
-        with stopwatch() as dense_time:
+        common.log(f"probe: {probe['epoch_seconds']:.1f}s per PGD-AT epoch; plan {plan}")
+        with common.stopwatch() as dense_time:
             dense = ensure_dense(data_arg, work / "dense", plan["dense_epochs"], setting(args)["eps"], args.seed,
                                  extra=dense_argv(args, cuda))
-        log(f"dense: {dense.manifest['metrics']}"[:300])
+        common.log(f"dense: {dense.manifest['metrics']}"[:300])
         table = compression_table.main_namespace(table_argv(args, data_arg, dense.directory, plan, cuda,
                                                             args.results_dir))
     payload = {
-        "machine": machine_info(), "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "machine": common.machine_info(), "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "torch": torch.__version__, "data": setting(args)["label"], "eps": setting(args)["eps"], "model": args.model,
         "dataset": args.dataset,
         "probe": probe, "plan": plan, "budget_seconds": args.budget_seconds,
@@ -318,9 +312,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": table["rows"], "comparison": table["comparison"], "missing": [],
         "seconds": round(total["seconds"], 1),
     }
-    paths = write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir,
+    paths = common.write_results(benchmark_name(args), payload, render(payload), args.quick, args.results_dir,
                           allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
+    common.log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
     return payload
 
 
@@ -341,17 +335,15 @@ def render(payload: dict[str, Any]) -> str:
 
     rows = [["dense PGD-AT", cell(times.get("dense_pgd_at")), "-"]]
     rows += [[name, cell(v.get("admm")), cell(v.get("finetune"))] for name, v in times.items() if isinstance(v, dict)]
-    table = markdown_table(["run", "ADMM / train s per epoch", "fine-tune s per epoch"], rows)
-    results = markdown_table(
+    table = common.markdown_table(["run", "ADMM / train s per epoch", "fine-tune s per epoch"], rows)
+    results = common.markdown_table(
         ["model", "params ratio", "FLOPs ratio", "clean %", "robust % (apgd worst case)", "Square %"],
         [[r["model"], f"{r['params_ratio']:.2f}x", f"{r['flops_ratio']:.2f}x", f"{100 * r['clean_acc']:.1f}",
           f"{100 * r['robust_acc']:.1f}", f"{100 * r['square_robust_acc']:.1f}"] for r in payload["rows"]])
     return head + results + "\n### Seconds per epoch (median)\n\n" + table
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, None, argv)
+main = common.entry_point(__doc__, add_arguments, run, None)
 
 
 if __name__ == "__main__":

@@ -315,6 +315,27 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def publish(name: str, payload: dict[str, Any], markdown: str, args: argparse.Namespace,
+            seconds: float) -> dict[str, Any]:
+    """The end of a benchmark's run: write NAME.json/.md (write_results, with the run's --quick,
+    --results-dir and --allow-dirty), log where and how long it took; returns the payload."""
+    paths = write_results(name, payload, markdown, args.quick, args.results_dir, allow_dirty=args.allow_dirty)
+    log(f"wrote {paths[0]} and {paths[1]} ({seconds:.0f}s)")
+    return payload
+
+
+def entry_point(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+                run: Callable[[argparse.Namespace], Any],
+                resolve: Callable[[argparse.Namespace], argparse.Namespace] | None = None
+                ) -> Callable[[list[str] | None], int]:
+    """A benchmark script's `main(argv=None) -> exit status` (run_cli bound to the script)."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_cli(doc, add_arguments, run, resolve, argv)
+
+    return main
+
+
 def run_cli(doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
             run: Callable[[argparse.Namespace], Any],
             resolve: Callable[[argparse.Namespace], argparse.Namespace] | None = None,

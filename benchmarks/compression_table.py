@@ -19,23 +19,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import StageRun, cached_json, ensure_compress, resolve_dense  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    PAPER_CLAIM,
-    add_common_arguments,
-    log,
-    machine_info,
-    markdown_table,
-    parse_list,
-    pct,
-    quick_epochs,
-    result_name,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
-)
 
 BENCHMARK = "compression_table"
 METHODS = ("cstar", "prune", "lowrank-uniform")
@@ -43,7 +28,7 @@ METHODS = ("cstar", "prune", "lowrank-uniform")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--ratios", default=None, help="params ratios (default 4,8,16; quick 8)")
     parser.add_argument("--methods", default=",".join(METHODS), help="compress methods (default all three)")
     parser.add_argument("--by", default="params", choices=("params", "flops"), help="budget counted in")
@@ -72,7 +57,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the quick/full defaults left as None."""
     quick = args.quick
     args.ratios = args.ratios or ("8" if quick else "4,8,16")
-    quick_epochs(args)
+    common.quick_epochs(args)
     if quick:
         args.eval_limit = 100 if args.eval_limit is None else args.eval_limit
         args.eval_steps = 10 if args.eval_steps is None else args.eval_steps
@@ -164,7 +149,7 @@ def _square(model_dir: Path, manifest: dict[str, Any], args: argparse.Namespace)
 
     images, labels = test_subset(manifest["dataset"], args.square_samples, args.seed)
     model, _ = load_checkpoint(model_dir, eval_device(args))
-    with stopwatch() as t:
+    with common.stopwatch() as t:
         result = square_attack(torch_predict_fn(model), images.numpy(), labels.numpy(), float(manifest["eps"]),
                                n_queries=args.square_queries, p_init=args.square_p_init, seed=args.seed)
     return {"robust_acc": result.robust_acc, "queries": args.square_queries, "n": int(labels.shape[0]),
@@ -223,9 +208,9 @@ def table_markdown(rows: list[dict[str, Any]], queries: int, suite: str) -> str:
     headers = ["model", "params", "FLOPs (MACs)", "params ratio", "FLOPs ratio", "clean %",
                f"robust % ({suite} worst case)", "PGD-20 % (training-time check)", f"Square-{queries} %"]
     body = [[r["model"], str(r["params"]), str(r["flops"]), f"{r['params_ratio']:.2f}x", f"{r['flops_ratio']:.2f}x",
-             pct(r["clean_acc"]), pct(r["robust_acc"]), pct(r["pgd_robust_acc"]), pct(r["square_robust_acc"])]
+             common.pct(r["clean_acc"]), common.pct(r["robust_acc"]), common.pct(r["pgd_robust_acc"]), common.pct(r["square_robust_acc"])]
             for r in rows]
-    return markdown_table(headers, body)
+    return common.markdown_table(headers, body)
 
 
 def comparison_markdown(items: list[dict[str, Any]], suite: str) -> str:
@@ -238,8 +223,8 @@ def comparison_markdown(items: list[dict[str, Any]], suite: str) -> str:
                      f"{item['clean_points']:+.1f} clean, {item['robust_points']:+.1f} robust ({suite} worst case), "
                      f"{item['pgd_robust_points']:+.1f} PGD-20, "
                      f"{item['square_robust_points']:+.1f} Square robust points.")
-    claim = (f"The paper reports +{PAPER_CLAIM['clean_points']} clean / +{PAPER_CLAIM['robust_points']} robust "
-             f"points for CSTAR over robust structured pruning ({PAPER_CLAIM['setting']}).")
+    claim = (f"The paper reports +{common.PAPER_CLAIM['clean_points']} clean / +{common.PAPER_CLAIM['robust_points']} robust "
+             f"points for CSTAR over robust structured pruning ({common.PAPER_CLAIM['setting']}).")
     return "\n".join(lines) + "\n\n" + claim + "\n"
 
 
@@ -271,40 +256,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Produce every row and write the results; returns the payload."""
     from cstar.compress import CompressConfig
 
-    setup_torch(args.torch_threads)
-    machine = machine_info()
-    root = work_root(args.data, args.quick, args.work)
-    with stopwatch() as total:
+    common.setup_torch(args.torch_threads)
+    machine = common.machine_info()
+    root = common.work_root(args.data, args.quick, args.work)
+    with common.stopwatch() as total:
         dense = resolve_dense(args, root)
         config = compress_config(args)
         rows = [dense_row(dense, dense_metrics(dense, args, root / "dense_eval.json"),
                           square_metrics(dense.directory, dense.manifest, args, root / "square"))]
-        for ratio in parse_list(args.ratios, float):
-            for method in parse_list(args.methods):
+        for ratio in common.parse_list(args.ratios, float):
+            for method in common.parse_list(args.methods):
                 compressed = ensure_compress(dense.directory, root / "compress", method, ratio, config)
                 rows.append(compressed_row(compressed, square_metrics(compressed.directory, compressed.manifest,
                                                                       args, root / "square")))
-                log(f"{rows[-1]['model']}: clean {pct(rows[-1]['clean_acc'])} robust {pct(rows[-1]['robust_acc'])} "
-                    f"pgd {pct(rows[-1]['pgd_robust_acc'])} "
-                    f"square {pct(rows[-1]['square_robust_acc'])}")
+                common.log(f"{rows[-1]['model']}: clean {common.pct(rows[-1]['clean_acc'])} robust {common.pct(rows[-1]['robust_acc'])} "
+                    f"pgd {common.pct(rows[-1]['pgd_robust_acc'])} "
+                    f"square {common.pct(rows[-1]['square_robust_acc'])}")
     defaults = CompressConfig()
     payload = {
         "machine": machine, "data": args.data, "eps": float(dense.manifest.get("eps", 0.0)),
         "dense": {"dir": str(dense.directory), "config": dense.manifest.get("config"),
                   "model": dense.manifest.get("model")},
-        "config": {"by": args.by, "ratios": parse_list(args.ratios, float), "methods": parse_list(args.methods),
+        "config": {"by": args.by, "ratios": common.parse_list(args.ratios, float), "methods": common.parse_list(args.methods),
                    "admm_epochs": config.get("admm_epochs", defaults.admm_epochs),
                    "finetune_epochs": config.get("finetune_epochs", defaults.finetune_epochs),
                    "eval_suite": args.eval_suite, "eval_steps": args.eval_steps, "eval_limit": args.eval_limit,
                    "square_queries": args.square_queries, "square_samples": args.square_samples,
                    "square_p_init": args.square_p_init, "seed": args.seed, "torch_threads": args.torch_threads},
-        "rows": rows, "comparison": comparison(rows), "paper_claim": PAPER_CLAIM,
+        "rows": rows, "comparison": comparison(rows), "paper_claim": common.PAPER_CLAIM,
         "seconds": round(total["seconds"], 1),
     }
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
-                          allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(common.result_name(BENCHMARK, args.data), payload, render(payload), args, total['seconds'])
 
 
 def main_namespace(argv: list[str]) -> dict[str, Any]:
@@ -314,9 +296,7 @@ def main_namespace(argv: list[str]) -> dict[str, Any]:
     return run(resolve_defaults(parser.parse_args(argv)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
+main = common.entry_point(__doc__, add_arguments, run, resolve_defaults)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import (  # noqa: E402
     Expect,
     StageRun,
@@ -44,22 +45,6 @@ from benchmarks.artifacts import (  # noqa: E402
     read_json,
     resolve_dense,
     run_or_reuse,
-)
-from benchmarks.common import (  # noqa: E402
-    add_common_arguments,
-    log,
-    machine_info,
-    markdown_table,
-    own_compress_config,
-    parse_list,
-    pct,
-    quick_epochs,
-    result_name,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
 )
 from cstar.errors import CstarError  # noqa: E402
 
@@ -76,7 +61,7 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--backends", default=None,
                         help=f"runtimes (default {DEFAULT_BACKENDS}; quick {QUICK_BACKENDS}); one that cannot run "
                              "here is skipped with its reason")
@@ -125,7 +110,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.cifar_width = args.cifar_width or (8 if quick else 64)
     args.cifar_iters = args.cifar_iters or (5 if quick else 30)
     args.cifar_images = args.cifar_images or (2 if quick else 4)
-    quick_epochs(args)
+    common.quick_epochs(args)
     return args
 
 
@@ -147,7 +132,7 @@ def backend_plan(names: list[str]) -> dict[str, dict[str, Any]]:
         available, reason = backend_available(name)
         plan[name] = {"available": available, "reason": reason}
         if not available:
-            log(f"skipping {name}: {reason}")
+            common.log(f"skipping {name}: {reason}")
     return plan
 
 
@@ -189,7 +174,7 @@ def verify_on(artifact_dir: Path, set_dir: Path, out: Path, backend: str, args: 
         expect = report_expect(artifact_dir, set_dir, args)
         check_reusable(out, report, report_inputs(report), Expect(config={**expect.config, "backend": backend}))
         return report
-    log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} on {backend} (Square {args.square_queries} queries)")
+    common.log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} on {backend} (Square {args.square_queries} queries)")
     return run_verify(artifact_dir, set_dir, out, backend=backend, square_queries=args.square_queries,
                       square_samples=args.square_samples, square_p_init=args.square_p_init, seed=args.seed,
                       threads=args.threads, raise_on_fail=False)
@@ -225,7 +210,7 @@ def timed(builds: dict[str, dict[str, dict[str, Path]]], args: argparse.Namespac
     from benchmarks.deploy_speed import bench_rounds
 
     flat = {f"{model}@{backend}": per for model, by_backend in builds.items() for backend, per in by_backend.items()}
-    log(f"bench {len(flat) * len(PRECISIONS)} artifacts, {threads} thread(s), batch {sizes}")
+    common.log(f"bench {len(flat) * len(PRECISIONS)} artifacts, {threads} thread(s), batch {sizes}")
     settings = argparse.Namespace(**{**vars(args), "threads": threads, "batch_sizes": sizes, "iters": iters})
     latency = bench_rounds(flat, settings)
     nested: dict[str, dict[str, Any]] = {}
@@ -395,7 +380,7 @@ def cifar_part(root: Path, args: argparse.Namespace, backends: list[str]) -> dic
     tree = random_image_tree(root / "random-images", args.cifar_images, args.seed)
     data = f"cifar10:{tree}"
     runs = cifar_checkpoints(root, data, args)
-    sizes = parse_list(args.cifar_batch_sizes, int)
+    sizes = common.parse_list(args.cifar_batch_sizes, int)
     builds, formats = {}, {}
     for key, run in runs.items():
         export = ensure_export(run.directory, root / "artifacts" / key / "onnx")
@@ -511,10 +496,10 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
     body = []
     for r in payload["rows"]:
         ok = "-" if r["int8_ok"] is None else ("yes" if r["int8_ok"] else f"no ({100 * r['int8_clean_drop']:+.1f} pt)")
-        body.append([r["model"], r["backend"], r["precision"].upper(), pct(r["clean_acc"]),
-                     pct(r["apgd_transfer_robust_acc"]), pct(r["pgd_transfer_robust_acc"]),
-                     pct(r["fgsm_transfer_robust_acc"]), pct(r["square_robust_acc"]),
-                     pct(r["worst_case_robust_acc"]), f"{r['agreement']:.3f}", ok]
+        body.append([r["model"], r["backend"], r["precision"].upper(), common.pct(r["clean_acc"]),
+                     common.pct(r["apgd_transfer_robust_acc"]), common.pct(r["pgd_transfer_robust_acc"]),
+                     common.pct(r["fgsm_transfer_robust_acc"]), common.pct(r["square_robust_acc"]),
+                     common.pct(r["worst_case_robust_acc"]), f"{r['agreement']:.3f}", ok]
                     + [_ms(r["p50_ms"]["1t"][s]) for s in sizes] + [_ms(r["p50_ms"]["all"][s]) for s in sizes]
                     + [_x(r["speedup_vs_dense"]["1t"][s]) for s in sizes]
                     + [_x(r["speedup_vs_dense_fp32_ort"]["1t"][s]) for s in sizes])
@@ -530,7 +515,7 @@ def accuracy_markdown(payload: dict[str, Any]) -> str:
             f"Latency: p50 over {cfg['iters']} calls ({cfg['warmup']} warm-up), median of {cfg['rounds']} rounds "
             f"interleaved over every artifact of one thread setting; 1T = 1 thread, {all_t}T = every core. "
             "vs dense = dense p50 / p50 (same runtime and precision; or dense on ORT FP32).\n\n")
-    return head + skipped_line(payload["backends"]) + markdown_table(headers, body)
+    return head + skipped_line(payload["backends"]) + common.markdown_table(headers, body)
 
 
 def cifar_markdown(block: dict[str, Any], plan: dict[str, dict[str, Any]]) -> str:
@@ -571,7 +556,7 @@ def cifar_markdown(block: dict[str, Any], plan: dict[str, dict[str, Any]]) -> st
         met = all(value >= 2.0 for value in ratio.values())
         lines.append("- ORT CPU INT8 (U8S8) vs FP32, dense: " + ", ".join(f"b{s} {v:.2f}x" for s, v in ratio.items())
                      + f" faster (target >= 2x: {'met' if met else 'NOT met'}) on {cpu['model']} ({vnni}).")
-    return head + skipped_line(plan) + markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n"
+    return head + skipped_line(plan) + common.markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n"
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -587,21 +572,21 @@ def render(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Part A and B; writes the results and returns the payload."""
-    setup_torch(args.torch_threads)
-    machine = machine_info(args.threads)
-    root = work_root(args.data, args.quick, args.work)
-    plan = backend_plan(parse_list(args.backends))
+    common.setup_torch(args.torch_threads)
+    machine = common.machine_info(args.threads)
+    root = common.work_root(args.data, args.quick, args.work)
+    plan = backend_plan(common.parse_list(args.backends))
     backends = [name for name, entry in plan.items() if entry["available"]]
     if not backends:
         raise CstarError(f"none of --backends {args.backends} can run here: "
                          + "; ".join(f"{n}: {e['reason']}" for n, e in plan.items()),
                          "install a runtime (pip install 'cstar[openvino]') or pass --backends ort-cpu")
-    sizes = parse_list(args.batch_sizes, int)
-    with stopwatch() as total:
+    sizes = common.parse_list(args.batch_sizes, int)
+    with common.stopwatch() as total:
         dense = resolve_dense(args, root)
         table_root = Path(args.from_table_dir) if args.from_table_dir else root
-        runs = {"dense": dense, **compressed_set(dense.directory, table_root / "compress", parse_list(args.methods),
-                                                 [args.ratio], own_compress_config(args))}
+        runs = {"dense": dense, **compressed_set(dense.directory, table_root / "compress", common.parse_list(args.methods),
+                                                 [args.ratio], common.own_compress_config(args))}
         models = {key: model_artifacts(key, run_, root, args, backends, max(sizes)) for key, run_ in runs.items()}
         builds = {key: info["builds"] for key, info in models.items()}
         latency = {label: timed(builds, args, threads, args.batch_sizes, args.iters)
@@ -613,22 +598,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "int8_formats": {backend: block["format"] for backend, block in formats.items()},
                "models": {key: {k: v for k, v in info.items() if k not in ("builds", "accuracy")}
                           for key, info in models.items()},
-               "config": {"ratio": args.ratio, "methods": parse_list(args.methods), "samples": args.samples,
+               "config": {"ratio": args.ratio, "methods": common.parse_list(args.methods), "samples": args.samples,
                           "square_queries": args.square_queries, "square_samples": args.square_samples,
                           "square_p_init": args.square_p_init, "calib_samples": args.calib_samples,
                           "parity_samples": args.parity_samples, "batch_sizes": sizes, "iters": args.iters,
                           "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads,
                           "all_threads": args.all_threads, "seed": args.seed, "torch_threads": args.torch_threads},
                "rows": accuracy_rows(models, latency), "cifar": cifar, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
-                          allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(common.result_name(BENCHMARK, args.data), payload, render(payload), args, total['seconds'])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
+main = common.entry_point(__doc__, add_arguments, run, resolve_defaults)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import (  # noqa: E402
     StageRun,
     compressed_set,
@@ -31,22 +32,6 @@ from benchmarks.artifacts import (  # noqa: E402
     resolve_dense,
     timing_of,
 )
-from benchmarks.common import (  # noqa: E402
-    add_common_arguments,
-    log,
-    machine_info,
-    markdown_table,
-    own_compress_config,
-    parse_list,
-    pct,
-    quick_epochs,
-    result_name,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
-)
 
 BENCHMARK = "deploy_speed"
 PRECISIONS = ("fp32", "int8")
@@ -54,7 +39,7 @@ PRECISIONS = ("fp32", "int8")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--from-table-dir", default=None,
                         help="work directory of compression_table (its compress/ runs are reused; default: --work)")
     parser.add_argument("--ratios", default=None, help="params ratios (default 4,8,16; quick 8)")
@@ -80,7 +65,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if quick else 3)
     args.calib_samples = args.calib_samples or (64 if quick else 256)
     args.parity_samples = args.parity_samples or (50 if quick else 200)
-    quick_epochs(args)
+    common.quick_epochs(args)
     args.threads = args.threads or None
     return args
 
@@ -99,7 +84,7 @@ def rank_step_run(dense: StageRun, compress_root: Path, args: argparse.Namespace
     """CSTAR at --rank-step-ratio with rank_step = --rank-step, otherwise the rank_step-1 run's config."""
     if not args.rank_step or args.rank_step == 1 or not rank_step_supported():
         return None
-    config = {**own_compress_config(args), "rank_step": args.rank_step}
+    config = {**common.own_compress_config(args), "rank_step": args.rank_step}
     return ensure_compress(dense.directory, compress_root, "cstar", args.rank_step_ratio, config)
 
 
@@ -108,11 +93,11 @@ def model_set(args: argparse.Namespace, root: Path) -> tuple[StageRun, dict[str,
     dense = resolve_dense(args, root)
     table_root = Path(args.from_table_dir) if args.from_table_dir else root
     compress_root = table_root / "compress"
-    runs = compressed_set(dense.directory, compress_root, parse_list(args.methods), parse_list(args.ratios, float),
-                          own_compress_config(args))
+    runs = compressed_set(dense.directory, compress_root, common.parse_list(args.methods), common.parse_list(args.ratios, float),
+                          common.own_compress_config(args))
     if args.rank_step and args.rank_step != 1 and f"cstar-x{args.rank_step_ratio:g}" not in runs:
         runs.update(compressed_set(dense.directory, compress_root, ["cstar"], [args.rank_step_ratio],
-                                   own_compress_config(args)))
+                                   common.own_compress_config(args)))
     return dense, runs, rank_step_run(dense, compress_root, args)
 
 
@@ -135,10 +120,10 @@ def bench_rounds(builds: dict[str, dict[str, Path]], args: argparse.Namespace) -
     """Interleaved rounds of deploy.bench over every (model, precision); p50 median over rounds."""
     from deploy.bench import bench_artifact
 
-    sizes = parse_list(args.batch_sizes, int)
+    sizes = common.parse_list(args.batch_sizes, int)
     samples: dict[str, dict[str, dict[int, list[float]]]] = {}
     for round_index in range(args.rounds):
-        log(f"bench round {round_index + 1}/{args.rounds}")
+        common.log(f"bench round {round_index + 1}/{args.rounds}")
         for key, per_precision in builds.items():
             for precision, directory in per_precision.items():
                 result = bench_artifact(directory, None, sizes, args.iters, args.warmup, args.threads, args.seed)
@@ -200,7 +185,7 @@ def speed_markdown(rows: list[dict[str, Any]], sizes: list[int]) -> str:
             cell = row["batch"][str(size)]
             line += [f"{cell['p50_ms']:.3f}", f"{cell['speedup']:.2f}x", f"{cell['of_limit']:.2f}"]
         body.append(line)
-    return markdown_table(headers, body)
+    return common.markdown_table(headers, body)
 
 
 def rank_step_markdown(block: dict[str, Any], rows: list[dict[str, Any]], sizes: list[int]) -> str:
@@ -211,9 +196,9 @@ def rank_step_markdown(block: dict[str, Any], rows: list[dict[str, Any]], sizes:
     headers = ["model", "rank step", "precision", "params ratio", "FLOPs ratio", "clean %", "robust % (apgd worst case)"]
     headers += [f"p50 b{s} (ms)" for s in sizes]
     body = [[r["model"], str(r["rank_step"]), r["precision"].upper(), f"{r['params_ratio']:.2f}x",
-             f"{r['flops_ratio']:.2f}x", pct(r["clean_acc"]), pct(r["pgd_robust_acc"])]
+             f"{r['flops_ratio']:.2f}x", common.pct(r["clean_acc"]), common.pct(r["pgd_robust_acc"])]
             + [f"{r['batch'][str(s)]['p50_ms']:.3f}" for s in sizes] for r in chosen]
-    return markdown_table(headers, body)
+    return common.markdown_table(headers, body)
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -233,17 +218,17 @@ def render(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, bench and write the results; returns the payload."""
-    setup_torch(args.torch_threads)
-    machine = machine_info(args.threads)
-    root = work_root(args.data, args.quick, args.work)
-    with stopwatch() as total:
+    common.setup_torch(args.torch_threads)
+    machine = common.machine_info(args.threads)
+    root = common.work_root(args.data, args.quick, args.work)
+    with common.stopwatch() as total:
         dense, runs, stepped = model_set(args, root)
         sources = {"dense": dense, **runs, **({f"cstar-x{args.rank_step_ratio:g}-step{args.rank_step}": stepped}
                                                if stepped is not None else {})}
         artifacts = {key: build_artifacts(run, root / "artifacts" / run.directory.name, args)
                      for key, run in sources.items()}
         latency = bench_rounds({key: a["builds"] for key, a in artifacts.items()}, args)
-    sizes = parse_list(args.batch_sizes, int)
+    sizes = common.parse_list(args.batch_sizes, int)
     infos = {key: model_info(key, run, dense) for key, run in sources.items()}
     for key, info in infos.items():
         info["stages"] = artifacts[key]["stages"]
@@ -265,15 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "parity_samples": args.parity_samples, "backend": "ort-cpu",
                           "torch_threads": args.torch_threads},
                "rows": rows, "rank_step": rank_block, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
-                          allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(common.result_name(BENCHMARK, args.data), payload, render(payload), args, total['seconds'])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
+main = common.entry_point(__doc__, add_arguments, run, resolve_defaults)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import (  # noqa: E402
     Expect,
     StageRun,
@@ -30,22 +31,6 @@ from benchmarks.artifacts import (  # noqa: E402
     read_json,
     resolve_dense,
 )
-from benchmarks.common import (  # noqa: E402
-    add_common_arguments,
-    log,
-    machine_info,
-    markdown_table,
-    own_compress_config,
-    parse_list,
-    pct,
-    quick_epochs,
-    result_name,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
-)
 
 BENCHMARK = "export_robustness"
 TIERS = ("pytorch", "onnx-fp32", "int8")
@@ -53,7 +38,7 @@ TIERS = ("pytorch", "onnx-fp32", "int8")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--from-table-dir", default=None,
                         help="work directory of compression_table (its compress/ runs are reused; default: --work)")
     parser.add_argument("--ratio", type=float, default=8.0, help="params ratio of the compressed models (default 8)")
@@ -77,7 +62,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.square_samples = args.square_samples or (50 if quick else 200)
     args.calib_samples = args.calib_samples or (64 if quick else 256)
     args.parity_samples = args.parity_samples or (50 if quick else 200)
-    quick_epochs(args)
+    common.quick_epochs(args)
     args.threads = args.threads or None
     return args
 
@@ -102,7 +87,7 @@ def _pytorch_square(model_dir: Path, set_dir: Path, args: argparse.Namespace) ->
     from cstar.square import square_attack
     from deploy.verify import load_attackset, stratified_subset
 
-    log(f"{model_dir.name}: PyTorch Square")
+    common.log(f"{model_dir.name}: PyTorch Square")
     attack_set = load_attackset(set_dir)
     subset = stratified_subset(attack_set.labels, min(args.square_samples, attack_set.n), args.seed)
     model, _ = load_checkpoint(model_dir)
@@ -161,7 +146,7 @@ def verify(artifact_dir: Path, set_dir: Path, out: Path, args: argparse.Namespac
         report = read_json(report_path)
         check_reusable(out, report, report_inputs(report), report_expect(artifact_dir, set_dir, args, backend))
         return report
-    log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} on {backend} (Square {args.square_queries} queries)")
+    common.log(f"verify {artifact_dir.parent.name}/{artifact_dir.name} on {backend} (Square {args.square_queries} queries)")
     return run_verify(artifact_dir, set_dir, out, backend=backend, square_queries=args.square_queries,
                       square_samples=args.square_samples, square_p_init=args.square_p_init, seed=args.seed,
                       threads=args.threads, raise_on_fail=False)
@@ -217,14 +202,14 @@ def render(payload: dict[str, Any]) -> str:
     headers = ["model", "tier", "clean %", "APGD transfer %", "PGD-20 transfer %", "FGSM transfer %",
                f"Square-{cfg['square_queries']} %",
                "worst case %", "agreement", "verify"]
-    body = [[r["model"], r["tier"], pct(r["clean_acc"]), pct(r["apgd_transfer_robust_acc"]),
-             pct(r["pgd_transfer_robust_acc"]),
-             pct(r["fgsm_transfer_robust_acc"]), pct(r["square_robust_acc"]), pct(r["worst_case_robust_acc"]),
+    body = [[r["model"], r["tier"], common.pct(r["clean_acc"]), common.pct(r["apgd_transfer_robust_acc"]),
+             common.pct(r["pgd_transfer_robust_acc"]),
+             common.pct(r["fgsm_transfer_robust_acc"]), common.pct(r["square_robust_acc"]), common.pct(r["worst_case_robust_acc"]),
              "(reference)" if r["tier"] == "pytorch" or r["agreement"] is None else f"{r['agreement']:.3f}",
              "-" if r["verify_passed"] is None else ("pass" if r["verify_passed"] else
                                                       "FAIL: " + ", ".join(r["failed_checks"]))]
             for r in payload["rows"]]
-    return head + markdown_table(headers, body)
+    return head + common.markdown_table(headers, body)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -232,14 +217,14 @@ def render(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every model's three tiers; writes the results and returns the payload."""
-    setup_torch(args.torch_threads)
-    machine = machine_info(args.threads)
-    root = work_root(args.data, args.quick, args.work)
-    with stopwatch() as total:
+    common.setup_torch(args.torch_threads)
+    machine = common.machine_info(args.threads)
+    root = common.work_root(args.data, args.quick, args.work)
+    with common.stopwatch() as total:
         dense = resolve_dense(args, root)
         table_root = Path(args.from_table_dir) if args.from_table_dir else root
-        runs = {"dense": dense, **compressed_set(dense.directory, table_root / "compress", parse_list(args.methods),
-                                                 [args.ratio], own_compress_config(args))}
+        runs = {"dense": dense, **compressed_set(dense.directory, table_root / "compress", common.parse_list(args.methods),
+                                                 [args.ratio], common.own_compress_config(args))}
         rows = [row for key, run_ in runs.items() for row in model_rows(key, run_, root, args)]
     payload = {"machine": machine, "data": args.data, "eps": float(dense.manifest.get("eps", 0.0)),
                "dense_dir": str(dense.directory),
@@ -249,15 +234,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "calib_samples": args.calib_samples, "threads": args.threads, "backend": "ort-cpu",
                           "seed": args.seed, "torch_threads": args.torch_threads},
                "rows": rows, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
-                          allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(common.result_name(BENCHMARK, args.data), payload, render(payload), args, total['seconds'])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
+main = common.entry_point(__doc__, add_arguments, run, resolve_defaults)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import (  # noqa: E402
     Expect,
     StageRun,
@@ -56,23 +57,6 @@ from benchmarks.artifacts import (  # noqa: E402
     resolve_dense,
     run_or_reuse,
     with_bench_suite,
-)
-from benchmarks.common import (  # noqa: E402
-    add_common_arguments,
-    log,
-    machine_info,
-    markdown_table,
-    own_compress_config,
-    parse_list,
-    pct,
-    quick_epochs,
-    result_name,
-    results_dir,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
 )
 from cstar.errors import CstarError, UnreachableBudget  # noqa: E402
 
@@ -87,7 +71,7 @@ UNREACHABLE_PROBE = 1e6  # a ratio no model reaches: the allocator's error then 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="runtime threads of profile and bench (default 1)")
     parser.add_argument("--iters", type=int, default=None, help="part 2 timed calls per batch size and round (30; quick 10)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (10; quick 2)")
@@ -147,12 +131,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.methods = args.methods or ("cstar,prune,lowrank-uniform" if quick else "cstar,prune,lowrank-uniform,hybrid")
     args.targets = args.targets or ("1.25" if quick else "1.25,1.5,2")
     args.seeds = args.seeds or ("0" if quick else "0,1,2,3")
-    quick_epochs(args)
-    if args.latency_batch not in parse_list(args.batch_sizes, int):
+    common.quick_epochs(args)
+    if args.latency_batch not in common.parse_list(args.batch_sizes, int):
         raise CstarError(f"--latency-batch {args.latency_batch} is not one of --batch-sizes {args.batch_sizes}",
                          f"pass --batch-sizes {args.batch_sizes},{args.latency_batch}")
     if not {b for budget in budget_specs(args.cifar_budget_batches) for b in budget} <= set(
-            parse_list(args.cifar_batch_sizes, int)):
+            common.parse_list(args.cifar_batch_sizes, int)):
         raise CstarError(f"--cifar-budget-batches {args.cifar_budget_batches} must be among --cifar-batch-sizes "
                          f"{args.cifar_batch_sizes}", "profile every budget batch size")
     return args
@@ -162,7 +146,7 @@ def budget_specs(text: str) -> list[tuple[int, ...]]:
     """--cifar-budget-batches "1,8,1+8" -> [(1,), (8,), (1, 8)]: each budget's batch sizes, the first the headline."""
     from cstar.latency_table import latency_batches
 
-    return [latency_batches(part.replace("+", ",")) for part in parse_list(text)]
+    return [latency_batches(part.replace("+", ",")) for part in common.parse_list(text)]
 
 
 def batch_label(batches: tuple[int, ...]) -> str:
@@ -193,12 +177,12 @@ def ensure_table(model_dir: Path, out: Path, batch_sizes: list[int], threads: in
         return out
     from cstar.manifest import atomic_write_json
 
-    log(f"profile {model_dir.name} on {BACKEND} ({threads} thread(s), batch {batch_sizes}) -> {out}")
-    with stopwatch() as t:
+    common.log(f"profile {model_dir.name} on {BACKEND} ({threads} thread(s), batch {batch_sizes}) -> {out}")
+    with common.stopwatch() as t:
         run_profile(model_dir, out, ProfileSettings(backend=BACKEND, threads=threads, batch_sizes=tuple(batch_sizes)),
                     progress=False, force=True)
     atomic_write_json(marker, {**wanted, "table_sha256": sha256_file(out)})
-    log(f"profile done in {t['seconds']:.1f}s")
+    common.log(f"profile done in {t['seconds']:.1f}s")
     return out
 
 
@@ -224,7 +208,7 @@ def bench(exports: dict[str, Path], sizes: list[int], iters: int, args: argparse
     rounds = rounds or args.rounds
     settings = argparse.Namespace(batch_sizes=",".join(map(str, sizes)), iters=iters, warmup=args.warmup,
                                   threads=args.threads, seed=args.seed, rounds=rounds)
-    log(f"bench {len(exports)} models on {BACKEND}, {args.threads} thread(s), batch {sizes}, {rounds} round(s)")
+    common.log(f"bench {len(exports)} models on {BACKEND}, {args.threads} thread(s), batch {sizes}, {rounds} round(s)")
     timed = bench_rounds({key: {"fp32": directory} for key, directory in exports.items()}, settings)
     return {key: per["fp32"] for key, per in timed.items()}
 
@@ -316,7 +300,7 @@ def ensure_structure(root: Path, dense: StageRun, table: Path, method: str, targ
     except CstarError as error:
         if isinstance(error, StaleWork):
             raise
-        log(f"{key}: {error.message}")
+        common.log(f"{key}: {error.message}")
         return error
 
 
@@ -355,7 +339,7 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.cross_runtime import cifar_options
     from cstar.latency_table import LatencyTable
 
-    sizes = parse_list(args.cifar_batch_sizes, int)
+    sizes = common.parse_list(args.cifar_batch_sizes, int)
     runs, _ = cifar_dense(root, args)
     dense = runs["dense"]
     table_path = ensure_table(dense.directory, root / "table.json", sizes, args.threads)
@@ -367,8 +351,8 @@ def cifar_part(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             models[key] = {"run": runs[key], "method": method, "target": None, "batches": (), "by": "flops"}
     errors = []
     for batches in budget_specs(args.cifar_budget_batches):
-        for target in parse_list(args.cifar_targets, float):
-            for method in parse_list(args.cifar_methods):
+        for target in common.parse_list(args.cifar_targets, float):
+            for method in common.parse_list(args.cifar_methods):
                 made = ensure_structure(root, dense, table_path, method, target, batches, args.hybrid_prune_share)
                 if isinstance(made, CstarError):
                     errors.append({"method": method, "target": target, "budget_batch": batch_label(batches),
@@ -497,7 +481,7 @@ def ensure_latency_compress(dense: StageRun, root: Path, table: Path, method: st
     from cstar.compress import run_compress
     from cstar.manifest import sha256_file
 
-    config = with_bench_suite({**own_compress_config(args), **(extra or {}), "seed": seed, "ratio": target, "method": method,
+    config = with_bench_suite({**common.own_compress_config(args), **(extra or {}), "seed": seed, "ratio": target, "method": method,
                                "by": "latency", "latency_table": str(table.resolve()),
                                "latency_batch": args.latency_batch, "latency_threads": args.threads})
     out = root / compress_dir_name(method, target, args.latency_batch, seed, config)
@@ -511,7 +495,7 @@ def ensure_latency_compress(dense: StageRun, root: Path, table: Path, method: st
     except CstarError as error:
         if isinstance(error, StaleWork):
             raise
-        log(f"{out.name}: {error.message}")
+        common.log(f"{out.name}: {error.message}")
         return error.message
 
 
@@ -521,22 +505,22 @@ def accuracy_part(root: Path, args: argparse.Namespace, plot_path: Path) -> dict
     from cstar.data import DatasetSpec
     from cstar.latency_table import LatencyTable
 
-    sizes = parse_list(args.batch_sizes, int)
+    sizes = common.parse_list(args.batch_sizes, int)
     dense = resolve_dense(args, root)
     work = root / BENCHMARK
     table_path = ensure_table(dense.directory, work / "table.json", sizes, args.threads)
     table = LatencyTable.load(table_path)
-    methods, targets = parse_list(args.methods), parse_list(args.targets, float)
+    methods, targets = common.parse_list(args.methods), common.parse_list(args.targets, float)
     model, manifest = load_checkpoint(dense.directory)
     shape = tuple(DatasetSpec.from_dict(manifest["dataset"]).input_shape)
     reach = reachable_ratios(model, table, args.latency_batch, shape, methods, args.hybrid_prune_share)
     for method, found in reach.items():
-        log(f"best reachable latency ratio at batch {args.latency_batch}: {method} {found['best']}x")
+        common.log(f"best reachable latency ratio at batch {args.latency_batch}: {method} {found['best']}x")
     runs: dict[str, dict[str, Any]] = {}
     errors = []
     for target in targets:
         for method in methods:
-            for seed in parse_list(args.seeds, int):
+            for seed in common.parse_list(args.seeds, int):
                 made = ensure_latency_compress(dense, work / "compress", table_path, method, target, seed, args)
                 if isinstance(made, str):
                     errors.append({"method": method, "target": target, "seed": seed, "error": made})
@@ -550,7 +534,7 @@ def accuracy_part(root: Path, args: argparse.Namespace, plot_path: Path) -> dict
     dense_row = dense_summary(dense, latency["dense"])
     summary = summarize_runs(rows, methods, targets, args.latency_batch, dense_row)
     block = {"dense": dense_row, "dense_dir": str(dense.directory), "methods": methods, "targets": targets,
-             "seeds": parse_list(args.seeds, int), "latency_batch": args.latency_batch, "batch_sizes": sizes,
+             "seeds": common.parse_list(args.seeds, int), "latency_batch": args.latency_batch, "batch_sizes": sizes,
              "threads": args.threads, "rounds": args.rounds, "iters": args.iters,
              "table": {"path": str(table_path), **table.describe(),
                        "dense_model_ms": {str(b): table.model_ms(b) for b in sizes},
@@ -716,7 +700,7 @@ def cifar_markdown(block: dict[str, Any]) -> str:
             "measured) / measured; dense-anchored error: the same with the prediction scaled by the dense model's "
             "latency measured in these rounds / at profile time (machine drift since the profile taken out). `flops` rows: the `--by flops` structures of cross_runtime, for contrast."
             + _calibration_text(table) + "\n\n")
-    checks = markdown_table(
+    checks = common.markdown_table(
         ["method", "min speedup/target 4x, 8x (own budget batch)", "min speedup/target 4x, 8x (budget at 1+8)",
          "min speedup/target 4x, 8x (any budget, every batch)",
          "max abs prediction error (every target)", "max abs error, batch 8", "max abs dense-anchored error"],
@@ -736,7 +720,7 @@ def cifar_markdown(block: dict[str, Any]) -> str:
     for error in block["errors"]:
         lines.append(f"- {error['method']} x{error['target']:g} (budget batch {error['budget_batch']}): not reachable, "
                      f"`{error['error']}`")
-    return head + markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n"
+    return head + common.markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n"
 
 
 def _calibration_summary(table: Any) -> dict[str, Any]:
@@ -785,8 +769,8 @@ def accuracy_markdown(block: dict[str, Any]) -> str:
                "APGD %"]
     body = [[s["method"], f"{s['target']:g}x", str(s["n"]), _mean_std(s["p50_ms"], 1.0, 3), _x(s["speedup"]),
              _mean_std(s["clean"]), _mean_std(s["robust"])] for s in block["summary"]]
-    body.insert(0, ["dense", "1x", "1", _ms(dense["p50_ms"][batch]), "1.00x", pct(dense["clean_acc"]),
-                    pct(dense["robust_acc"])])
+    body.insert(0, ["dense", "1x", "1", _ms(dense["p50_ms"][batch]), "1.00x", common.pct(dense["clean_acc"]),
+                    common.pct(dense["robust_acc"])])
     reach = ", ".join(f"{method} {_x(found['best'])}" for method, found in block["reachable"].items())
     n = block["rows"][0]["n"] if block["rows"] else "?"
     head = (f"## Robust accuracy at equal measured latency ({block['data']})\n\n"
@@ -798,11 +782,11 @@ def accuracy_markdown(block: dict[str, Any]) -> str:
             f"seeds. Best reachable latency ratio at batch {batch} (stem and classifier dense): {reach}.\n\n")
     lines = [_winner_line(w) for w in block["winners"]]
     lines += [f"- {e['method']} x{e['target']:g} seed {e['seed']}: not run, `{e['error']}`" for e in block["errors"]]
-    runs = markdown_table(["run", "predicted (ms)", f"p50 b{batch} (ms)", "prediction error", "clean %", "APGD %"],
+    runs = common.markdown_table(["run", "predicted (ms)", f"p50 b{batch} (ms)", "prediction error", "clean %", "APGD %"],
                           [[r["model"], _ms(r["predicted_ms"]), _ms(r["p50_ms"][batch]), _err(r["prediction_error"]),
-                            pct(r["clean_acc"]), pct(r["robust_acc"])] for r in block["rows"]])
+                            common.pct(r["clean_acc"]), common.pct(r["robust_acc"])] for r in block["rows"]])
     plot = f"\n![APGD vs measured p50]({block['plot']})\n"
-    return (head + markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n" + plot
+    return (head + common.markdown_table(headers, body) + "\n" + "\n".join(lines) + "\n" + plot
             + "\n### Every run\n\n" + runs)
 
 
@@ -837,13 +821,13 @@ def render(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Part 1 and 2; writes the results (and the Pareto plot) and returns the payload."""
-    setup_torch(args.torch_threads)
-    machine = machine_info(args.threads)
-    root = work_root(args.data, args.quick, args.work)
-    name = result_name(BENCHMARK, args.data) + (f"_{args.tag}" if args.tag else "")
-    plot_path = results_dir(args.quick, args.results_dir) / f"{name}_pareto.png"
-    with stopwatch() as total:
-        with stopwatch() as first:
+    common.setup_torch(args.torch_threads)
+    machine = common.machine_info(args.threads)
+    root = common.work_root(args.data, args.quick, args.work)
+    name = common.result_name(BENCHMARK, args.data) + (f"_{args.tag}" if args.tag else "")
+    plot_path = common.results_dir(args.quick, args.results_dir) / f"{name}_pareto.png"
+    with common.stopwatch() as total:
+        with common.stopwatch() as first:
             part_dir = root / BENCHMARK / f"cifar-{args.cifar_model.replace(':', '-')}"
             cifar = None if args.no_cifar else cifar_part(part_dir, args)
         accuracy = None if args.no_accuracy else accuracy_part(root, args, plot_path)
@@ -855,14 +839,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "hybrid_prune_share", "methods", "targets", "seeds", "batch_sizes", "latency_batch", "admm_epochs",
                    "finetune_epochs", "seed", "torch_threads")},
                "seconds": {"cifar": round(first["seconds"], 1), "total": round(total["seconds"], 1)}}
-    paths = write_results(name, payload, render(payload), args.quick, args.results_dir, allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(name, payload, render(payload), args, total['seconds'])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, resolve_defaults, argv)
+main = common.entry_point(__doc__, add_arguments, run, resolve_defaults)
 
 
 if __name__ == "__main__":

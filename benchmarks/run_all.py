@@ -20,17 +20,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    REPO_ROOT,
-    add_allow_dirty,
-    log,
-    machine_info,
-    markdown_table,
-    require_clean_tree,
-    result_name,
-    stopwatch,
-    write_results,
-)
+from benchmarks import common  # noqa: E402
 from cstar.errors import CstarError  # noqa: E402
 
 SCRIPTS = ("compression_table", "deploy_speed", "training_overhead", "export_robustness", "cross_runtime")
@@ -53,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run latency_budget (issue 15: --by latency on CIFAR shapes and digits; ~50 min)")
     parser.add_argument("--extra", action="append", default=[], metavar="SCRIPT:ARGS",
                         help="extra arguments for one script, e.g. 'compression_table:--ratios 4,8'")
-    add_allow_dirty(parser)
+    common.add_allow_dirty(parser)
 
 
 def selected_scripts(args: argparse.Namespace) -> list[str]:
@@ -64,7 +54,7 @@ def selected_scripts(args: argparse.Namespace) -> list[str]:
 
 def script_argv(name: str, args: argparse.Namespace) -> list[str]:
     """Command line of one script."""
-    argv = [sys.executable, str(REPO_ROOT / "benchmarks" / f"{name}.py"), "--data", args.data]
+    argv = [sys.executable, str(common.REPO_ROOT / "benchmarks" / f"{name}.py"), "--data", args.data]
     for flag, value in (("--dense-dir", args.dense_dir), ("--work", args.work), ("--results-dir", args.results_dir),
                         ("--dense-epochs", args.dense_epochs)):
         if value is not None:
@@ -83,10 +73,10 @@ def script_argv(name: str, args: argparse.Namespace) -> list[str]:
 def run_script(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one script; its wall time and exit code."""
     argv = script_argv(name, args)
-    log(f"running {' '.join(argv[1:])}")
-    with stopwatch() as t:
-        code = subprocess.run(argv, cwd=REPO_ROOT, check=False).returncode
-    log(f"{name}: exit {code} after {t['seconds']:.0f}s")
+    common.log(f"running {' '.join(argv[1:])}")
+    with common.stopwatch() as t:
+        code = subprocess.run(argv, cwd=common.REPO_ROOT, check=False).returncode
+    common.log(f"{name}: exit {code} after {t['seconds']:.0f}s")
     return {"script": name, "seconds": round(t["seconds"], 1), "exit_code": code, "argv": argv[1:]}
 
 
@@ -96,21 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        require_clean_tree(args.quick, args.allow_dirty)  # before any work, not after the last script
+        common.require_clean_tree(args.quick, args.allow_dirty)  # before any work, not after the last script
     except CstarError as exc:
         print(f"error: {exc.message}\nfix: {exc.hint}", file=sys.stderr)
         return 2
-    machine = {**machine_info(), "torch_threads": "per script (each sets --torch-threads, default 1)"}
+    machine = {**common.machine_info(), "torch_threads": "per script (each sets --torch-threads, default 1)"}
     runs: list[dict[str, Any]] = []
-    with stopwatch() as total:
+    with common.stopwatch() as total:
         for name in selected_scripts(args):
             runs.append(run_script(name, args))
             if runs[-1]["exit_code"] != 0:
                 break
-    table = markdown_table(["script", "wall seconds", "exit code"],
+    table = common.markdown_table(["script", "wall seconds", "exit code"],
                            [[r["script"], f"{r['seconds']:.0f}", str(r["exit_code"])] for r in runs])
     markdown = f"## Benchmark run times ({args.data})\n\nTotal {total['seconds']:.0f}s.\n\n" + table
-    write_results(result_name("run_all", args.data), {"machine": machine, "data": args.data, "runs": runs,
+    common.write_results(common.result_name("run_all", args.data), {"machine": machine, "data": args.data, "runs": runs,
                                                       "seconds": round(total["seconds"], 1)},
                   markdown, args.quick, args.results_dir, allow_dirty=args.allow_dirty)
     failed = [r for r in runs if r["exit_code"] != 0]

@@ -22,19 +22,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import StageRun, compress_expect, run_or_reuse, with_bench_suite  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    add_allow_dirty,
-    log,
-    machine_info,
-    markdown_table,
-    parse_list,
-    pct,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    write_results,
-)
 
 BENCHMARK = "seed_spread"
 
@@ -54,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="result file stem (default seed_spread_<data>)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="1 ADMM + 0 fine-tune epochs, 100 test images")
-    add_allow_dirty(parser)
+    common.add_allow_dirty(parser)
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -111,7 +100,7 @@ def compress_row(label: str, method: str, overrides: dict[str, Any], seed: int, 
                         functools.partial(run_compress, dense.directory, out, config=config, progress=False),
                         compress_expect(config, dense.directory))
     metrics, ratios = done.manifest["metrics"], done.manifest["compression"]
-    log(f"{label} seed {seed}: clean {pct(metrics['clean_acc'])} robust {pct(metrics['robust_acc'])}")
+    common.log(f"{label} seed {seed}: clean {common.pct(metrics['clean_acc'])} robust {common.pct(metrics['robust_acc'])}")
     return {"variant": label, "seed": seed, "clean_acc": metrics["clean_acc"], "robust_acc": metrics["robust_acc"],
             "n": metrics["n"], "params_ratio": ratios["params_ratio"], "flops_ratio": ratios["flops_ratio"],
             "dense_dir": str(dense.directory), "dense_clean_acc": dense.manifest["metrics"]["clean_acc"],
@@ -132,12 +121,12 @@ def paired_differences(rows: list[dict[str, Any]], label: str, versus: str) -> d
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compress every (variant, seed) pair (reusing finished runs) and summarize per variant."""
-    setup_torch(args.torch_threads)
-    seeds = parse_list(args.seeds, int)
+    common.setup_torch(args.torch_threads)
+    seeds = common.parse_list(args.seeds, int)
     rows, summary = [], []
-    with stopwatch() as total:
+    with common.stopwatch() as total:
         dense = dense_runs(args, seeds)
-        variants = [parse_variant(text) for text in parse_list(args.variants)]
+        variants = [parse_variant(text) for text in common.parse_list(args.variants)]
         for label, method, overrides in variants:
             runs = [compress_row(label, method, overrides, seed, dense[seed], args) for seed in seeds]
             rows += runs
@@ -152,16 +141,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first = next(iter(dense.values())).manifest
     dense_rows = [{"seed": seed, "dir": str(run.directory), **{k: run.manifest["metrics"][k]
                    for k in ("clean_acc", "robust_acc", "n")}} for seed, run in dense.items()]
-    payload = {"machine": machine_info(), "data": first["dataset"]["name"], "paired": args.paired,
+    payload = {"machine": common.machine_info(), "data": first["dataset"]["name"], "paired": args.paired,
                "dense": dense_rows, "dense_summary": {"clean": summarize([d["clean_acc"] for d in dense_rows]),
                                                       "robust": summarize([d["robust_acc"] for d in dense_rows])},
                "ratio": args.ratio, "versus": args.versus, "rows": rows, "summary": summary,
                "seconds": round(total["seconds"], 1)}
     name = args.name or f"{BENCHMARK}_{first['dataset']['name']}"
-    paths = write_results(name, payload, render(payload), args.quick, args.results_dir,
-                          allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(name, payload, render(payload), args, total['seconds'])
 
 
 def _cell(stats: dict[str, float], signed: bool = False) -> str:
@@ -180,22 +166,20 @@ def render(payload: dict[str, Any]) -> str:
             f"Design: {kind}. Dense: clean {_cell(dense['clean'])} %, APGD {_cell(dense['robust'])} % "
             f"over {len(payload['dense'])} model(s) (on {payload['dense'][0]['n']} test images). "
             "Mean +- sample std over seeds; min..max in brackets; points for differences.\n\n")
-    table = markdown_table(
+    table = common.markdown_table(
         ["variant", "params ratio", "FLOPs ratio", "clean %", "APGD %", "APGD minus dense",
          f"APGD minus {payload['versus']} (wins)"],
         [[s["variant"], f"{s['params_ratio']:.2f}x", f"{s['flops_ratio']:.2f}x", _cell(s["clean"]), _cell(s["robust"]),
           _cell(s["robust_minus_dense"], True),
           f"{_cell(s['paired']['robust'], True)} ({s['paired']['wins']}/{s['paired']['pairs']})" if s["paired"] else "-"]
          for s in payload["summary"]])
-    runs = markdown_table(["variant", "seed", "clean %", "APGD %", "dense APGD %"],
-                          [[r["variant"], str(r["seed"]), pct(r["clean_acc"]), pct(r["robust_acc"]),
-                            pct(r["dense_robust_acc"])] for r in payload["rows"]])
+    runs = common.markdown_table(["variant", "seed", "clean %", "APGD %", "dense APGD %"],
+                          [[r["variant"], str(r["seed"]), common.pct(r["clean_acc"]), common.pct(r["robust_acc"]),
+                            common.pct(r["dense_robust_acc"])] for r in payload["rows"]])
     return head + table + "\n### Every run\n\n" + runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, None, argv)
+main = common.entry_point(__doc__, add_arguments, run, None)
 
 
 if __name__ == "__main__":

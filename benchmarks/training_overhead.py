@@ -23,26 +23,15 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.artifacts import StageRun, read_json, resolve_dense, timing_of  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    add_common_arguments,
-    log,
-    machine_info,
-    markdown_table,
-    result_name,
-    run_cli,
-    setup_torch,
-    stopwatch,
-    work_root,
-    write_results,
-)
 
 BENCHMARK = "training_overhead"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark."""
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--ratio", type=float, default=8.0, help="params ratio of the CSTAR/prune phases")
     parser.add_argument("--epochs", type=int, default=None, help="epochs timed per phase (default 3; quick 1)")
     parser.add_argument("--from-table-dir", default=None,
@@ -119,9 +108,9 @@ def phase_admm(setup: Setup, epochs: int) -> tuple[dict[str, Any], Any]:
         w_times.append({"seconds": time.perf_counter() - start, "images_per_s": float(stats.get("images_per_s", 0))})
         return stats
 
-    with stopwatch() as admm_total:
+    with common.stopwatch() as admm_total:
         result = run_admm(model, budget, admm_cfg, timed_w_step)
-    with stopwatch() as factorize:
+    with common.stopwatch() as factorize:
         compressed = factorize_model(result.model, result.allocation.ranks, cfg.sweeps)
     return {"epochs": w_times, "admm_total_seconds": admm_total["seconds"],
             "whole_epoch_seconds": admm_total["seconds"] / max(epochs, 1),
@@ -155,19 +144,19 @@ def summarize(name: str, label: str, block: dict[str, Any], dense_seconds: float
 
 def run_phases(setup: Setup, epochs: int) -> list[dict[str, Any]]:
     """All phases in order; one summary row each (ADMM adds a whole-epoch row)."""
-    log("phase: dense PGD-AT")
+    common.log("phase: dense PGD-AT")
     dense, _ = phase_dense(setup, epochs)
     rows = [summarize("dense_pgd_at", "dense, plain PGD-AT", dense, None)]
     base = rows[0]["epoch_seconds"]
-    log("phase: CSTAR ADMM")
+    common.log("phase: CSTAR ADMM")
     admm, factorized = phase_admm(setup, epochs)
     rows.append(summarize("cstar_admm_w_step", "CSTAR ADMM epoch (W-step only)", admm, base))
     rows.append({**rows[-1], "phase": "cstar_admm_epoch", "label": "CSTAR ADMM epoch (W + Z/U + realloc)",
                  "epoch_seconds": admm["whole_epoch_seconds"], "vs_dense": admm["whole_epoch_seconds"] / base})
-    log("phase: CSTAR fine-tune")
+    common.log("phase: CSTAR fine-tune")
     rows.append(summarize("cstar_finetune", "CSTAR fine-tune epoch (factorized)",
                           phase_finetune(setup, epochs, factorized)[0], base))
-    log("phase: prune fine-tune")
+    common.log("phase: prune fine-tune")
     rows.append(summarize("prune_finetune", "robust pruning fine-tune epoch", phase_prune(setup, epochs)[0], base))
     return rows
 
@@ -201,13 +190,13 @@ def render(payload: dict[str, Any]) -> str:
             f"{payload['epochs']} epoch(s) per phase, median shown; {recipe['train_images']} training images, batch "
             f"{recipe['batch_size']}, {recipe['train_method']} with {recipe['train_steps']} PGD steps (eps "
             f"{recipe['eps']:g}).\n\n")
-    table = markdown_table(["phase", "epoch (s)", "images/s", "vs dense PGD-AT"],
+    table = common.markdown_table(["phase", "epoch (s)", "images/s", "vs dense PGD-AT"],
                            [[r["label"], f"{r['epoch_seconds']:.2f}", f"{r['images_per_s']:.0f}",
                              f"{r['vs_dense']:.2f}x"] for r in payload["rows"]])
     runs = payload["compress_runs"]
     if not runs:
         return head + table
-    run_table = markdown_table(
+    run_table = common.markdown_table(
         ["compress run", "ADMM + fine-tune epochs", "sum of epoch seconds", "wall seconds (incl. eval)"],
         [[r["run"], f"{r['admm_epochs']} + {r['finetune_epochs']}", f"{r['train_epoch_seconds_sum']:.1f}",
           "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.1f}"] for r in runs])
@@ -219,11 +208,11 @@ def render(payload: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time the phases and write the results; returns the payload."""
-    setup_torch(args.torch_threads)
-    machine = machine_info()
-    root = work_root(args.data, args.quick, args.work)
+    common.setup_torch(args.torch_threads)
+    machine = common.machine_info()
+    root = common.work_root(args.data, args.quick, args.work)
     epochs = args.epochs or (1 if args.quick else 3)
-    with stopwatch() as total:
+    with common.stopwatch() as total:
         dense = resolve_dense(args, root)
         setup = Setup(dense, args.ratio, args.seed)
         rows = run_phases(setup, epochs)
@@ -231,15 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     payload = {"machine": machine, "data": args.data, "dense_dir": str(dense.directory), "epochs": epochs,
                "recipe": setup.recipe(), "rows": rows, "compress_runs": compress_runs(table_root / "compress"),
                "torch_threads": args.torch_threads, "seconds": round(total["seconds"], 1)}
-    paths = write_results(result_name(BENCHMARK, args.data), payload, render(payload), args.quick, args.results_dir,
-                          allow_dirty=args.allow_dirty)
-    log(f"wrote {paths[0]} and {paths[1]} ({total['seconds']:.0f}s)")
-    return payload
+    return common.publish(common.result_name(BENCHMARK, args.data), payload, render(payload), args, total['seconds'])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
-    return run_cli(__doc__, add_arguments, run, None, argv)
+main = common.entry_point(__doc__, add_arguments, run, None)
 
 
 if __name__ == "__main__":

@@ -128,13 +128,11 @@ def test_pruned_mobilenet_v2_exports_with_parity(method: str, tmp_path) -> None:
     from cstar.checkpoint import save_checkpoint
     from cstar.compress import compress_structure
     from export.exporter import run_export
+    from tests.cstar.test_import_path_models import with_trained_looking_bn
 
     torch.manual_seed(0)
     dense = build_model(MOBILENET, CIFAR, width_mult=0.5).eval()
-    for module in dense.modules():
-        if isinstance(module, nn.BatchNorm2d):  # trained-looking statistics, so folding is really exercised
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
+    with_trained_looking_bn(dense)
     budget = Budget(2.0, "params", CIFAR.input_shape, first_and_last(dense))
     structure = compress_structure(dense, budget, method, sweeps=0)
     assert _ratio(dense, structure.model, CIFAR.input_shape) >= 2.0

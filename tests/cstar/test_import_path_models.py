@@ -32,6 +32,15 @@ class TwoBranchNet(nn.Module):
         return self.head(torch.cat([self.left(x), self.right(x)], dim=1))
 
 
+def with_trained_looking_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics away from (0, 1), so BN folding is really exercised; returns `model`."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def make_two_branch(num_classes: int = 10, width: int = 8) -> nn.Module:
     return TwoBranchNet(num_classes, width)
 
@@ -77,10 +86,7 @@ def test_mobilenet_v2_compresses_with_depthwise_dense_and_exports_with_parity(tm
 
     torch.manual_seed(0)
     dense = build_model(MOBILENET, SPEC, width_mult=0.5).eval()
-    for module in dense.modules():
-        if isinstance(module, nn.BatchNorm2d):  # trained-looking statistics, so folding is really exercised
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
+    with_trained_looking_bn(dense)
     budget = Budget(2.0, "params", SPEC.input_shape, first_and_last(dense))
     compressed = factorize_model(dense, allocate_for(dense, budget).ranks).eval()
     depthwise = {name: m for name, m in dense.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
