@@ -13,24 +13,28 @@ calibration.fakequant); robust_acc is the per-example worst case over all four s
 DIR/model.int8.onnx, then DIR/manifest.json last; its `quantization` block names the format and
 target, which `cstar build` checks against the backend. `--target executorch` instead quantizes the
 PyTorch reference with PT2E (XNNPACKQuantizer) and writes DIR/model.pte (format xnnpack-pt2e-int8,
-measured the same way on the ExecuTorch runtime; see calibration.executorch_int8).
+measured the same way on the ExecuTorch runtime; see calibration.executorch_int8). The export read and
+checked: calibration.export_input; the INT8-vs-FP32 measurement: calibration.int8_metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calibration import measure
-from calibration.execution import execution_for
-from calibration.measure import EVAL_APGD_ITERS, EVAL_APGD_TARGETS, transfer_block
+from calibration.execution import Execution, execution_for
+from calibration.export_input import ExportSource, open_export, read_export
+from calibration.export_input import check_onnx_input as check_onnx_input  # re-exported (was defined here)
+from calibration.int8_metrics import Int8Check, Int8Measurement, measure_int8
+from calibration.measure import EVAL_APGD_ITERS as EVAL_APGD_ITERS  # re-exported (the eval suite's size)
+from calibration.measure import EVAL_APGD_TARGETS as EVAL_APGD_TARGETS
 from calibration.quantize import DEFAULT_TARGET, METHODS, TARGETS
 from calibration.trt_check import PreflightReport, preflight
 from cstar import validate
@@ -41,7 +45,6 @@ from cstar.manifest import (
     file_entry,
     read_manifest,
     sha256_file,
-    verify_file,
     write_manifest,
 )
 from export.reference import REFERENCE_STAGES, find_reference
@@ -105,44 +108,6 @@ def main(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _check_data(data: str, spec: Any) -> Any:
-    """The DatasetSpec to load: the export's, with the --data path when one is given; names must match."""
-    from dataclasses import replace
-
-    from cstar.data import parse_dataset_arg
-
-    name, path = parse_dataset_arg(data)
-    if name != spec.name:
-        raise CstarError(
-            f"--data {data} names dataset '{name}', but the model was exported for '{spec.name}'",
-            f"pass --data {spec.data_arg}",
-        )
-    return spec if path is None else replace(spec, path=path)
-
-
-def check_onnx_input(model_path: Path, shape: tuple[int, ...], from_dir: Path) -> None:
-    """Refuse an ONNX model whose input is not (N, *shape), the input its manifest records (before any work)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(model_path), load_external_data=False).graph
-    except Exception as exc:  # noqa: BLE001 - a broken protobuf is one clear message
-        raise CstarError(f"{model_path} is not a readable ONNX model ({exc})", "re-run cstar export") from exc
-    initializers = {init.name for init in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    dims = [d.dim_value if d.HasField("dim_value") else None
-            for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
-    fixed = dims[1:]
-    if len(inputs) != 1 or len(dims) != len(shape) + 1 or any(
-            d is not None and d != want for d, want in zip(fixed, shape, strict=True)):
-        got = f"{len(inputs)} inputs" if len(inputs) != 1 else \
-            "input (" + ", ".join("N" if d is None else str(d) for d in dims) + ")"
-        raise CstarError(f"{model_path} takes {got}, but {from_dir}/{MANIFEST_NAME} records (N, "
-                         f"{', '.join(str(d) for d in shape)})", "re-run cstar export (the model and its manifest disagree)")
-
-
-
-
 def _eval_set(spec: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified TEST subset: (images, labels, indices)."""
     from cstar.data import load_dataset_from_spec, stratified_indices, to_tensors
@@ -179,6 +144,27 @@ def _remove_quietly(path: Path) -> None:
 # -------------------------------------------------------------------------------------------- stage
 
 
+@dataclass(frozen=True)
+class _Job:
+    """Everything the INT8 step needs, gathered and checked before any output is written."""
+
+    source: ExportSource
+    reference_dir: Path | None
+    warnings: list[str]
+    calib: Any  # calibration.calib_set.CalibrationSet
+    eval_images: np.ndarray
+    eval_labels: np.ndarray
+    eval_indices: np.ndarray
+    method: str
+    target: str
+    seed: int
+    include_adversarial: float
+    per_channel: bool
+    strict_trt: bool
+    twin_attack: bool
+    verbose: bool
+
+
 def run_calibrate(
     from_dir: str | Path,
     out_dir: str | Path,
@@ -203,14 +189,29 @@ def run_calibrate(
     (calibration.fakequant) and counts it in `metrics.robust_acc` (the default: a transfer set crafted
     on FP32 alone understates what an attacker of the INT8 model finds).
     """
-    from calibration.calib_set import build_calibration_set, craft_apgd
-    from calibration.fakequant import craft_on_twin
-    from calibration.quantize import quantize_for_target, target_format
-    from cstar.data import DatasetSpec
+    from calibration.calib_set import build_calibration_set
     from cstar.outdir import OutputDir, dataset_path
-    from export.reference import load_reference
 
     from_dir, out = Path(from_dir), Path(out_dir)
+    _check_options(method, target, strict_trt, samples, include_adversarial)
+    export = read_export(from_dir)
+    claim = OutputDir(out, "calibrate", (from_dir, reference, dataset_path(data)), force=force)
+    source = open_export(from_dir, export, data)
+    reference_dir, warnings = _resolve_reference(reference, export, include_adversarial, target)
+    calib = build_calibration_set(source.spec, samples, include_adversarial, reference_dir, seed, eps=source.eps,
+                                  norm=source.norm)
+    job = _Job(source, reference_dir, warnings, calib, *_eval_set(source.spec, parity_samples, seed), method=method,
+               target=target, seed=seed, include_adversarial=include_adversarial, per_channel=per_channel,
+               strict_trt=strict_trt, twin_attack=twin_attack, verbose=verbose)
+    if target == EXECUTORCH_TARGET:
+        return _calibrate_executorch(job, claim, out)
+    return _calibrate_onnx(job, claim, out)
+
+
+def _check_options(method: str, target: str, strict_trt: bool, samples: int, include_adversarial: float) -> None:
+    """The option checks, before any work (the first bad option is the one reported)."""
+    from calibration.quantize import target_format
+
     if method not in METHODS:
         raise CstarError(f"unknown calibration method '{method}'", f"use one of: {', '.join(METHODS)}")
     if target != EXECUTORCH_TARGET:
@@ -226,19 +227,12 @@ def run_calibrate(
         raise CstarError(f"--samples must be positive, got {samples}", "pass --samples 512 (or the train size)")
     validate.fraction("--include-adversarial", include_adversarial,
                       "pass the adversarial share of the calibration set in [0, 1], e.g. 0.5 (0: clean only)")
-    export = read_manifest(from_dir, ("export",))
-    for key in ("onnx", "dataset"):
-        if key not in export:
-            raise CstarError(f"{from_dir}/{MANIFEST_NAME} lacks '{key}'", "re-run cstar export")
-    claim = OutputDir(out, "calibrate", (from_dir, reference, dataset_path(data)), force=force)
-    onnx_block = export["onnx"]
-    fp32_path = verify_file(from_dir, onnx_block["file"], onnx_block["sha256"])
-    spec = _check_data(data, DatasetSpec.from_dict(export["dataset"]))
-    check_onnx_input(fp32_path, tuple(spec.input_shape), from_dir)
-    eps = float(export.get("eps", spec.default_eps))
-    norm = str(export.get("norm", "linf"))
-    warnings: list[str] = []
 
+
+def _resolve_reference(reference: str | Path | None, export: dict[str, Any], include_adversarial: float,
+                       target: str) -> tuple[Path | None, list[str]]:
+    """(PyTorch reference directory or None, warnings): `--reference`, else found via the export's inputs."""
+    warnings: list[str] = []
     reference_dir: Path | None
     if reference is not None:
         reference_dir = Path(reference)
@@ -251,117 +245,42 @@ def run_calibrate(
                 raise CstarError(f"{needs} the PyTorch reference, but {why}",
                                  "pass --reference DIR (the train/compress directory exported)")
             warnings.append(f"no PyTorch reference ({why}): robust accuracy not measured; pass --reference DIR")
+    return reference_dir, warnings
 
-    calib = build_calibration_set(spec, samples, include_adversarial, reference_dir, seed, eps=eps, norm=norm)
-    eval_images, eval_labels, eval_indices = _eval_set(spec, parity_samples, seed)
-    if target == EXECUTORCH_TARGET:
-        from calibration.executorch_int8 import CalibrationJob, calibrate_executorch
 
-        assert reference_dir is not None  # refused above
-        with claim as work:  # staged sibling, renamed into place once the .pte and manifest are written
-            calibrate_executorch(CalibrationJob(
-                from_dir, work, export, fp32_path, spec, eps, norm, reference_dir, calib, eval_images, eval_labels,
-                eval_indices, method, seed, include_adversarial, warnings, pgd_steps=EVAL_PGD_STEPS), verbose)
-        return read_manifest(out, ("calibrate",))
+def _calibrate_executorch(job: _Job, claim: Any, out: Path) -> dict[str, Any]:
+    """`--target executorch`: PT2E INT8 model.pte (calibration.executorch_int8), staged and published by `claim`."""
+    from calibration.executorch_int8 import CalibrationJob, calibrate_executorch
 
-    final_dir, out = out, claim.open()  # write into the staged sibling; renamed into place at the end
+    src = job.source
+    assert job.reference_dir is not None  # refused by _resolve_reference
+    with claim as work:  # staged sibling, renamed into place once the .pte and manifest are written
+        calibrate_executorch(CalibrationJob(
+            src.from_dir, work, src.export, src.fp32_path, src.spec, src.eps, src.norm, job.reference_dir, job.calib,
+            job.eval_images, job.eval_labels, job.eval_indices, job.method, job.seed, job.include_adversarial,
+            job.warnings, pgd_steps=EVAL_PGD_STEPS), job.verbose)
+    return read_manifest(out, ("calibrate",))
+
+
+def _calibrate_onnx(job: _Job, claim: Any, final_dir: Path) -> dict[str, Any]:
+    """ONNX Q/DQ targets: quantize, preflight, measure, write the manifest last; nothing left on failure."""
+    from calibration.quantize import quantize_for_target
+
+    out = claim.open()  # write into the staged sibling; renamed into place at the end
     tmp = atomic_target(out / INT8_NAME)
     final = out / INT8_NAME
     placed = False
     try:
-        quant = quantize_for_target(fp32_path, tmp, calib.images, target=target, method=method,
-                                    per_channel=per_channel)
-        trt_report = _trt_preflight(tmp, strict_trt, verbose, warnings) if target == "tensorrt" else None
-
-        execution = execution_for(target)  # the TensorRT format as Q/DQ arithmetic, not ORT CPU's S8S8 kernels
-        fp32_session, int8_session = measure.session(fp32_path), measure.session(tmp, execution)
-        fp32_logits = measure.run_logits_of(fp32_session, eval_images)
-        int8_logits = measure.run_logits_of(int8_session, eval_images)
-        parity = measure.parity(int8_logits, fp32_logits)
-        metrics: dict[str, Any] = {
-            "clean_acc": measure.accuracy(int8_logits, eval_labels),
-            "robust_acc": None,
-            "fp32_clean_acc": measure.accuracy(fp32_logits, eval_labels),
-            "fp32_robust_acc": None,
-            "n": int(eval_labels.shape[0]),
-            "executed_as": execution.executed_as,
-        }
-        parity_torch: dict[str, Any] | None = None
-        if reference_dir is not None:
-            import torch
-
-            model, _ = load_reference(reference_dir, spec)
-            with torch.no_grad():
-                torch_logits = model(torch.from_numpy(eval_images)).float().numpy()
-            parity_torch = measure.parity(int8_logits, torch_logits)
-            sets = craft_apgd(model, eval_images, eval_labels, eps, norm, seed, EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
-            int8_run = functools.partial(measure.run_logits_of, int8_session)
-            fp32_run = functools.partial(measure.run_logits_of, fp32_session)
-            metrics["fp32_robust_acc"] = measure.worst_case(fp32_run, sets, eval_labels)
-            metrics["reference_robust_acc"] = measure.worst_case(functools.partial(measure.torch_logits, model), sets,
-                                                                 eval_labels)
-            metrics["attack"] = transfer_block(eps, norm, seed)
-            if twin_attack:  # white-box on the INT8 graph itself, beside the reference's transfer sets
-                twin_sets, twin_check = craft_on_twin(tmp, eval_images, eval_labels, eps, norm, seed,
-                                                        EVAL_APGD_ITERS, EVAL_APGD_TARGETS)
-                metrics["robust_acc_reference_crafted"] = measure.worst_case(int8_run, sets, eval_labels)
-                metrics["robust_acc_twin_crafted"] = measure.worst_case(int8_run, twin_sets, eval_labels)
-                metrics["twin_parity"] = twin_check.to_dict()
-                metrics["attack"]["crafted_on"] = ["pytorch-reference", "fake-quant-twin"]
-                sets = {**sets, **{f"{name}_fq": adv for name, adv in twin_sets.items()}}
-            metrics["robust_acc"] = measure.worst_case(int8_run, sets, eval_labels)
-        del fp32_session, int8_session
-
+        quant = quantize_for_target(job.source.fp32_path, tmp, job.calib.images, target=job.target,
+                                    method=job.method, per_channel=job.per_channel)
+        trt_report = _trt_preflight(tmp, job.strict_trt, job.verbose, job.warnings) if job.target == "tensorrt" else None
+        execution = execution_for(job.target)  # the TensorRT format as Q/DQ arithmetic, not ORT CPU's S8S8 kernels
+        result = measure_int8(Int8Check(job.source.fp32_path, tmp, execution, job.eval_images, job.eval_labels,
+                                        job.source.eps, job.source.norm, job.seed, job.twin_attack),
+                              job.reference_dir, job.source.spec)
         os.replace(tmp, final)
         placed = True
-        body: dict[str, Any] = {
-            "inputs": [file_entry(fp32_path), file_entry(from_dir / MANIFEST_NAME)]
-            + ([file_entry(reference_dir / MANIFEST_NAME)] if reference_dir is not None else []),
-            "dataset": export["dataset"],
-            "model": export.get("model"),
-            "eps": eps,
-            "norm": norm,
-            "metrics": metrics,
-        }
-        for key in ("params", "flops", "compression", "ranks", "classes", "input"):
-            if key in export:
-                body[key] = export[key]
-        body["parity"] = {**parity, "against": "fp32-onnx", **execution.describe()}
-        if parity_torch is not None:
-            body["parity_torch"] = {**parity_torch, "against": "pytorch-reference",
-                                   "executed_as": execution.executed_as}
-        body["onnx"] = {
-            "file": INT8_NAME,
-            "sha256": sha256_file(final),
-            "opset": quant["opset"],
-            "input_name": quant["input_name"],
-            "output_name": quant["output_name"],
-            "dynamic_batch": quant["dynamic_batch"],
-            "quant_format": "QDQ",
-        }
-        body["precision"] = "int8"
-        body["quantization"] = quant["quantization"]
-        body["calibration"] = {
-            "samples": int(len(calib)),
-            "method": method,
-            "split": calib.split,
-            "indices": [int(i) for i in calib.indices],
-            "adversarial_fraction": float(include_adversarial),
-            "n_adversarial": int(calib.n_adversarial),
-            "adversarial_attack": calib.attack,
-            "seed": seed,
-            "per_channel": per_channel,
-            "symmetric": quant["symmetric"],
-            "activation_type": quant["activation_type"],
-            "weight_type": quant["weight_type"],
-            "quantize_bias": quant["quantize_bias"],
-            "eval_indices": [int(i) for i in eval_indices],
-        }
-        if trt_report is not None:
-            body["trt_preflight"] = {"ok": trt_report.ok, "problems": trt_report.problems,
-                                     "warnings": trt_report.warnings}
-        body["warnings"] = warnings
-        write_manifest(out, "calibrate", body)
+        write_manifest(out, "calibrate", _manifest_body(job, result, execution, quant, final, trt_report))
     except BaseException:
         _remove_quietly(tmp)
         if placed:
@@ -370,3 +289,68 @@ def run_calibrate(
         raise
     claim.publish()
     return read_manifest(final_dir, ("calibrate",))
+
+
+def _manifest_body(job: _Job, result: Int8Measurement, execution: Execution, quant: dict[str, Any], final: Path,
+                   trt_report: PreflightReport | None) -> dict[str, Any]:
+    """The calibrate manifest's body (key order as written)."""
+    src, reference_dir = job.source, job.reference_dir
+    body: dict[str, Any] = {
+        "inputs": [file_entry(src.fp32_path), file_entry(src.from_dir / MANIFEST_NAME)]
+        + ([file_entry(reference_dir / MANIFEST_NAME)] if reference_dir is not None else []),
+        "dataset": src.export["dataset"],
+        "model": src.export.get("model"),
+        "eps": src.eps,
+        "norm": src.norm,
+        "metrics": result.metrics,
+    }
+    for key in ("params", "flops", "compression", "ranks", "classes", "input"):
+        if key in src.export:
+            body[key] = src.export[key]
+    body["parity"] = {**result.parity, "against": "fp32-onnx", **execution.describe()}
+    if result.parity_torch is not None:
+        body["parity_torch"] = {**result.parity_torch, "against": "pytorch-reference",
+                                "executed_as": execution.executed_as}
+    body["onnx"] = _onnx_block(quant, final)
+    body["precision"] = "int8"
+    body["quantization"] = quant["quantization"]
+    body["calibration"] = _calibration_block(job, quant)
+    if trt_report is not None:
+        body["trt_preflight"] = {"ok": trt_report.ok, "problems": trt_report.problems,
+                                 "warnings": trt_report.warnings}
+    body["warnings"] = job.warnings
+    return body
+
+
+def _onnx_block(quant: dict[str, Any], final: Path) -> dict[str, Any]:
+    """manifest.onnx: the INT8 file, its sha256 and I/O (from calibration.quantize)."""
+    return {
+        "file": INT8_NAME,
+        "sha256": sha256_file(final),
+        "opset": quant["opset"],
+        "input_name": quant["input_name"],
+        "output_name": quant["output_name"],
+        "dynamic_batch": quant["dynamic_batch"],
+        "quant_format": "QDQ",
+    }
+
+
+def _calibration_block(job: _Job, quant: dict[str, Any]) -> dict[str, Any]:
+    """manifest.calibration: the calibration set, method and quantizer settings, and the eval indices."""
+    calib = job.calib
+    return {
+        "samples": int(len(calib)),
+        "method": job.method,
+        "split": calib.split,
+        "indices": [int(i) for i in calib.indices],
+        "adversarial_fraction": float(job.include_adversarial),
+        "n_adversarial": int(calib.n_adversarial),
+        "adversarial_attack": calib.attack,
+        "seed": job.seed,
+        "per_channel": job.per_channel,
+        "symmetric": quant["symmetric"],
+        "activation_type": quant["activation_type"],
+        "weight_type": quant["weight_type"],
+        "quantize_bias": quant["quantize_bias"],
+        "eval_indices": [int(i) for i in job.eval_indices],
+    }
