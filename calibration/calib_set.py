@@ -35,6 +35,14 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def record(self, method: str, adversarial_fraction: float, seed: int, **after_method: Any) -> dict[str, Any]:
+        """The start of a manifest's `calibration` block, the same for every target: how many images, the
+        calibration method (then `after_method`, e.g. ExecuTorch's observer), which train-split images and how
+        many of them adversarial; the caller adds its quantizer's settings."""
+        return {"samples": len(self), "method": method, **after_method, "split": self.split,
+                "indices": [int(i) for i in self.indices], "adversarial_fraction": float(adversarial_fraction),
+                "n_adversarial": int(self.n_adversarial), "adversarial_attack": self.attack, "seed": seed}
+
 
 def select_calibration_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Deterministic class-stratified choice of `n` indices into the train split (sorted, per-class counts within 1)."""

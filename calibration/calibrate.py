@@ -337,16 +337,8 @@ def _onnx_block(quant: dict[str, Any], final: Path) -> dict[str, Any]:
 
 def _calibration_block(job: _Job, quant: dict[str, Any]) -> dict[str, Any]:
     """manifest.calibration: the calibration set, method and quantizer settings, and the eval indices."""
-    calib = job.calib
     return {
-        "samples": int(len(calib)),
-        "method": job.method,
-        "split": calib.split,
-        "indices": [int(i) for i in calib.indices],
-        "adversarial_fraction": float(job.include_adversarial),
-        "n_adversarial": int(calib.n_adversarial),
-        "adversarial_attack": calib.attack,
-        "seed": job.seed,
+        **job.calib.record(job.method, job.include_adversarial, job.seed),
         "per_channel": job.per_channel,
         "symmetric": quant["symmetric"],
         "activation_type": quant["activation_type"],

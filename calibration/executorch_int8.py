@@ -210,17 +210,8 @@ def calibrate_executorch(job: CalibrationJob, verbose: bool = True) -> dict[str,
 
 def _calibration_record(job: CalibrationJob, observer: str) -> dict[str, Any]:
     """The manifest's `calibration` block: which images calibrated the program, and how."""
-    calib = job.calib
     return {
-        "samples": int(len(calib)),
-        "method": job.method,
-        "observer": observer,
-        "split": calib.split,
-        "indices": [int(i) for i in calib.indices],
-        "adversarial_fraction": float(job.include_adversarial),
-        "n_adversarial": int(calib.n_adversarial),
-        "adversarial_attack": calib.attack,
-        "seed": job.seed,
+        **job.calib.record(job.method, job.include_adversarial, job.seed, observer=observer),
         "per_channel": True,
         "symmetric": False,
         "activation_type": "int8",

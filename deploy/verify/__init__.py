@@ -52,6 +52,7 @@ from deploy.verify.options import (
     SQUARE_STRICT_CAP,
     SQUARE_STRICT_QUERIES,
     Thresholds,
+    add_square_arguments,
     check_square_args,
     square_plan,
 )
@@ -59,15 +60,10 @@ from deploy.verify.report import assemble_report, report_claim, set_record, summ
 from deploy.verify.runner import resolve_backend, runner_options
 from deploy.verify.stage import add_arguments, main, run_verify
 
-# the old module's private names that callers (tests) import, now public under the names on the right
-_warnings = square_warnings
-_reference_metrics = reference_metrics
-_runtime_metrics = runtime_metrics
-
 __all__ = [
     "GRADIENT_MASKING_POINTS", "GRADIENT_MASKING_WARNING", "SET_KEYS", "SQUARE_NORMS", "SQUARE_P_INIT",
     "SQUARE_QUERIES", "SQUARE_SAMPLES_CAP", "SQUARE_STALLED_WARNING", "SQUARE_STALL_POINTS", "SQUARE_STRICT_CAP",
-    "SQUARE_STRICT_QUERIES", "AttackSet", "Thresholds", "add_arguments", "alone_check", "assemble_report",
+    "SQUARE_STRICT_QUERIES", "AttackSet", "Thresholds", "add_arguments", "add_square_arguments", "alone_check", "assemble_report",
     "check_compatible", "check_square_args", "check_threat_model", "correct", "failed_checks", "gate_checks",
     "load_attackset", "main", "mean_of", "reference_metrics", "reference_warnings", "report_claim",
     "resolve_backend", "run_verify", "runner_options", "runtime_metrics", "set_record", "square_block",

@@ -8,6 +8,7 @@ gate that fails or passes by accident.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from cstar import validate
@@ -61,3 +62,21 @@ def check_square_args(queries: int | None, samples: int | None, p_init: float, r
         raise CstarError(f"--square-restarts must be >= 1, got {restarts}", "pass 1 for a single Square run")
     if seed < 0:
         raise CstarError(f"--seed must be >= 0, got {seed}", "pass a non-negative seed")
+
+
+def add_square_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Square attack's options (and --seed, which it uses), in `--help` order."""
+    parser.add_argument("--square-queries", type=int, default=None,
+                        help=f"Square queries per example and restart (default {SQUARE_QUERIES}; --strict "
+                             f"{SQUARE_STRICT_QUERIES}; 0 = skip)")
+    parser.add_argument("--square-samples", type=int, default=None,
+                        help=f"examples attacked with Square (default: the set, capped at {SQUARE_SAMPLES_CAP}; "
+                             f"--strict: capped at {SQUARE_STRICT_CAP})")
+    parser.add_argument("--square-p-init", type=float, default=SQUARE_P_INIT,
+                        help=f"Square initial square fraction (default {SQUARE_P_INIT}, AutoAttack's)")
+    parser.add_argument("--square-restarts", type=int, default=1,
+                        help="Square runs; each reruns the still-robust examples with a new seed and the full budget")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"AutoAttack-strength Square: {SQUARE_STRICT_QUERIES} queries on every example of the "
+                             f"set (up to {SQUARE_STRICT_CAP}) unless --square-queries/--square-samples say otherwise")
+    parser.add_argument("--seed", type=int, default=0, help="Square attack seed")

@@ -23,11 +23,8 @@ from deploy.verify.gates import failed_checks, gate_checks, reference_warnings, 
 from deploy.verify.metrics import reference_metrics, runtime_metrics
 from deploy.verify.options import (
     SQUARE_P_INIT,
-    SQUARE_QUERIES,
-    SQUARE_SAMPLES_CAP,
-    SQUARE_STRICT_CAP,
-    SQUARE_STRICT_QUERIES,
     Thresholds,
+    add_square_arguments,
     check_square_args,
     square_plan,
 )
@@ -45,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(needs torch and --data)")
     parser.add_argument("--data", help="dataset for --reference")
     parser.add_argument("--samples", type=int, default=500, help="set size for --reference (default 500; 0 = all)")
-    _add_square_arguments(parser)
+    add_square_arguments(parser)
     parser.add_argument("--max-robust-drop", type=float, default=2.0,
                         help="max points reference PGD robust acc - runtime worst-case robust acc (default 2.0)")
     parser.add_argument("--max-clean-drop", type=float, default=1.0, help="max clean accuracy drop in points (default 1.0)")
@@ -54,24 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="runtime intra-op threads (ONNX Runtime backends)")
     parser.add_argument("--out", required=True, help="report directory (report.json, report.md, report.png)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing report directory at --out")
-
-
-def _add_square_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Square attack's options (and --seed, which it uses), in `--help` order."""
-    parser.add_argument("--square-queries", type=int, default=None,
-                        help=f"Square queries per example and restart (default {SQUARE_QUERIES}; --strict "
-                             f"{SQUARE_STRICT_QUERIES}; 0 = skip)")
-    parser.add_argument("--square-samples", type=int, default=None,
-                        help=f"examples attacked with Square (default: the set, capped at {SQUARE_SAMPLES_CAP}; "
-                             f"--strict: capped at {SQUARE_STRICT_CAP})")
-    parser.add_argument("--square-p-init", type=float, default=SQUARE_P_INIT,
-                        help=f"Square initial square fraction (default {SQUARE_P_INIT}, AutoAttack's)")
-    parser.add_argument("--square-restarts", type=int, default=1,
-                        help="Square runs; each reruns the still-robust examples with a new seed and the full budget")
-    parser.add_argument("--strict", action="store_true",
-                        help=f"AutoAttack-strength Square: {SQUARE_STRICT_QUERIES} queries on every example of the "
-                             f"set (up to {SQUARE_STRICT_CAP}) unless --square-queries/--square-samples say otherwise")
-    parser.add_argument("--seed", type=int, default=0, help="Square attack seed")
 
 
 def main(args: argparse.Namespace) -> int:

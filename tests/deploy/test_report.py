@@ -17,7 +17,7 @@ import pytest
 from deploy.pipeline import PipelineConfig, Stage
 from deploy.pipeline_report import summary_table, write_pipeline_report
 from deploy.report import report_markdown, validate_report
-from deploy.verify import AttackSet, _reference_metrics, _runtime_metrics, summary_line
+from deploy.verify import AttackSet, reference_metrics, runtime_metrics, summary_line
 
 N, CLASSES = 10, 3
 WRONG = {"clean": {9}, "pgd": {0, 1, 9}, "fgsm": {2, 3}}  # per-attack 90 / 70 / 80 %; every attack: 50 %
@@ -80,8 +80,8 @@ def _run_dir(root: Path, int8_passes: bool) -> Path:
     """train, compress, two verified artifacts (fp32 from verify's metric code, int8 by hand), three benches."""
     attack_set = _attack_set()
     no_square = {"queries": 0, "samples": None, "p_init": 0.05, "seed": 0}
-    runtime, _ = _runtime_metrics(_LookupRunner(), attack_set, 0.1, "linf", no_square)
-    reference = _reference_metrics(attack_set)
+    runtime, _ = runtime_metrics(_LookupRunner(), attack_set, 0.1, "linf", no_square)
+    reference = reference_metrics(attack_set)
     int8 = {**runtime, "clean_acc": 0.8, "transfer": {"pgd": 0.6, "fgsm": 0.7},
             "square": {"queries": 50, "robust_acc": 0.65, "n": N}, "worst_case_robust_acc": 0.4}
     suite = {"suite": "apgd", "eps": 0.1, "norm": "linf", "n": N, "iterations_overridden": False,
@@ -120,7 +120,7 @@ def passing_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def test_verify_metrics_take_the_per_example_worst_case() -> None:
-    runtime, _ = _runtime_metrics(_LookupRunner(), _attack_set(), 0.1, "linf",
+    runtime, _ = runtime_metrics(_LookupRunner(), _attack_set(), 0.1, "linf",
                                   {"queries": 0, "samples": None, "p_init": 0.05, "seed": 0})
     assert runtime["clean_acc"] == pytest.approx(0.9)
     assert runtime["transfer"] == pytest.approx({"pgd": 0.7, "fgsm": 0.8})

@@ -21,12 +21,12 @@ from deploy.verify import (
     SQUARE_STALLED_WARNING,
     AttackSet,
     Thresholds,
-    _warnings,
     add_arguments,
     gate_checks,
     load_attackset,
     run_verify,
     square_plan,
+    square_warnings,
     stratified_subset,
 )
 
@@ -266,13 +266,13 @@ def test_gate_math_and_square_warnings() -> None:
     runtime = {"clean_acc": 0.75, "agreement": 0.75, "worst_case_robust_acc": 0.5, "square": square,
                "transfer_worst_case_robust_acc": 0.5}
     reference = {"clean_acc": 1.0, "worst_case_robust_acc": 1.0}
-    assert _warnings(runtime) == []  # what a correct default run looks like (digits 8x: 12 points, 0-1 missed)
-    masked = _warnings({"square": {**square, "broke_transfer_survivors": 25}})
+    assert square_warnings(runtime) == []  # what a correct default run looks like (digits 8x: 12 points, 0-1 missed)
+    masked = square_warnings({"square": {**square, "broke_transfer_survivors": 25}})
     assert len(masked) == 1 and masked[0].startswith(GRADIENT_MASKING_WARNING) and "25 of the 45" in masked[0]
-    assert _warnings({"square": {**square, "broke_transfer_survivors": 25, "started_from_transfer": False}}) == []
-    stalled = _warnings({"square": {**square, "alone_check": {"n": 45, "broken": 30}, "flat_fraction": 0.6}})
+    assert square_warnings({"square": {**square, "broke_transfer_survivors": 25, "started_from_transfer": False}}) == []
+    stalled = square_warnings({"square": {**square, "alone_check": {"n": 45, "broken": 30}, "flat_fraction": 0.6}})
     assert len(stalled) == 1 and stalled[0].startswith(SQUARE_STALLED_WARNING) and "missed 15 of the 45" in stalled[0]
-    assert _warnings({"square": None}) == [] and _warnings({"square": {**square, "n": 0}}) == []
+    assert square_warnings({"square": None}) == [] and square_warnings({"square": {**square, "n": 0}}) == []
     checks = {c["name"]: c for c in gate_checks(reference, runtime, attack_set, np.arange(4), Thresholds())}
     assert checks["agreement"]["passed"] is False
     assert checks["clean_drop"]["value"] == 25.0 and not checks["clean_drop"]["passed"]
