@@ -25,9 +25,9 @@ MOBILENET = "torchvision.models:mobilenet_v2"
 class Branches(nn.Module):
     """Two branches concatenated, a residual add and a depthwise conv: no written-out channel rules."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.left = nn.Sequential(nn.Conv2d(16, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
         self.right = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
                                    nn.Conv2d(16, 20, 1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
@@ -40,6 +40,11 @@ class Branches(nn.Module):
         x = self.merge(torch.cat([self.left(x), self.right(x)], dim=1))
         x = torch.relu(x + self.again(x))
         return self.head(x.mean((2, 3)))
+
+
+def make_branches(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """The factory `--model tests.cstar.test_graph_pruning:make_branches` names (digits: one channel)."""
+    return Branches(num_classes, in_channels)
 
 
 def _as_sets(groups: list) -> set[tuple[frozenset[str], frozenset[str]]]:
@@ -142,3 +147,29 @@ def test_pruned_mobilenet_v2_exports_with_parity(method: str, tmp_path) -> None:
                           parity_data=(torch.rand(20, *CIFAR.input_shape), torch.arange(20) % 10))
     assert exported["parity"]["passed"] and exported["parity"]["max_abs_diff"] <= 1e-4
     assert "BatchNormalization" not in exported["onnx"]["nodes"]
+
+
+def test_compress_stage_prunes_a_model_by_import_path(digits, tmp_path) -> None:
+    """`cstar compress --method prune` on a network outside the registry: the stage prunes it through the traced
+    groups, records the pruned layers, and the saved directory rebuilds the same network from its import path."""
+    from cstar.checkpoint import load_checkpoint, save_checkpoint
+    from cstar.compress import run_compress
+    from cstar.data import to_tensors
+
+    name = "tests.cstar.test_graph_pruning:make_branches"
+    torch.manual_seed(0)
+    dense = build_model(name, digits.spec).eval()
+    save_checkpoint(tmp_path / "dense", dense, "train", name, {}, digits.spec,
+                    {"eps": 0.1, "norm": "linf", "metrics": {}, "config": {"fixture": True}})
+    tiny = {"admm_epochs": 0, "finetune_epochs": 1, "train_steps": 1, "eval_suite": "apgd", "eval_steps": 2,
+            "eval_limit": 40, "eval_dense": False}
+    manifest = run_compress(tmp_path / "dense", tmp_path / "pruned", ratio=2.0, method="prune", config=tiny,
+                            progress=False)
+    assert manifest["compression"]["params_ratio"] >= 2.0
+    assert manifest["model"]["name"] == name
+    assert any(entry["kind"] == "pruned" for entry in manifest["ranks"].values())
+    assert manifest["ranks"]["net.head"]["ranks"][0] == 10  # the classifier's outputs are never pruned
+    model, _ = load_checkpoint(tmp_path / "pruned")
+    images, _ = to_tensors(digits.test, limit=8)
+    with torch.no_grad():
+        assert model(images).shape == (8, 10)
